@@ -1,0 +1,38 @@
+# edgeseq: every job a fresh machine needs. `make demo` and `make test` install on first use.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+RUN    ?= runs/demo
+
+.PHONY: install demo test lint typecheck pytest bench clean
+
+install: $(STAMP)
+
+# Idempotent: the venv is (re)built only when the dependency pins change.
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[train,daemon,dev]'
+	touch $(STAMP)
+
+demo: install
+	$(BIN)/edgeseq demo --out $(RUN)
+
+lint: install
+	$(BIN)/ruff check edgeseq tests
+	$(BIN)/ruff format --check edgeseq tests
+
+typecheck: install
+	$(BIN)/mypy
+
+pytest: install
+	$(BIN)/python -m pytest -q
+
+test: lint typecheck pytest
+
+bench: install
+	$(BIN)/python -m pytest -q -m slow
+	$(BIN)/edgeseq bench --write BENCHMARKS.md
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,5 @@
+"""`python -m edgeseq` is the `edgeseq` command."""
+
+from edgeseq.cli import run
+
+run()

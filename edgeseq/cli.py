@@ -1,0 +1,237 @@
+"""The `edgeseq` command: thin typer commands, lazy imports, one error boundary.
+
+Every command imports what it needs inside its body, so `edgeseq --help` and `--version` stay
+fast and never import torch. Errors become `error: ...` on stderr with the exception's exit code
+(2 for bad input or usage); nothing below this module prints or exits.
+"""
+
+from __future__ import annotations
+
+import sys
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from edgeseq import __version__
+from edgeseq.errors import EdgeseqError
+
+app = typer.Typer(
+    name="edgeseq",
+    help="Recurrent sequence models (RNN, LSTM, GRU) from training to streaming on edge devices.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+console = Console()
+err_console = Console(stderr=True)
+
+
+class Task(StrEnum):
+    forecast = "forecast"
+    classify = "classify"
+    regress = "regress"
+    seq2seq = "seq2seq"
+    generate = "generate"
+
+
+class Cell(StrEnum):
+    rnn = "rnn"
+    lstm = "lstm"
+    gru = "gru"
+
+
+class Fill(StrEnum):
+    error = "error"
+    ffill = "ffill"
+    interpolate = "interpolate"
+    zero = "zero"
+    drop = "drop"
+
+
+def _version(value: bool) -> None:
+    if value:
+        console.print(f"edgeseq {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
+    ] = False,
+) -> None:
+    """edgeseq: train, export and stream recurrent models."""
+
+
+def _names(value: str | None) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    return tuple(v.strip() for v in value.split(",") if v.strip())
+
+
+@app.command()
+def train(
+    csv: Annotated[Path, typer.Argument(help="CSV file of sensor readings, one row per sample.")],
+    task: Annotated[Task, typer.Option(help="Task shape.")] = Task.forecast,
+    cell: Annotated[Cell, typer.Option(help="Recurrent cell.")] = Cell.lstm,
+    hidden: Annotated[int, typer.Option(help="Hidden units per layer.")] = 32,
+    layers: Annotated[int, typer.Option(help="Stacked recurrent layers.")] = 1,
+    epochs: Annotated[
+        int, typer.Option(help="Maximum epochs (early stopping may end sooner).")
+    ] = 200,
+    seed: Annotated[int, typer.Option(help="Seed: same seed, same data -> same model on CPU.")] = 0,
+    out: Annotated[
+        Path | None, typer.Option(help="Run directory [default: runs/<csv>-<task>-<cell>].")
+    ] = None,
+    features: Annotated[
+        str | None,
+        typer.Option(help="Input columns, comma-separated [default: every other numeric column]."),
+    ] = None,
+    target: Annotated[
+        str | None, typer.Option(help="Column(s) to predict, comma-separated.")
+    ] = None,
+    time_col: Annotated[
+        str | None, typer.Option(help="Column that orders the rows (number or date).")
+    ] = None,
+    id_col: Annotated[
+        str | None, typer.Option(help="Column naming the recording each row belongs to.")
+    ] = None,
+    label_col: Annotated[
+        str | None, typer.Option(help="Column of class labels (classify).")
+    ] = None,
+    test_csv: Annotated[
+        Path | None, typer.Option(help="Separate test file [default: hold out part of CSV].")
+    ] = None,
+    window: Annotated[int | None, typer.Option(help="Training window length in steps.")] = None,
+    stride: Annotated[
+        int | None,
+        typer.Option(help="Steps between windows [default: 1, or coarser above 4096 windows]."),
+    ] = None,
+    horizon: Annotated[int, typer.Option(help="Steps ahead to predict (forecast, seq2seq).")] = 1,
+    tbptt: Annotated[
+        int | None,
+        typer.Option(help="Truncated BPTT: chunk length K; state carried across chunks."),
+    ] = None,
+    clip: Annotated[float, typer.Option(help="Clip the gradient norm to this (0: off).")] = 1.0,
+    clip_value: Annotated[
+        float | None, typer.Option(help="Also clip each gradient element to +-this.")
+    ] = None,
+    lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 3e-3,
+    batch_size: Annotated[int, typer.Option(help="Windows per update.")] = 16,
+    patience: Annotated[int, typer.Option(help="Early stopping: epochs without improvement.")] = 30,
+    dropout: Annotated[float, typer.Option(help="Dropout between stacked layers.")] = 0.0,
+    relu: Annotated[
+        bool, typer.Option("--relu", help="Elman RNN with ReLU instead of tanh.")
+    ] = False,
+    val_size: Annotated[
+        float,
+        typer.Option(
+            help="Validation share (<1) or count (>=1): rows for one series, recordings otherwise."
+        ),
+    ] = 0.15,
+    test_size: Annotated[
+        float, typer.Option(help="Test share (<1) or count (>=1), as --val-size.")
+    ] = 0.15,
+    season: Annotated[
+        int | None,
+        typer.Option(help="Season length in steps, for the seasonal-persistence baseline."),
+    ] = None,
+    fill: Annotated[
+        Fill, typer.Option(help="Missing values: error, or how to fill them.")
+    ] = Fill.error,
+    threads: Annotated[int, typer.Option(help="Torch CPU threads.")] = 1,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue the run in --out from its last epoch.")
+    ] = False,
+) -> None:
+    """Train a recurrent model on a CSV and evaluate it against a naive baseline."""
+    from edgeseq.data import Columns, load_csv
+    from edgeseq.train import TrainConfig
+
+    columns = Columns(
+        targets=_names(target) or (),
+        features=_names(features),
+        time_col=time_col,
+        id_col=id_col,
+        label_col=label_col,
+    )
+    data = load_csv(csv, columns, fill=fill.value)
+    test = load_csv(test_csv, data.columns, fill=fill.value) if test_csv else None
+    cfg = TrainConfig(
+        task=task.value, cell=cell.value, hidden=hidden, layers=layers, epochs=epochs, seed=seed,
+        horizon=horizon, window=window, stride=stride, tbptt=tbptt, clip=clip,
+        clip_value=clip_value, lr=lr, batch_size=batch_size, patience=patience, dropout=dropout,
+        nonlinearity="relu" if relu else "tanh", val_size=val_size, test_size=test_size,
+        season=season, threads=threads,
+    )  # fmt: skip
+    run_dir = out or Path("runs") / f"{csv.stem}-{task.value}-{cell.value}"
+    _run_training(data, cfg, run_dir, test, resume)
+
+
+def _run_training(data, cfg, run_dir, test, resume) -> None:  # type: ignore[no-untyped-def]
+    from edgeseq.report import confusion_table, epoch_progress, metrics_table
+    from edgeseq.train import train as fit_run
+
+    with epoch_progress(console, cfg.epochs) as on_epoch:
+        result = fit_run(
+            data,
+            cfg,
+            run_dir,
+            test=test,
+            command=["edgeseq", *sys.argv[1:]],
+            resume=resume,
+            on_epoch=on_epoch,
+        )
+    console.print(metrics_table(result.metrics))
+    if cfg.task == "classify":
+        console.print(confusion_table(result.metrics["test"]))
+    console.print(f"run directory: {result.run_dir} (checkpoint.pt, metrics.json, plot.png)")
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option(help="Run directory for the demo.")] = Path("runs/demo"),
+    epochs: Annotated[int, typer.Option(help="Maximum epochs.")] = 60,
+) -> None:
+    """Train a small LSTM forecaster on built-in pump data and show how it does."""
+    from edgeseq.data import Columns, from_frame
+    from edgeseq.datasets import pump_frame
+    from edgeseq.train import TrainConfig
+
+    frame = pump_frame()
+    console.print(f"[bold]demo[/]: built-in pump data, {len(frame)} samples: {list(frame.columns)}")
+    columns = Columns(targets=("pressure",), features=("flow", "temperature"), time_col="t")
+    data = from_frame(frame, columns, source="built-in pump data")
+    cfg = TrainConfig(task="forecast", cell="lstm", hidden=32, epochs=epochs, window=64)
+    _run_training(data, cfg, out, None, False)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the app; every expected failure becomes one `error: ...` line and an exit code."""
+    command = typer.main.get_command(app)
+    try:
+        result = command.main(args=argv, prog_name="edgeseq", standalone_mode=False)
+    except EdgeseqError as exc:
+        _error(str(exc))
+        return exc.exit_code
+    except typer.Exit as exc:  # --help, --version
+        return exc.exit_code
+    except typer.TyperException as exc:  # usage errors: unknown option, bad option value
+        _error(exc.format_message())
+        return exc.exit_code
+    except (typer.Abort, KeyboardInterrupt):
+        _error("interrupted")
+        return 130
+    return result if isinstance(result, int) else 0
+
+
+def _error(message: str) -> None:
+    err_console.print(f"error: {message}", markup=False, highlight=False, soft_wrap=True)
+
+
+def run() -> None:
+    """Console-script target."""
+    sys.exit(main())

@@ -1,0 +1,263 @@
+"""From validated recordings to scaled model arrays for each task shape, split without leakage.
+
+Splits are by time for a single recording (train = oldest rows, then validation, then test) and
+by recording otherwise. Scaling is fitted on the training rows only. Evaluation segments keep the
+rows before their scored region as context, so a stream can warm up on the past exactly as it
+would on a device, while only targets inside the region are scored.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from edgeseq.data import Dataset, Recording
+from edgeseq.errors import DataError, UsageError
+from edgeseq.spec import DataSpec, Scaling
+
+# Tasks whose loss and score sit at the last step of a sequence (many-to-one).
+LAST_STEP_TASKS = ("classify", "regress")
+# Tasks whose input is the target's own past plus covariates (autoregressive).
+AUTOREGRESSIVE_TASKS = ("forecast", "seq2seq")
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Rows [0, end) of a recording, of which targets at rows >= score_from are scored."""
+
+    recording: Recording
+    end: int
+    score_from: int = 0
+
+
+@dataclass
+class Encoded:
+    """One segment as model arrays: x (T, F) float32, y (T, O) float32 or (T,) int64, mask (T,)."""
+
+    key: str
+    x: np.ndarray
+    y: np.ndarray
+    mask: np.ndarray
+    targets: np.ndarray  # (T, n_targets) physical units, for metrics and baselines
+    label: int = -1
+
+
+@dataclass
+class Prepared:
+    """Everything training and evaluation need, and the DataSpec the artifact will carry."""
+
+    task: str
+    horizon: int
+    data_spec: DataSpec
+    output_size: int
+    train: list[Encoded]
+    val: list[Encoded]
+    test: list[Encoded]
+
+    @property
+    def input_size(self) -> int:
+        return len(self.data_spec.features)
+
+
+def _count(size: float, total: int, what: str) -> int:
+    """A split size given as a fraction (< 1) or a count (>= 1) of `total` items."""
+    if size < 0:
+        raise UsageError(f"{what} must be >= 0, found {size}")
+    n = round(size * total) if size < 1 else int(size)
+    if n >= total:
+        raise UsageError(f"{what} {size} leaves nothing to train on ({total} available)")
+    return n
+
+
+def _split_ids(
+    recordings: list[Recording], size: float, what: str, rng: np.random.Generator, stratify: bool
+) -> tuple[list[Recording], list[Recording]]:
+    """Hold out a fraction of recordings (stratified by label for classification)."""
+    n_out = _count(size, len(recordings), what)
+    if n_out == 0:
+        return recordings, []
+    order = rng.permutation(len(recordings))
+    if stratify:
+        by_label: dict[str | None, list[int]] = {}
+        for i in order:
+            by_label.setdefault(recordings[i].label, []).append(int(i))
+        # Round-robin over labels so every class is represented in both parts.
+        order = np.array([i for group in zip(*by_label.values(), strict=False) for i in group])
+        placed = set(order.tolist())
+        rest = [i for i in range(len(recordings)) if i not in placed]
+        order = np.concatenate([order, rng.permutation(rest)]).astype(int)
+    held = set(order[:n_out].tolist())
+    keep = [r for i, r in enumerate(recordings) if i not in held]
+    return keep, [r for i, r in enumerate(recordings) if i in held]
+
+
+def split(
+    data: Dataset,
+    test: Dataset | None,
+    task: str,
+    *,
+    val_size: float,
+    test_size: float,
+    seed: int,
+) -> tuple[list[Segment], list[Segment], list[Segment]]:
+    """Split into train, validation and test segments with no shared target rows."""
+    rng = np.random.default_rng(seed)
+    stratify = task == "classify"
+    if len(data.recordings) == 1 and task not in ("forecast", "seq2seq"):
+        raise DataError(
+            f"task {task} needs many recordings (one {'label' if stratify else 'value'} each); "
+            "name the column that tells them apart with --id-col"
+        )
+    if len(data.recordings) > 1 or test is not None:
+        pool = data.recordings
+        if test is not None:
+            test_segs = [Segment(r, len(r)) for r in test.recordings]
+        else:
+            pool, held = _split_ids(pool, test_size, "--test-size", rng, stratify)
+            test_segs = [Segment(r, len(r)) for r in held]
+        if len(pool) > 1:
+            pool, held_val = _split_ids(pool, val_size, "--val-size", rng, stratify)
+            return (
+                [Segment(r, len(r)) for r in pool],
+                [Segment(r, len(r)) for r in held_val],
+                test_segs,
+            )
+        rec = pool[0]
+        n_val = _count(val_size, len(rec), "--val-size")
+        end = len(rec) - n_val
+        val = [Segment(rec, len(rec), end)] if n_val else []
+        return [Segment(rec, end)], val, test_segs
+    rec = data.recordings[0]
+    n_test = _count(test_size, len(rec), "--test-size")
+    n_val = _count(val_size, len(rec) - n_test, "--val-size")
+    train_end = len(rec) - n_test - n_val
+    val = [Segment(rec, train_end + n_val, train_end)] if n_val else []
+    test_segs = [Segment(rec, len(rec), train_end + n_val)] if n_test else []
+    return [Segment(rec, train_end)], val, test_segs
+
+
+def _fit_scaling(blocks: list[np.ndarray], n: int) -> Scaling:
+    if n == 0:
+        return Scaling((), ())
+    values = np.concatenate(blocks, axis=0)
+    mean = values.mean(axis=0)
+    std = values.std(axis=0)
+    std = np.where(std > 1e-12 * np.maximum(1.0, np.abs(mean)), std, 1.0)
+    return Scaling(tuple(float(v) for v in mean), tuple(float(v) for v in std))
+
+
+def _scaled(values: np.ndarray, scaling: Scaling) -> np.ndarray:
+    return ((values - np.asarray(scaling.mean)) / np.asarray(scaling.std)).astype(np.float32)
+
+
+def _encode(
+    task: str,
+    seg: Segment,
+    horizon: int,
+    feature_scaling: Scaling,
+    target_scaling: Scaling,
+    label_index: dict[str, int],
+) -> Encoded:
+    rec = seg.recording
+    feats = _scaled(rec.features[: seg.end], feature_scaling)
+    raw_targets = rec.targets[: seg.end]
+    targets = _scaled(raw_targets, target_scaling)
+    steps = seg.end
+    t = np.arange(steps)
+    label = -1
+    if task in AUTOREGRESSIVE_TASKS:
+        x = np.concatenate([targets, feats], axis=1)
+        # y[t] = targets[t+1 .. t+horizon], horizon-major; valid while t + horizon < T.
+        y = np.zeros((steps, horizon * targets.shape[1]), np.float32)
+        for k in range(1, horizon + 1):
+            y[: steps - k, (k - 1) * targets.shape[1] : k * targets.shape[1]] = targets[k:]
+        mask = (t + horizon < steps) & (t + 1 >= seg.score_from)
+    elif task == "classify":
+        x, label = feats, label_index[str(rec.label)]
+        y = np.full(steps, label, dtype=np.int64)
+        mask = np.ones(steps, bool)
+    elif task == "regress":
+        x = feats
+        y = np.repeat(targets[-1:], steps, axis=0)
+        mask = np.ones(steps, bool)
+    else:  # generate: a fixed vector (the first row's features) in at every step
+        x = np.repeat(feats[:1], steps, axis=0)
+        y = targets
+        mask = t >= seg.score_from
+    return Encoded(rec.key, np.ascontiguousarray(x), y, mask, raw_targets, label)
+
+
+def prepare(
+    data: Dataset,
+    task: str,
+    *,
+    horizon: int = 1,
+    test: Dataset | None = None,
+    val_size: float = 0.15,
+    test_size: float = 0.15,
+    seed: int = 0,
+) -> Prepared:
+    """Split, fit scaling on the training rows, and encode every segment for `task`."""
+    if test is not None and (
+        test.feature_names != data.feature_names or test.target_names != data.target_names
+    ):
+        raise DataError(
+            f"the test file's columns {list(test.feature_names + test.target_names)} differ "
+            f"from the training file's {list(data.feature_names + data.target_names)}"
+        )
+    needs_target = task != "classify"
+    if needs_target and not data.target_names:
+        raise UsageError(f"task {task} needs --target (the column(s) to predict)")
+    if task == "classify" and data.columns.label_col is None:
+        raise UsageError("task classify needs --label-col (the column holding each label)")
+    if task in ("classify", "regress", "generate") and not data.feature_names:
+        raise UsageError(f"task {task} needs at least one input feature column")
+    train, val, tests = split(data, test, task, val_size=val_size, test_size=test_size, seed=seed)
+    feature_scaling = _fit_scaling(
+        [s.recording.features[: s.end] for s in train], len(data.feature_names)
+    )
+    target_scaling = _fit_scaling(
+        [s.recording.targets[: s.end] for s in train], len(data.target_names)
+    )
+    labels = sorted({str(r.label) for r in data.recordings}) if task == "classify" else []
+    index = {name: i for i, name in enumerate(labels)}
+    for seg in tests + val:
+        if task == "classify" and str(seg.recording.label) not in index:
+            raise DataError(
+                f"label {seg.recording.label!r} of sequence {seg.recording.key!r} "
+                "never occurs in the training data"
+            )
+    if task in AUTOREGRESSIVE_TASKS:
+        features = data.target_names + data.feature_names
+        input_scaling = Scaling(
+            target_scaling.mean + feature_scaling.mean, target_scaling.std + feature_scaling.std
+        )
+        output_size = horizon * len(data.target_names)
+    else:
+        features, input_scaling = data.feature_names, feature_scaling
+        output_size = len(labels) if task == "classify" else len(data.target_names)
+    spec = DataSpec(
+        features=features,
+        targets=data.target_names,
+        labels=tuple(labels),
+        input_scaling=input_scaling,
+        target_scaling=target_scaling if data.target_names else None,
+        time_col=data.columns.time_col,
+        id_col=data.columns.id_col,
+        label_col=data.columns.label_col,
+        sample_period=data.sample_period,
+    )
+
+    def encode(segs: list[Segment]) -> list[Encoded]:
+        out = [_encode(task, s, horizon, feature_scaling, target_scaling, index) for s in segs]
+        return [e for e in out if e.mask.any()]
+
+    encoded_train = encode(train)
+    if not encoded_train:
+        longest = max(s.end for s in train)
+        raise DataError(
+            f"the training data ({longest} steps at most per sequence) is too short "
+            f"for --horizon {horizon}"
+        )
+    return Prepared(task, horizon, spec, output_size, encoded_train, encode(val), encode(tests))

@@ -1,0 +1,275 @@
+"""`edgeseq train`: data -> windows -> fit -> evaluate -> a run directory that describes itself.
+
+The run directory holds `checkpoint.pt` (the best weights, ModelSpec, DataSpec and what is needed
+to resume), `metrics.json`, `plot.png` and `command.txt`.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from edgeseq import checkpoint
+from edgeseq.data import Dataset
+from edgeseq.errors import UsageError
+from edgeseq.evaluate import Evaluation, evaluate, raw_outputs
+from edgeseq.fit import EpochLog, FitOptions, FitState, fit, history_as_dicts, masked_loss
+from edgeseq.nn import build_model
+from edgeseq.plots import save_run_plot
+from edgeseq.prepare import LAST_STEP_TASKS, Encoded, Prepared, prepare
+from edgeseq.spec import ModelSpec
+from edgeseq.windows import make_windows
+
+DEFAULT_WINDOW = 64  # forecast/seq2seq windows when neither --window nor --tbptt is given
+
+
+@dataclass
+class TrainConfig:
+    """Every knob of a training run; the CLI options map onto these one to one."""
+
+    task: str = "forecast"
+    cell: str = "lstm"
+    hidden: int = 32
+    layers: int = 1
+    epochs: int = 200
+    seed: int = 0
+    horizon: int = 1
+    window: int | None = None
+    stride: int | None = None
+    tbptt: int | None = None
+    clip: float = 1.0
+    clip_value: float | None = None
+    lr: float = 3e-3
+    batch_size: int = 16
+    patience: int = 30
+    dropout: float = 0.0
+    nonlinearity: str = "tanh"
+    val_size: float = 0.15
+    test_size: float = 0.15
+    season: int | None = None
+    threads: int = 1  # small recurrent nets gain nothing from intra-op threads; 2 jobs thrash
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    prepared: Prepared
+    model: torch.nn.Module
+    evaluation: Evaluation
+    fit_state: FitState
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+def _check(cfg: TrainConfig) -> None:
+    for name in ("hidden", "layers", "epochs", "horizon", "batch_size", "threads"):
+        if getattr(cfg, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, found {getattr(cfg, name)}")
+    if cfg.tbptt is not None and cfg.tbptt < 1:
+        raise UsageError(f"--tbptt must be >= 1, found {cfg.tbptt}")
+    if cfg.lr <= 0 or cfg.clip < 0:
+        raise UsageError("--lr must be > 0 and --clip >= 0")
+
+
+def _window(cfg: TrainConfig) -> int | None:
+    if cfg.window is not None or cfg.tbptt is not None or cfg.task in ("classify", "regress"):
+        return cfg.window
+    if cfg.task == "generate":
+        return None
+    return DEFAULT_WINDOW
+
+
+def _validator(prepared: Prepared, classify: bool) -> Callable[[torch.nn.Module], float] | None:
+    """Validation loss on whole held-out segments, streamed from their start (as deployed)."""
+    if not prepared.val:
+        return None
+
+    def loss(model: torch.nn.Module) -> float:
+        total, count = 0.0, 0
+        for e in prepared.val:
+            mask = e.mask.copy()
+            if prepared.task in LAST_STEP_TASKS:
+                mask[:] = False
+                mask[np.flatnonzero(e.mask)[-1]] = True
+            out = torch.from_numpy(raw_outputs(model, e))
+            n = int(mask.sum())
+            value = masked_loss(out, torch.from_numpy(e.y), torch.from_numpy(mask), classify)
+            total, count = total + float(value) * n, count + n
+        return total / count
+
+    return loss
+
+
+def model_spec_for(cfg: TrainConfig, prepared: Prepared) -> ModelSpec:
+    return ModelSpec(
+        task=cfg.task,
+        cell=cfg.cell,
+        input_size=prepared.input_size,
+        hidden_size=cfg.hidden,
+        num_layers=cfg.layers,
+        output_size=prepared.output_size,
+        horizon=cfg.horizon,
+        n_targets=len(prepared.data_spec.targets),
+        nonlinearity=cfg.nonlinearity,
+        dropout=cfg.dropout,
+    )
+
+
+def _segments_summary(segs: list[Encoded]) -> dict[str, int]:
+    return {"sequences": len(segs), "scored_steps": int(sum(e.mask.sum() for e in segs))}
+
+
+def _restore(run_dir: Path, spec: ModelSpec, model: torch.nn.Module) -> tuple[FitState, dict]:
+    """Pick up a run where its last checkpoint left off (same data and options required)."""
+    ckpt = checkpoint.load(run_dir)
+    if ckpt.model_spec != spec or ckpt.resume is None:
+        raise UsageError(
+            f"{run_dir}: cannot resume: its model spec {ckpt.model_spec.to_dict()} differs from "
+            f"this run's {spec.to_dict()} (or the run did not save resume state)"
+        )
+    loop = json.loads(ckpt.resume["loop"])
+    model.load_state_dict(ckpt.resume["last_weights"])
+    state = FitState(
+        epoch=loop["epoch"],
+        best_loss=loop["best_loss"],
+        best_epoch=loop["best_epoch"],
+        bad_epochs=loop["bad_epochs"],
+        history=[EpochLog(**h) for h in loop["history"]],
+        best_weights=ckpt.weights,
+        stopped_early=loop["stopped_early"],
+    )
+    return state, ckpt.resume
+
+
+def _resume_blob(model: torch.nn.Module, state: FitState, resumable: dict) -> dict[str, Any]:
+    loop = {
+        "epoch": state.epoch,
+        "best_loss": state.best_loss,
+        "best_epoch": state.best_epoch,
+        "bad_epochs": state.bad_epochs,
+        "history": history_as_dicts(state),
+        "stopped_early": state.stopped_early,
+    }
+    return {"loop": json.dumps(loop), "last_weights": model.state_dict(), **resumable}
+
+
+def _metrics(cfg: TrainConfig, prepared: Prepared, ev: Evaluation, state: FitState) -> dict:
+    norms = [h.grad_norm_max for h in state.history]
+    return {
+        "task": cfg.task,
+        "test": ev.scores,
+        "baseline": next(iter(ev.baselines.values())),
+        "baselines": ev.baselines,
+        "epochs_run": state.epoch,
+        "best_epoch": state.best_epoch,
+        "best_loss": state.best_loss,
+        "stopped_early": state.stopped_early,
+        "max_grad_norm_before_clipping": max(norms, default=0.0),
+        "splits": {
+            name: _segments_summary(getattr(prepared, name)) for name in ("train", "val", "test")
+        },
+    }
+
+
+def train(
+    data: Dataset,
+    cfg: TrainConfig,
+    run_dir: str | Path,
+    *,
+    test: Dataset | None = None,
+    command: list[str] | None = None,
+    resume: bool = False,
+    on_epoch: Callable[[EpochLog, FitState], None] | None = None,
+) -> RunResult:
+    """Train, evaluate on the held-out split and write the run directory."""
+    _check(cfg)
+    run_dir = Path(run_dir)
+    torch.manual_seed(cfg.seed)
+    torch.use_deterministic_algorithms(True)
+    torch.set_num_threads(cfg.threads)
+    prepared = prepare(
+        data,
+        cfg.task,
+        horizon=cfg.horizon,
+        test=test,
+        val_size=cfg.val_size,
+        test_size=cfg.test_size,
+        seed=cfg.seed,
+    )
+    spec = model_spec_for(cfg, prepared)
+    model = build_model(spec)
+    windows = make_windows(
+        prepared.train, _window(cfg), cfg.stride, last_only=cfg.task in LAST_STEP_TASKS
+    )
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"cannot create run directory {run_dir}: {exc.strerror}") from None
+    state, resume_blob = _restore(run_dir, spec, model) if resume else (None, None)
+    summary: dict[str, Any] = {
+        "config": asdict(cfg),
+        "command": command or [],
+        "train_windows": len(windows),
+        "window_length": int(windows.x.shape[1]),
+    }
+
+    def save(fit_state: FitState, resumable: dict | None, weights: dict | None = None) -> None:
+        best = weights if weights is not None else (fit_state.best_weights or model.state_dict())
+        blob = _resume_blob(model, fit_state, resumable) if resumable is not None else None
+        checkpoint.save(
+            run_dir / "checkpoint.pt",
+            checkpoint.Checkpoint(spec, prepared.data_spec, best, summary, blob),
+        )
+
+    def after_epoch(log: EpochLog, fit_state: FitState, resumable: dict[str, Any]) -> None:
+        nonlocal resume_blob
+        resume_blob = resumable
+        save(fit_state, resumable)
+        if on_epoch is not None:
+            on_epoch(log, fit_state)
+
+    options = FitOptions(
+        epochs=cfg.epochs,
+        batch_size=cfg.batch_size,
+        lr=cfg.lr,
+        tbptt=cfg.tbptt,
+        clip=cfg.clip,
+        clip_value=cfg.clip_value,
+        patience=cfg.patience,
+        classify=cfg.task == "classify",
+    )
+    validate = _validator(prepared, options.classify)
+    state = fit(
+        model,
+        windows,
+        validate,
+        options,
+        seed=cfg.seed,
+        state=state,
+        resume=resume_blob,
+        on_epoch=after_epoch,
+    )
+    evaluation = evaluate(model, prepared, prepared.test or prepared.val, season=cfg.season)
+    metrics = _metrics(cfg, prepared, evaluation, state)
+    summary["metrics"] = metrics
+    summary["history"] = history_as_dicts(state)
+    save(state, resume_blob, weights=model.state_dict())
+    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    (run_dir / "command.txt").write_text(shlex.join(command or sys.argv) + "\n")
+    target = (prepared.data_spec.targets or ("label",))[0]
+    save_run_plot(
+        run_dir / "plot.png",
+        summary["history"],
+        cfg.task,
+        evaluation.scores,
+        evaluation.example,
+        target,
+    )
+    return RunResult(run_dir, prepared, model, evaluation, state, metrics)
