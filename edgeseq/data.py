@@ -76,7 +76,9 @@ def read_csv(path: str | Path) -> pd.DataFrame:
 
 
 def _where(frame: pd.DataFrame, position: int) -> str:
-    return f"row {position + 1} (line {position + 2})"
+    """Name the row at `position` of `frame` by its place in the file (index = file row)."""
+    row = int(frame.index[position])
+    return f"row {row + 1} (line {row + 2})"
 
 
 def _check_named(frame: pd.DataFrame, names: Sequence[str], option: str, source: str) -> None:
@@ -107,21 +109,28 @@ def _resolve_features(frame: pd.DataFrame, columns: Columns) -> tuple[str, ...]:
     if columns.features is not None:
         return columns.features
     taken = set(columns.targets) | {columns.time_col, columns.id_col, columns.label_col}
-    numeric = [
-        str(c) for c in frame.columns if c not in taken and pd.api.types.is_numeric_dtype(frame[c])
-    ]
+    # A mostly numeric text column is numeric with a typo: keep it, so the bad cell is reported
+    # instead of the column silently dropping out of the model's inputs.
+    numeric = [str(c) for c in frame.columns if c not in taken and _mostly_numeric(frame[c])]
     # For forecast and seq2seq these are covariates: the target's own past is always an input.
     return tuple(numeric)
 
 
-def _fill(values: pd.DataFrame, policy: str, source: str, frame: pd.DataFrame) -> pd.DataFrame:
+def _mostly_numeric(column: pd.Series) -> bool:
+    if pd.api.types.is_numeric_dtype(column):
+        return True
+    present = column.dropna()
+    return bool(len(present)) and pd.to_numeric(present, errors="coerce").notna().mean() > 0.5
+
+
+def _fill(values: pd.DataFrame, policy: str, source: str) -> pd.DataFrame:
     missing = values.isna().to_numpy()
     if not missing.any():
         return values
     if policy == "error":
         pos, col = (int(v[0]) for v in np.nonzero(missing))
         raise DataError(
-            f"{source}: {_where(frame, pos)}, column {values.columns[col]!r}: missing value; "
+            f"{source}: {_where(values, pos)}, column {values.columns[col]!r}: missing value; "
             f"choose a policy with --fill ({', '.join(FILL_POLICIES[1:])})"
         )
     if policy == "zero":
@@ -185,7 +194,7 @@ def from_frame(
     values = pd.DataFrame({n: _numeric(frame, n, source) for n in numeric_names})
     if fill == "drop":
         keep = values.notna().all(axis=1).to_numpy()
-        frame, values = frame[keep].reset_index(drop=True), values[keep].reset_index(drop=True)
+        frame, values = frame[keep], values[keep]  # keep file rows as the index, for errors
         if frame.empty:
             raise DataError(
                 f"{source}: every row has a missing value; nothing left after --fill drop"
@@ -198,7 +207,7 @@ def from_frame(
     groups = (
         [(str(k), g.index.to_numpy()) for k, g in frame.groupby(columns.id_col, sort=False)]
         if columns.id_col
-        else [("all", np.arange(len(frame)))]
+        else [("all", frame.index.to_numpy())]
     )
     recordings, times = [], []
     for key, rows in groups:
@@ -206,7 +215,7 @@ def from_frame(
         if columns.time_col:
             part, seconds = _order(part, columns.time_col, source)
             times.append(seconds.to_numpy())
-        part_values = _fill(values.loc[part.index], fill, source, frame)
+        part_values = _fill(values.loc[part.index], fill, source)
         label = None
         if columns.label_col:
             distinct = part[columns.label_col].astype(str).unique()
@@ -255,15 +264,16 @@ def from_arrays(
     `targets` has the same leading shape with its own last axis; `labels` one entry per recording.
     """
     x = np.asarray(features, dtype=np.float64)
-    if x.ndim == 2:
+    single = x.ndim == 2
+    if single:
         x = x[None]
     if x.ndim != 3 or x.shape[1] == 0:
         raise DataError(f"features must have shape (T, F) or (N, T, F), found {np.shape(features)}")
     y = np.zeros((*x.shape[:2], 0)) if targets is None else np.asarray(targets, dtype=np.float64)
-    if y.ndim == x.ndim - 1:
-        y = y[..., None]
-    if y.ndim == 2:
+    if single and targets is not None:
         y = y[None]
+    if y.ndim == 2:
+        y = y[..., None]
     if y.shape[:2] != x.shape[:2]:
         raise DataError(f"targets have shape {y.shape[:2]} in (N, T); features have {x.shape[:2]}")
     if labels is not None and len(labels) != x.shape[0]:
@@ -278,4 +288,5 @@ def from_arrays(
         Recording(str(i), x[i], y[i], None if labels is None else str(labels[i]))
         for i in range(x.shape[0])
     ]
-    return Dataset(recordings, fnames, tnames, Columns(tnames, fnames))
+    label_col = None if labels is None else "label"
+    return Dataset(recordings, fnames, tnames, Columns(tnames, fnames, label_col=label_col))

@@ -61,7 +61,7 @@ def _forecast(model: nn.Module, p: Prepared, segs: list[Encoded], season: int | 
     baselines = {"persistence": regression_scores(np.concatenate(naive), truth)}
     if season is not None:
         baselines["seasonal_persistence"] = regression_scores(np.concatenate(seasonal), truth)
-    scores = regression_scores(pred, truth)
+    scores: dict[str, Any] = dict(regression_scores(pred, truth))
     if h > 1:
         scores["rmse_by_step"] = [
             float(np.sqrt(np.mean((pred[:, k] - truth[:, k]) ** 2))) for k in range(h)

@@ -70,7 +70,7 @@ def _chunks(steps: int, tbptt: int | None) -> list[slice]:
 
 def _update(model: nn.Module, opt: torch.optim.Optimizer, loss: Tensor, o: FitOptions) -> float:
     opt.zero_grad(set_to_none=True)
-    loss.backward()  # type: ignore[no-untyped-call]
+    loss.backward()
     if o.clip_value is not None:
         nn.utils.clip_grad_value_(model.parameters(), o.clip_value)
     norm = nn.utils.clip_grad_norm_(model.parameters(), o.clip if o.clip > 0 else math.inf)

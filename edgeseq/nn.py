@@ -26,10 +26,10 @@ def recurrent_stack(spec: ModelSpec, input_size: int) -> nn.RNNBase:
         dropout=dropout,
     )
     if spec.cell == "lstm":
-        return nn.LSTM(**common)  # type: ignore[arg-type]
+        return nn.LSTM(**common)
     if spec.cell == "gru":
-        return nn.GRU(**common)  # type: ignore[arg-type]
-    return nn.RNN(nonlinearity=spec.nonlinearity, **common)  # type: ignore[arg-type]
+        return nn.GRU(**common)
+    return nn.RNN(nonlinearity=spec.nonlinearity, **common)
 
 
 class SequenceModel(nn.Module):

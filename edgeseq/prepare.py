@@ -73,21 +73,28 @@ def _count(size: float, total: int, what: str) -> int:
 def _split_ids(
     recordings: list[Recording], size: float, what: str, rng: np.random.Generator, stratify: bool
 ) -> tuple[list[Recording], list[Recording]]:
-    """Hold out a fraction of recordings (stratified by label for classification)."""
+    """Hold out a share of recordings at random.
+
+    Stratified by label, every label keeps its share on both sides, and at least one recording
+    of each label with two or more stays in the part that is kept.
+    """
     n_out = _count(size, len(recordings), what)
     if n_out == 0:
         return recordings, []
-    order = rng.permutation(len(recordings))
-    if stratify:
-        by_label: dict[str | None, list[int]] = {}
-        for i in order:
-            by_label.setdefault(recordings[i].label, []).append(int(i))
-        # Round-robin over labels so every class is represented in both parts.
-        order = np.array([i for group in zip(*by_label.values(), strict=False) for i in group])
-        placed = set(order.tolist())
-        rest = [i for i in range(len(recordings)) if i not in placed]
-        order = np.concatenate([order, rng.permutation(rest)]).astype(int)
-    held = set(order[:n_out].tolist())
+    groups: dict[str | None, list[int]] = {}
+    for i in rng.permutation(len(recordings)):
+        groups.setdefault(recordings[i].label if stratify else None, []).append(int(i))
+    exact = {k: n_out * len(g) / len(recordings) for k, g in groups.items()}
+    quota = {k: int(v) for k, v in exact.items()}
+    # The largest remainders take the rounding leftovers, so the quotas add up to n_out.
+    for k in sorted(groups, key=lambda k: exact[k] - quota[k], reverse=True):
+        if sum(quota.values()) >= n_out:
+            break
+        quota[k] += 1
+    held: set[int] = set()
+    for k, group in groups.items():
+        cap = len(group) - 1 if len(group) > 1 else len(group)
+        held.update(group[: min(quota[k], cap)])
     keep = [r for i, r in enumerate(recordings) if i not in held]
     return keep, [r for i, r in enumerate(recordings) if i in held]
 
@@ -220,7 +227,7 @@ def prepare(
     target_scaling = _fit_scaling(
         [s.recording.targets[: s.end] for s in train], len(data.target_names)
     )
-    labels = sorted({str(r.label) for r in data.recordings}) if task == "classify" else []
+    labels = sorted({str(s.recording.label) for s in train}) if task == "classify" else []
     index = {name: i for i, name in enumerate(labels)}
     for seg in tests + val:
         if task == "classify" and str(seg.recording.label) not in index:

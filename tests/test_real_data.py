@@ -1,0 +1,46 @@
+"""The documented commands on the real data sets meet the acceptance figures.
+
+These run the real `edgeseq train` in a subprocess with its default settings, exactly as the
+README documents them.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+# Issue 2: forecast RMSE at most this share of persistence's on the held-out years.
+MAX_RMSE_VS_PERSISTENCE = 0.75
+MIN_BASICMOTIONS_ACCURACY = 0.90
+
+
+def _train(args, cwd):
+    proc = subprocess.run(
+        [sys.executable, "-m", "edgeseq", "train", *args, "--out", "run"],
+        cwd=cwd, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    return json.loads((cwd / "run" / "metrics.json").read_text())
+
+
+def test_the_sunspot_forecaster_beats_persistence_on_the_held_out_years(shared_data, tmp_path):
+    metrics = _train(
+        [str(shared_data / "sunspots_yearly.csv"), "--target", "sunactivity", "--time-col", "year",
+         "--test-size", "29"],
+        tmp_path,
+    )  # fmt: skip
+    assert metrics["splits"]["test"]["scored_steps"] == 29  # 1980..2008
+    assert metrics["test"]["rmse"] <= MAX_RMSE_VS_PERSISTENCE * metrics["baseline"]["rmse"]
+
+
+def test_the_basicmotions_classifier_is_accurate_on_the_test_file(shared_data, tmp_path):
+    metrics = _train(
+        [str(shared_data / "basicmotions_train.csv"), "--test-csv",
+         str(shared_data / "basicmotions_test.csv"), "--task", "classify", "--id-col", "case_id",
+         "--time-col", "t", "--label-col", "label",
+         "--features", "acc_x,acc_y,acc_z,gyr_x,gyr_y,gyr_z"],
+        tmp_path,
+    )  # fmt: skip
+    assert metrics["splits"]["test"]["sequences"] == 40
+    assert metrics["test"]["accuracy"] >= MIN_BASICMOTIONS_ACCURACY
