@@ -26,13 +26,13 @@ typecheck: install
 	$(BIN)/mypy
 
 pytest: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -m "not slow"
 
 test: lint typecheck pytest
 
+# Slow measurements (long recordings, soak). Grows a BENCHMARKS.md writer with the runtime.
 bench: install
-	$(BIN)/python -m pytest -q -m slow
-	$(BIN)/edgeseq bench --write BENCHMARKS.md
+	$(BIN)/python -m pytest -q -s -m slow
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache

@@ -14,6 +14,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.table import Table
 
 from edgeseq import __version__
 from edgeseq.errors import EdgeseqError
@@ -171,7 +172,7 @@ def train(
     _run_training(data, cfg, run_dir, test, resume)
 
 
-def _run_training(data, cfg, run_dir, test, resume) -> None:  # type: ignore[no-untyped-def]
+def _run_training(data, cfg, run_dir, test, resume):  # type: ignore[no-untyped-def]
     from edgeseq.report import confusion_table, epoch_progress, metrics_table
     from edgeseq.train import train as fit_run
 
@@ -189,6 +190,7 @@ def _run_training(data, cfg, run_dir, test, resume) -> None:  # type: ignore[no-
     if cfg.task == "classify":
         console.print(confusion_table(result.metrics["test"]))
     console.print(f"run directory: {result.run_dir} (checkpoint.pt, metrics.json, plot.png)")
+    return result
 
 
 @app.command()
@@ -206,7 +208,16 @@ def demo(
     columns = Columns(targets=("pressure",), features=("flow", "temperature"), time_col="t")
     data = from_frame(frame, columns, source="built-in pump data")
     cfg = TrainConfig(task="forecast", cell="lstm", hidden=32, epochs=epochs, window=64)
-    _run_training(data, cfg, out, None, False)
+    result = _run_training(data, cfg, out, None, False)
+    example = result.evaluation.example
+    table = Table(title="last test samples: pressure one step ahead")
+    for name in ("step", "true", "predicted"):
+        table.add_column(name, justify="right")
+    for t, truth, pred in list(zip(example["t"], example["truth"], example["pred"], strict=True))[
+        -8:
+    ]:
+        table.add_row(str(int(t)), f"{truth:.3f}", f"{pred:.3f}")
+    console.print(table)
 
 
 def main(argv: list[str] | None = None) -> int:
