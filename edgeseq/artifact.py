@@ -1,0 +1,103 @@
+"""The exported artifact's self-description: `metadata_props["edgeseq"]` as validated JSON.
+
+Torch-free: the runtime, the daemon and `edgeseq inspect` read artifacts with this module.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+from edgeseq.errors import ModelFormatError
+from edgeseq.spec import FORMAT_VERSION, DataSpec, ModelSpec
+
+METADATA_KEY = "edgeseq"
+OPSET = 17
+RECURRENT_OPS = ("RNN", "LSTM", "GRU")
+
+
+@dataclass
+class ArtifactInfo:
+    """What an exported file says about itself."""
+
+    model_spec: ModelSpec
+    data_spec: DataSpec
+    metadata: dict[str, Any]
+
+    @property
+    def state_pairs(self) -> list[tuple[str, str]]:
+        return [(p["input"], p["output"]) for p in self.metadata["state"]]
+
+
+def state_pairs(spec: ModelSpec) -> list[dict[str, str]]:
+    pairs = [{"input": "h0", "output": "hn"}]
+    if spec.has_cell_state:
+        pairs.append({"input": "c0", "output": "cn"})
+    return pairs
+
+
+def output_layout(spec: ModelSpec, data: DataSpec) -> str:
+    """A sentence for humans (and Netron) on what y[b, t, :] holds."""
+    if spec.task == "classify":
+        return "y[b, t, k] = probability of class labels[k] after the samples up to t"
+    if spec.task in ("forecast", "seq2seq"):
+        return (
+            f"y[b, t, k * {spec.n_targets} + j] = target j at step t + k + 1, "
+            f"k < horizon = {spec.horizon}, in physical units"
+        )
+    if spec.task == "regress":
+        return "y[b, t, j] = target j of the sequence, given the samples up to t (final at the end)"
+    return "y[b, t, j] = target j at step t of the generated sequence (x[b, t] = the fixed vector)"
+
+
+def build_metadata(
+    spec: ModelSpec, data: DataSpec, training: dict[str, Any], parity: dict[str, Any]
+) -> dict[str, Any]:
+    return {
+        "format_version": FORMAT_VERSION,
+        "task": spec.task,
+        "model_spec": spec.to_dict(),
+        "data_spec": data.to_dict(),
+        "feature_names": list(data.features),
+        "target_names": list(data.targets),
+        "class_labels": list(data.labels),
+        "sample_rate_hz": (1.0 / data.sample_period) if data.sample_period else None,
+        "state": state_pairs(spec),
+        "output_layout": output_layout(spec, data),
+        "training": training,
+        "parity": parity,
+    }
+
+
+def read_metadata(model: onnx.ModelProto, where: str) -> ArtifactInfo:
+    """Parse and validate the edgeseq metadata of a loaded ONNX model."""
+    props = {p.key: p.value for p in model.metadata_props}
+    if METADATA_KEY not in props:
+        raise ModelFormatError(f"{where}: no {METADATA_KEY!r} metadata; not an edgeseq export")
+    try:
+        meta = json.loads(props[METADATA_KEY])
+    except ValueError as exc:
+        raise ModelFormatError(f"{where}: edgeseq metadata is not JSON ({exc})") from None
+    if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
+        found = meta.get("format_version") if isinstance(meta, dict) else None
+        raise ModelFormatError(
+            f"{where}: edgeseq metadata format {found!r}; expected {FORMAT_VERSION}"
+        )
+    return ArtifactInfo(
+        ModelSpec.from_dict(meta.get("model_spec")), DataSpec.from_dict(meta.get("data_spec")), meta
+    )
+
+
+def load_info(path: str | Path) -> tuple[onnx.ModelProto, ArtifactInfo]:
+    path = Path(path)
+    if not path.is_file():
+        raise ModelFormatError(f"{path}: no such model file")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # protobuf raises DecodeError and friends
+        raise ModelFormatError(f"{path}: not a readable ONNX file ({type(exc).__name__})") from None
+    return model, read_metadata(model, str(path))
