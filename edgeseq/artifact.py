@@ -54,6 +54,13 @@ def output_layout(spec: ModelSpec, data: DataSpec) -> str:
     return "y[b, t, j] = target j at step t of the generated sequence (x[b, t] = the fixed vector)"
 
 
+def _rate_hz(data: DataSpec) -> float | None:
+    """Samples per second, known only when the time column held real dates and times."""
+    if data.time_unit == "s" and data.sample_period:
+        return 1.0 / data.sample_period
+    return None
+
+
 def build_metadata(
     spec: ModelSpec, data: DataSpec, training: dict[str, Any], parity: dict[str, Any]
 ) -> dict[str, Any]:
@@ -65,7 +72,9 @@ def build_metadata(
         "feature_names": list(data.features),
         "target_names": list(data.targets),
         "class_labels": list(data.labels),
-        "sample_rate_hz": (1.0 / data.sample_period) if data.sample_period else None,
+        "sample_rate_hz": _rate_hz(data),
+        "sample_period": data.sample_period,
+        "sample_period_unit": "s" if data.time_unit == "s" else f"units of {data.time_col}",
         "state": state_pairs(spec),
         "output_layout": output_layout(spec, data),
         "training": training,

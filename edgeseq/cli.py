@@ -194,6 +194,44 @@ def _run_training(data, cfg, run_dir, test, resume):  # type: ignore[no-untyped-
 
 
 @app.command()
+def export(
+    source: Annotated[Path, typer.Argument(help="Run directory or checkpoint.pt from `train`.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="The .onnx file to write.")],
+) -> None:
+    """Export a trained model to one verified, self-describing ONNX file."""
+    from edgeseq.export import export_checkpoint
+
+    with console.status("exporting and proving parity with ONNX Runtime..."):
+        meta = export_checkpoint(source, output)
+    parity = meta["parity"]
+    console.print(
+        f"wrote {output} ({output.stat().st_size:,} bytes): max abs error vs PyTorch "
+        f"{parity['torch_vs_onnxruntime_full_sequence']:.2e} full sequence, "
+        f"{parity['onnxruntime_streamed_vs_torch_full_sequence']:.2e} over "
+        f"{parity['streamed_steps']} streamed steps (limit {parity['tolerance']:g})"
+    )
+
+
+@app.command()
+def inspect(
+    model: Annotated[Path, typer.Argument(help="An .onnx file.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON for machines.")] = False,
+) -> None:
+    """Show an ONNX model's inputs, outputs, nodes, size and edgeseq metadata."""
+    import json
+
+    from edgeseq.inspect import describe
+    from edgeseq.report import inspect_tables
+
+    info = describe(model)
+    if as_json:
+        print(json.dumps(info, indent=2))
+        return
+    for table in inspect_tables(info):
+        console.print(table)
+
+
+@app.command()
 def demo(
     out: Annotated[Path, typer.Option(help="Run directory for the demo.")] = Path("runs/demo"),
     epochs: Annotated[int, typer.Option(help="Maximum epochs.")] = 60,

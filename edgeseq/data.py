@@ -51,7 +51,8 @@ class Dataset:
     feature_names: tuple[str, ...]
     target_names: tuple[str, ...]
     columns: Columns
-    sample_period: float | None = None
+    sample_period: float | None = None  # median step of the time column
+    time_unit: str | None = None  # "s" for date-time columns; None: the column's own unit
 
     @property
     def n_rows(self) -> int:
@@ -210,6 +211,11 @@ def from_frame(
         else [("all", frame.index.to_numpy())]
     )
     recordings, times = [], []
+    time_unit = (
+        "s"
+        if columns.time_col and not pd.api.types.is_numeric_dtype(frame[columns.time_col])
+        else None
+    )
     for key, rows in groups:
         part = frame.loc[rows]
         if columns.time_col:
@@ -243,6 +249,7 @@ def from_frame(
             columns.targets, features, columns.time_col, columns.id_col, columns.label_col
         ),
         sample_period=_sample_period(times),
+        time_unit=time_unit,
     )
 
 

@@ -33,6 +33,11 @@ PRIMITIVE_LOOPS = ("Loop", "Scan", "If")
 class Exportable(nn.Module):
     """Wraps a trained model with the input scaling and output unscaling (or softmax)."""
 
+    in_mean: Tensor
+    in_inv_std: Tensor
+    out_mean: Tensor
+    out_std: Tensor
+
     def __init__(self, model: nn.Module, spec: ModelSpec, data: DataSpec) -> None:
         super().__init__()
         self.model, self.spec = model.eval(), spec
@@ -75,8 +80,9 @@ def _trace(wrapper: Exportable, spec: ModelSpec) -> bytes:
     buffer = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the exporter's deprecation and tracer chatter
-        torch.onnx.export(
-            wrapper, args, buffer, dynamo=False, input_names=names, output_names=outputs,
+        torch.onnx.export(  # a file-like target is accepted by the TorchScript exporter
+            wrapper, args, buffer,  # type: ignore[arg-type]
+            dynamo=False, input_names=names, output_names=outputs,
             dynamic_axes=axes, opset_version=OPSET, do_constant_folding=True,
         )  # fmt: skip
     return buffer.getvalue()
@@ -141,7 +147,7 @@ def adopt(module: nn.Module, task: str = "regress") -> tuple[nn.Module, ModelSpe
         raise UsageError(f"module layout {found} is not supported; {SUPPORTED_MODULES}")
     (rnn_name, rnn), (head_name, head) = children
     assert isinstance(rnn, nn.RNNBase) and isinstance(head, nn.Linear)
-    if rnn.bidirectional or getattr(rnn, "proj_size", 0):
+    if rnn.bidirectional or int(getattr(rnn, "proj_size", 0) or 0):
         raise UsageError(
             f"layer {rnn_name!r}: bidirectional or projected {type(rnn).__name__} cannot stream "
             "one sample at a time; train a unidirectional one"
@@ -153,7 +159,7 @@ def adopt(module: nn.Module, task: str = "regress") -> tuple[nn.Module, ModelSpe
         task=task, cell=kinds[type(rnn)], input_size=rnn.input_size, hidden_size=rnn.hidden_size,
         num_layers=rnn.num_layers, output_size=head.out_features,
         n_targets=head.out_features if task != "classify" else 0,
-        nonlinearity=getattr(rnn, "nonlinearity", "tanh"),
+        nonlinearity=str(getattr(rnn, "nonlinearity", "tanh")),
     )  # fmt: skip
     rebuilt = SequenceModel(spec)
     rebuilt.rnn.load_state_dict(rnn.state_dict())

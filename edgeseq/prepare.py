@@ -254,6 +254,7 @@ def prepare(
         id_col=data.columns.id_col,
         label_col=data.columns.label_col,
         sample_period=data.sample_period,
+        time_unit=data.time_unit,
     )
 
     def encode(segs: list[Segment]) -> list[Encoded]:

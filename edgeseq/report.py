@@ -7,6 +7,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -60,3 +61,61 @@ def confusion_table(scores: dict[str, Any]) -> Table:
     for label, row in zip(scores["labels"], scores["confusion"], strict=True):
         table.add_row(label, *map(str, row))
     return table
+
+
+def _period(meta: dict[str, Any]) -> str:
+    if meta.get("sample_rate_hz"):
+        return f"{1 / meta['sample_rate_hz']:.4g} s ({meta['sample_rate_hz']:.4g} Hz)"
+    if meta.get("sample_period"):
+        return f"{meta['sample_period']:.4g} {meta['sample_period_unit']}"
+    return "-"
+
+
+def inspect_tables(info: dict[str, Any]) -> list[Table]:
+    """`edgeseq inspect` as tables: summary, tensors, node types."""
+    meta = info.get("metadata") or {}
+    summary = Table(title=info["path"], show_header=False)
+    summary.add_column("key", style="bold")
+    summary.add_column("value")
+    rows = [
+        ("file size", f"{info['file_bytes']:,} bytes"),
+        ("parameters", f"{info['parameters']:,} ({', '.join(info['initializer_dtypes'])})"),
+        ("opset", str(info["opset"])),
+        ("producer", info["producer"] or "-"),
+    ]
+    if meta:
+        spec = meta["model_spec"]
+        rows += [
+            ("task", meta["task"]),
+            ("model", f"{spec['cell']} {spec['num_layers']} x {spec['hidden_size']}"),
+            ("features", ", ".join(meta["feature_names"])),
+            ("targets", ", ".join(meta["target_names"]) or "-"),
+            ("class labels", ", ".join(meta["class_labels"]) or "-"),
+            ("sample period", _period(meta)),
+            ("state", ", ".join(f"{p['input']} -> {p['output']}" for p in meta["state"])),
+            ("output", meta["output_layout"]),
+        ]
+        parity = meta.get("parity") or {}
+        for key in (
+            "torch_vs_onnxruntime_full_sequence",
+            "onnxruntime_streamed_vs_torch_full_sequence",
+        ):
+            if key in parity:
+                rows.append((key.replace("_", " "), f"{parity[key]:.2e}"))
+    else:
+        rows.append(("edgeseq metadata", "none (not an edgeseq export)"))
+    for key, value in rows:
+        summary.add_row(key, escape(value))
+    tensors = Table(title="inputs and outputs")
+    for name in ("", "name", "shape"):
+        tensors.add_column(name)
+    for kind in ("inputs", "outputs"):
+        for t in info[kind]:
+            shape = "[" + ", ".join(map(str, t["shape"])) + "]"
+            tensors.add_row(kind[:-1], escape(t["name"]), escape(shape))
+    nodes = Table(title="nodes")
+    nodes.add_column("op type")
+    nodes.add_column("count", justify="right")
+    for op, count in sorted(info["nodes"].items()):
+        nodes.add_row(op, str(count))
+    return [summary, tensors, nodes]

@@ -127,6 +127,7 @@ class DataSpec:
     id_col: str | None = None
     label_col: str | None = None
     sample_period: float | None = None
+    time_unit: str | None = None  # "s" when the time column held dates; else its own unit
 
     def __post_init__(self) -> None:
         _require(

@@ -1,0 +1,56 @@
+"""`edgeseq inspect`: what an ONNX artifact holds, for people (rich tables) and machines (JSON).
+
+Torch-free: only onnx is needed, so it works on the device too.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from edgeseq.artifact import METADATA_KEY, read_metadata
+from edgeseq.errors import ModelFormatError
+
+
+def _dims(value: onnx.ValueInfoProto) -> list[int | str]:
+    shape = value.type.tensor_type.shape
+    return [d.dim_param or d.dim_value for d in shape.dim]
+
+
+def _opset(model: onnx.ModelProto) -> int:
+    return max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0)
+
+
+def describe(path: str | Path) -> dict[str, Any]:
+    """Inputs, outputs, node types, parameter count, file size and edgeseq metadata."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelFormatError(f"{path}: no such model file")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # protobuf raises DecodeError and friends
+        raise ModelFormatError(f"{path}: not a readable ONNX file ({type(exc).__name__})") from None
+    nodes: dict[str, int] = {}
+    for node in model.graph.node:
+        nodes[node.op_type] = nodes.get(node.op_type, 0) + 1
+    params = sum(int(np.prod(t.dims)) for t in model.graph.initializer)
+    has_meta = any(p.key == METADATA_KEY for p in model.metadata_props)
+    return {
+        "path": str(path),
+        "file_bytes": path.stat().st_size,
+        "opset": max(
+            (o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0
+        ),
+        "producer": f"{model.producer_name} {model.producer_version}".strip(),
+        "inputs": [{"name": v.name, "shape": _dims(v)} for v in model.graph.input],
+        "outputs": [{"name": v.name, "shape": _dims(v)} for v in model.graph.output],
+        "nodes": nodes,
+        "parameters": params,
+        "initializer_dtypes": sorted(
+            {onnx.TensorProto.DataType.Name(t.data_type) for t in model.graph.initializer}
+        ),
+        "metadata": read_metadata(model, str(path)).metadata if has_meta else None,
+    }
