@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 RUN    ?= runs/demo
 
-.PHONY: install demo test lint typecheck pytest bench clean
+.PHONY: install demo test lint typecheck pytest bench clean reference-models
 
 install: $(STAMP)
 
@@ -33,6 +33,10 @@ test: lint typecheck pytest
 # Slow measurements (long recordings, soak). Grows a BENCHMARKS.md writer with the runtime.
 bench: install
 	$(BIN)/python -m pytest -q -s -m slow
+
+# Regenerate every reference model in export/ (model + golden I/O) from its recipe.
+reference-models: install
+	$(BIN)/edgeseq replay export/recipes/*.toml --out-dir export
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache

@@ -232,6 +232,24 @@ def inspect(
 
 
 @app.command()
+def replay(
+    recipes: Annotated[
+        list[Path], typer.Argument(help="Recipe TOML files (export/recipes/*.toml).")
+    ],
+    out_dir: Annotated[Path, typer.Option("--out-dir", help="Where models and goldens go.")] = Path(
+        "export"
+    ),
+) -> None:
+    """Rebuild reference models from their recipes: train, export, write golden I/O."""
+    from edgeseq.recipes import replay as replay_recipe
+
+    for recipe in recipes:
+        with console.status(f"replaying {recipe}..."):
+            path = replay_recipe(recipe, out_dir)
+        console.print(f"{recipe} -> {path} ({path.stat().st_size:,} bytes)")
+
+
+@app.command()
 def demo(
     out: Annotated[Path, typer.Option(help="Run directory for the demo.")] = Path("runs/demo"),
     epochs: Annotated[int, typer.Option(help="Maximum epochs.")] = 60,

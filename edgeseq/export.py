@@ -186,6 +186,7 @@ def _write_atomically(path: Path, payload: bytes) -> None:
     except OSError as exc:
         raise UsageError(f"cannot write {path}: {exc.strerror}") from None
     try:
+        os.fchmod(fd, 0o644)  # a model is meant to be copied and read by services
         with os.fdopen(fd, "wb") as fh:
             fh.write(payload)
             fh.flush()
