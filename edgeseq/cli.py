@@ -274,6 +274,15 @@ def demo(
     ]:
         table.add_row(str(int(t)), f"{truth:.3f}", f"{pred:.3f}")
     console.print(table)
+    from edgeseq.export import export_checkpoint
+
+    with console.status("exporting to ONNX and proving parity..."):
+        meta = export_checkpoint(out, out / "model.onnx")
+    parity = meta["parity"]
+    console.print(
+        f"exported {out / 'model.onnx'}: ONNX Runtime streamed {parity['streamed_steps']} steps "
+        f"within {parity['onnxruntime_streamed_vs_torch_full_sequence']:.1e} of PyTorch"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
