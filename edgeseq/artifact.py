@@ -101,12 +101,17 @@ def read_metadata(model: onnx.ModelProto, where: str) -> ArtifactInfo:
     )
 
 
-def load_info(path: str | Path) -> tuple[onnx.ModelProto, ArtifactInfo]:
+def read_onnx(path: str | Path) -> onnx.ModelProto:
+    """Parse an ONNX file (external data untouched), turning every failure into one error."""
     path = Path(path)
     if not path.is_file():
         raise ModelFormatError(f"{path}: no such model file")
     try:
-        model = onnx.load(str(path), load_external_data=False)
+        return onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # protobuf raises DecodeError and friends
         raise ModelFormatError(f"{path}: not a readable ONNX file ({type(exc).__name__})") from None
+
+
+def load_info(path: str | Path) -> tuple[onnx.ModelProto, ArtifactInfo]:
+    model = read_onnx(path)
     return model, read_metadata(model, str(path))

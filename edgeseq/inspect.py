@@ -11,8 +11,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from edgeseq.artifact import METADATA_KEY, read_metadata
-from edgeseq.errors import ModelFormatError
+from edgeseq.artifact import METADATA_KEY, read_metadata, read_onnx
 
 
 def _dims(value: onnx.ValueInfoProto) -> list[int | str]:
@@ -27,12 +26,7 @@ def _opset(model: onnx.ModelProto) -> int:
 def describe(path: str | Path) -> dict[str, Any]:
     """Inputs, outputs, node types, parameter count, file size and edgeseq metadata."""
     path = Path(path)
-    if not path.is_file():
-        raise ModelFormatError(f"{path}: no such model file")
-    try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception as exc:  # protobuf raises DecodeError and friends
-        raise ModelFormatError(f"{path}: not a readable ONNX file ({type(exc).__name__})") from None
+    model = read_onnx(path)
     nodes: dict[str, int] = {}
     for node in model.graph.node:
         nodes[node.op_type] = nodes.get(node.op_type, 0) + 1
