@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
 
 from edgeseq.errors import ModelFormatError
@@ -31,6 +32,32 @@ class ArtifactInfo:
     @property
     def state_pairs(self) -> list[tuple[str, str]]:
         return [(p["input"], p["output"]) for p in self.metadata["state"]]
+
+
+def op_counts(model: onnx.ModelProto) -> dict[str, int]:
+    """How many nodes of each op type the graph has."""
+    counts: dict[str, int] = {}
+    for node in model.graph.node:
+        counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return counts
+
+
+def sample_feeds(
+    spec: ModelSpec, data: DataSpec, batch: int, steps: int, seed: int = 0, state_std: float = 0.0
+) -> dict[str, np.ndarray]:
+    """Random graph inputs: samples in physical units spread like the training data, and initial
+    states (zero, or normal with `state_std`). Parity proofs and golden files both use these."""
+    rng = np.random.default_rng(seed)
+    z = rng.standard_normal((batch, steps, spec.input_size)).astype(np.float32)
+    if spec.task == "generate":  # the fixed vector repeats at every step
+        z = np.repeat(z[:, :1], steps, axis=1)
+    std = np.asarray(data.input_scaling.std, np.float32)
+    feeds = {"x": (z * std + np.asarray(data.input_scaling.mean, np.float32)).astype(np.float32)}
+    shape = (spec.num_layers, batch, spec.hidden_size)
+    for pair in state_pairs(spec):
+        noise = rng.standard_normal(shape) if state_std else np.zeros(shape)
+        feeds[pair["input"]] = (state_std * noise).astype(np.float32)
+    return feeds
 
 
 def state_pairs(spec: ModelSpec) -> list[dict[str, str]]:

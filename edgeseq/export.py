@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from edgeseq import checkpoint
-from edgeseq.artifact import METADATA_KEY, OPSET, RECURRENT_OPS, build_metadata
+from edgeseq.artifact import METADATA_KEY, OPSET, RECURRENT_OPS, build_metadata, op_counts
 from edgeseq.errors import ModelFormatError, UsageError
 from edgeseq.parity import TOLERANCE, prove
 from edgeseq.spec import DataSpec, ModelSpec, Scaling
@@ -90,9 +90,7 @@ def _trace(wrapper: Exportable, spec: ModelSpec) -> bytes:
 
 def check_op_types(model: onnx.ModelProto, spec: ModelSpec) -> dict[str, int]:
     """Refuse graphs where the recurrence was unrolled or turned into a loop."""
-    counts: dict[str, int] = {}
-    for node in model.graph.node:
-        counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    counts = op_counts(model)
     loops = [op for op in PRIMITIVE_LOOPS if op in counts]
     expected_op = spec.cell.upper()
     layers = spec.num_layers * (2 if spec.task == "seq2seq" else 1)

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from edgeseq.artifact import METADATA_KEY, read_metadata, read_onnx
+from edgeseq.artifact import METADATA_KEY, op_counts, read_metadata, read_onnx
 
 
 def _dims(value: onnx.ValueInfoProto) -> list[int | str]:
@@ -27,9 +27,7 @@ def describe(path: str | Path) -> dict[str, Any]:
     """Inputs, outputs, node types, parameter count, file size and edgeseq metadata."""
     path = Path(path)
     model = read_onnx(path)
-    nodes: dict[str, int] = {}
-    for node in model.graph.node:
-        nodes[node.op_type] = nodes.get(node.op_type, 0) + 1
+    nodes = op_counts(model)
     params = sum(int(np.prod(t.dims)) for t in model.graph.initializer)
     has_meta = any(p.key == METADATA_KEY for p in model.metadata_props)
     return {

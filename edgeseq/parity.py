@@ -18,27 +18,11 @@ import numpy as np
 import onnx
 import torch
 
+from edgeseq.artifact import sample_feeds
 from edgeseq.spec import DataSpec, ModelSpec
 
 TOLERANCE = 1e-5  # float32: max abs error allowed (normalized output units)
 STREAM_STEPS = 1000
-
-
-def _inputs(spec: ModelSpec, data: DataSpec, batch: int, steps: int, seed: int) -> np.ndarray:
-    """Random samples in physical units, spread like the training data."""
-    rng = np.random.default_rng(seed)
-    z = rng.standard_normal((batch, steps, spec.input_size)).astype(np.float32)
-    mean = np.asarray(data.input_scaling.mean, np.float32)
-    std = np.asarray(data.input_scaling.std, np.float32)
-    if spec.task == "generate":  # the fixed vector repeats at every step
-        z = np.repeat(z[:, :1], steps, axis=1)
-    return z * std + mean
-
-
-def _states(spec: ModelSpec, batch: int) -> dict[str, np.ndarray]:
-    shape = (spec.num_layers, batch, spec.hidden_size)
-    names = ["h0", "c0"] if spec.has_cell_state else ["h0"]
-    return {n: np.zeros(shape, np.float32) for n in names}
 
 
 def _torch_run(wrapper: torch.nn.Module, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
@@ -68,14 +52,14 @@ def prove(
     session = ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
     scale = _output_scale(spec, data)
 
-    feeds = {"x": _inputs(spec, data, 3, 64, seed=0), **_states(spec, 3)}
+    feeds = sample_feeds(spec, data, batch=3, steps=64, seed=0)
     expected = _torch_run(wrapper, feeds)
     got = session.run(None, feeds)
     full = max(float(np.max(np.abs(e - g) / (scale if i == 0 else 1.0)))
                for i, (e, g) in enumerate(zip(expected, got, strict=True)))  # fmt: skip
 
-    x = _inputs(spec, data, 1, STREAM_STEPS, seed=1)
-    state = _states(spec, 1)
+    state = sample_feeds(spec, data, batch=1, steps=STREAM_STEPS, seed=1)
+    x = state.pop("x")
     y_full = _torch_run(wrapper, {"x": x, **state})[0][0]
     stepped = np.empty_like(y_full)
     for t in range(STREAM_STEPS):

@@ -78,21 +78,12 @@ def golden_io(model_path: Path, seed: int = 0) -> dict[str, np.ndarray]:
     """Inputs spread like the training data, and ONNX Runtime's outputs for them."""
     import onnxruntime as ort
 
-    from edgeseq.artifact import load_info
+    from edgeseq.artifact import load_info, sample_feeds
 
     _, info = load_info(model_path)
-    spec, data = info.model_spec, info.data_spec
-    rng = np.random.default_rng(seed)
-    z = rng.standard_normal((GOLDEN_BATCH, GOLDEN_STEPS, spec.input_size)).astype(np.float32)
-    if spec.task == "generate":
-        z = np.repeat(z[:, :1], GOLDEN_STEPS, axis=1)
-    x = z * np.asarray(data.input_scaling.std, np.float32) + np.asarray(
-        data.input_scaling.mean, np.float32
+    feeds = sample_feeds(
+        info.model_spec, info.data_spec, GOLDEN_BATCH, GOLDEN_STEPS, seed=seed, state_std=0.1
     )
-    shape = (spec.num_layers, GOLDEN_BATCH, spec.hidden_size)
-    feeds = {"x": x.astype(np.float32), "h0": (0.1 * rng.standard_normal(shape)).astype(np.float32)}
-    if spec.has_cell_state:
-        feeds["c0"] = (0.1 * rng.standard_normal(shape)).astype(np.float32)
     session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
     names = [o.name for o in session.get_outputs()]
     return feeds | dict(zip(names, session.run(None, feeds), strict=True))

@@ -119,3 +119,23 @@ def inspect_tables(info: dict[str, Any]) -> list[Table]:
     for op, count in sorted(info["nodes"].items()):
         nodes.add_row(op, str(count))
     return [summary, tensors, nodes]
+
+
+def parity_line(parity: dict[str, Any]) -> str:
+    """The export's proof in one line."""
+    return (
+        f"max abs error vs PyTorch {parity['torch_vs_onnxruntime_full_sequence']:.2e} full "
+        f"sequence, {parity['onnxruntime_streamed_vs_torch_full_sequence']:.2e} over "
+        f"{parity['streamed_steps']} streamed steps (limit {parity['tolerance']:g})"
+    )
+
+
+def predictions_table(example: dict[str, Any], target: str, last: int) -> Table:
+    """The last `last` test predictions next to the truth."""
+    table = Table(title=f"last test samples: {target} one step ahead")
+    for name in ("step", "true", "predicted"):
+        table.add_column(name, justify="right")
+    rows = list(zip(example["t"], example["truth"], example["pred"], strict=True))
+    for t, truth, pred in rows[-last:]:
+        table.add_row(str(int(t)), f"{truth:.3f}", f"{pred:.3f}")
+    return table
