@@ -202,13 +202,22 @@ def _run_training(
 def export(
     source: Annotated[Path, typer.Argument(help="Run directory or checkpoint.pt from `train`.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="The .onnx file to write.")],
+    quantize: Annotated[
+        str | None, typer.Option(help="int8: store int8 weights (about 4x smaller).")
+    ] = None,
+    max_error: Annotated[
+        float,
+        typer.Option(help="int8 only: refuse if the held-out error grows by more than this."),
+    ] = 0.02,
 ) -> None:
     """Export a trained model to one verified, self-describing ONNX file."""
     from edgeseq.export import export_checkpoint
-    from edgeseq.report import parity_line
+    from edgeseq.report import parity_line, quantization_line
 
     with console.status("exporting and proving parity with ONNX Runtime..."):
-        meta = export_checkpoint(source, output)
+        meta = export_checkpoint(source, output, quantize=quantize, max_error=max_error)
+    if "quantization" in meta:
+        console.print(quantization_line(meta))
     console.print(
         f"wrote {output} ({output.stat().st_size:,} bytes): {parity_line(meta['parity'])}"
     )

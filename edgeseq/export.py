@@ -21,13 +21,17 @@ import onnx
 import torch
 from torch import Tensor, nn
 
-from edgeseq import checkpoint
+from edgeseq import checkpoint, heldout
 from edgeseq.artifact import METADATA_KEY, OPSET, RECURRENT_OPS, build_metadata, op_counts
 from edgeseq.errors import ModelFormatError, UsageError
+from edgeseq.heldout import Segment
 from edgeseq.parity import TOLERANCE, prove
+from edgeseq.quantize import int8_model
 from edgeseq.spec import DataSpec, ModelSpec, Scaling
 
 PRIMITIVE_LOOPS = ("Loop", "Scan", "If")
+# int8 may raise the held-out error by this much (accuracy points, or normalized RMSE).
+DEFAULT_MAX_ERROR = 0.02
 
 
 class Exportable(nn.Module):
@@ -106,8 +110,7 @@ def check_op_types(model: onnx.ModelProto, spec: ModelSpec) -> dict[str, int]:
     return counts
 
 
-def _with_metadata(raw: bytes, meta: dict[str, Any]) -> bytes:
-    model = onnx.load_from_string(raw)
+def _with_metadata(model: onnx.ModelProto, meta: dict[str, Any]) -> bytes:
     del model.metadata_props[:]
     entry = model.metadata_props.add()
     entry.key, entry.value = METADATA_KEY, json.dumps(meta, sort_keys=True)
@@ -205,12 +208,20 @@ def to_onnx(
     data: DataSpec | None = None,
     task: str = "regress",
     training: dict[str, Any] | None = None,
+    quantize: str | None = None,
+    max_error: float = DEFAULT_MAX_ERROR,
+    heldout: list[Segment] | None = None,
 ) -> dict[str, Any]:
     """Export `model` to `out` after proving parity; returns the metadata written.
 
     `data` carries the scaling and names (edgeseq checkpoints have it); without it the scaling is
-    the identity. Nothing is written unless every check passes.
+    the identity. `quantize="int8"` stores int8 weights, refused when the error on `heldout`
+    grows by more than `max_error`. Nothing is written unless every check passes.
     """
+    if quantize not in (None, "int8"):
+        raise UsageError(f"--quantize {quantize!r} is not supported; the choice is int8")
+    if max_error < 0:
+        raise UsageError(f"--max-error must be >= 0, found {max_error}")
     out = Path(out)
     if not out.parent.is_dir():
         raise UsageError(f"cannot write {out}: folder {out.parent} does not exist")
@@ -228,7 +239,11 @@ def to_onnx(
             f"(limit {TOLERANCE:g}); figures: {parity}"
         )
     meta = build_metadata(spec, data, training or {}, parity)
-    _write_atomically(out, _with_metadata(raw, meta))
+    graph = onnx.load_from_string(raw)
+    if quantize == "int8":
+        meta["float_file_bytes"] = len(_with_metadata(onnx.load_from_string(raw), meta))
+        graph, meta["quantization"] = int8_model(graph, spec, data, heldout, max_error)
+    _write_atomically(out, _with_metadata(graph, meta))
     return meta
 
 
@@ -244,8 +259,22 @@ def _training_summary(training: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def export_checkpoint(source: str | Path, out: str | Path) -> dict[str, Any]:
-    """Export a training run (its directory or checkpoint.pt) to an ONNX artifact."""
+def export_checkpoint(
+    source: str | Path,
+    out: str | Path,
+    *,
+    quantize: str | None = None,
+    max_error: float = DEFAULT_MAX_ERROR,
+) -> dict[str, Any]:
+    """Export a training run (its directory or checkpoint.pt) to an ONNX artifact.
+
+    For int8, the run's held-out split (heldout.npz beside the checkpoint) measures the error.
+    """
     ckpt = checkpoint.load(source)
     model = ckpt.build()
-    return to_onnx(model, out, data=ckpt.data_spec, training=_training_summary(ckpt.training))
+    run_dir = Path(source) if Path(source).is_dir() else Path(source).parent
+    split = heldout.load(run_dir / heldout.FILENAME) if quantize else None
+    return to_onnx(
+        model, out, data=ckpt.data_spec, training=_training_summary(ckpt.training),
+        quantize=quantize, max_error=max_error, heldout=split,
+    )  # fmt: skip

@@ -16,8 +16,6 @@ from edgeseq.data import Dataset, Recording
 from edgeseq.errors import DataError, UsageError
 from edgeseq.spec import DataSpec, Scaling
 
-# Tasks whose loss and score sit at the last step of a sequence (many-to-one).
-LAST_STEP_TASKS = ("classify", "regress")
 # Tasks whose input is the target's own past plus covariates (autoregressive).
 AUTOREGRESSIVE_TASKS = ("forecast", "seq2seq")
 

@@ -7,6 +7,7 @@ Recipe format (`export/recipes/NAME.toml`):
     [train]                       # any TrainConfig field
     task = "forecast"
     cell = "lstm"
+    [export]                      # optional: quantize = "int8", max_error = 0.02
 
 Replaying writes `export/NAME.onnx` and `export/NAME.golden.npz` (inputs x, h0[, c0] and the
 outputs y, hn[, cn] that ONNX Runtime computes from the file), which runtime, daemon and device
@@ -47,6 +48,9 @@ def read_recipe(path: str | Path) -> dict[str, Any]:
         raise UsageError(f"{path}: not a readable recipe ({exc})") from None
     if "data" not in recipe or not isinstance(recipe.get("train", {}), dict):
         raise UsageError(f"{path}: a recipe needs `data = ...` and a [train] table")
+    unknown_export = sorted(set(recipe.get("export", {})) - {"quantize", "max_error"})
+    if unknown_export:
+        raise UsageError(f"{path}: unknown [export] keys {unknown_export}")
     from edgeseq.train import TrainConfig
 
     known = {f.name for f in fields(TrainConfig)}
@@ -102,7 +106,7 @@ def replay(recipe_path: str | Path, out_dir: str | Path) -> Path:
     with tempfile.TemporaryDirectory() as run_dir:
         train(data, TrainConfig(**recipe.get("train", {})), run_dir,
               command=["edgeseq", "replay", str(recipe_path)])  # fmt: skip
-        export_checkpoint(run_dir, model_path)
+        export_checkpoint(run_dir, model_path, **recipe.get("export", {}))
     arrays = golden_io(model_path)
     np.savez(out_dir / f"{name}.golden.npz", allow_pickle=False, **arrays)
     return model_path

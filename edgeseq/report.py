@@ -139,3 +139,14 @@ def predictions_table(example: dict[str, Any], target: str, last: int) -> Table:
     for t, truth, pred in rows[-last:]:
         table.add_row(str(int(t)), f"{truth:.3f}", f"{pred:.3f}")
     return table
+
+
+def quantization_line(meta: dict[str, Any]) -> str:
+    """Sizes and error change of an int8 export."""
+    q = meta["quantization"]
+    return (
+        f"int8 ({q['scheme']}): weights {q['float_weight_bytes']:,} -> {q['int8_weight_bytes']:,} "
+        f"bytes, file {meta['float_file_bytes']:,} bytes as float32; {q['metric']} on the "
+        f"{q['measured_on']}: {q['float_error']:.4g} -> {q['int8_error']:.4g} "
+        f"(limit +{q['max_error']:g})"
+    )

@@ -14,17 +14,17 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
-from edgeseq import checkpoint
+from edgeseq import checkpoint, heldout
 from edgeseq.data import Dataset
 from edgeseq.errors import UsageError
 from edgeseq.evaluate import Evaluation, evaluate, raw_outputs
 from edgeseq.fit import EpochLog, FitOptions, FitState, fit, history_as_dicts, masked_loss
+from edgeseq.heldout import LAST_STEP_TASKS, scored_mask
 from edgeseq.nn import build_model
 from edgeseq.plots import save_run_plot
-from edgeseq.prepare import LAST_STEP_TASKS, Encoded, Prepared, prepare
+from edgeseq.prepare import Encoded, Prepared, prepare
 from edgeseq.spec import ModelSpec
 from edgeseq.windows import make_windows
 
@@ -94,10 +94,7 @@ def _validator(prepared: Prepared, classify: bool) -> Callable[[torch.nn.Module]
     def loss(model: torch.nn.Module) -> float:
         total, count = 0.0, 0
         for e in prepared.val:
-            mask = e.mask.copy()
-            if prepared.task in LAST_STEP_TASKS:
-                mask[:] = False
-                mask[np.flatnonzero(e.mask)[-1]] = True
+            mask = scored_mask(e.mask, prepared.task)
             out = torch.from_numpy(raw_outputs(model, e))
             n = int(mask.sum())
             value = masked_loss(out, torch.from_numpy(e.y), torch.from_numpy(mask), classify)
@@ -261,6 +258,14 @@ def train(
     summary["metrics"] = metrics
     summary["history"] = history_as_dicts(state)
     save(state, resume_blob, weights=model.state_dict())
+    heldout.save(
+        run_dir / heldout.FILENAME,
+        [
+            heldout.Segment(heldout.physical(e.x, prepared.data_spec), e.y,
+                            scored_mask(e.mask, cfg.task))
+            for e in prepared.test or prepared.val
+        ],
+    )  # fmt: skip
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     (run_dir / "command.txt").write_text(shlex.join(command or sys.argv) + "\n")
     target = (prepared.data_spec.targets or ("label",))[0]
