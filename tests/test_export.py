@@ -64,9 +64,12 @@ def run_dir(tmp_path_factory):
     return run
 
 
-def test_exporting_the_same_checkpoint_twice_gives_byte_identical_files(run_dir, tmp_path):
-    export_checkpoint(run_dir, tmp_path / "a.onnx")
-    export_checkpoint(run_dir, tmp_path / "b.onnx")
+@pytest.mark.parametrize("quantize", [None, "int8"])
+def test_exporting_the_same_checkpoint_twice_gives_byte_identical_files(
+    run_dir, tmp_path, quantize
+):
+    export_checkpoint(run_dir, tmp_path / "a.onnx", quantize=quantize)
+    export_checkpoint(run_dir, tmp_path / "b.onnx", quantize=quantize)
     assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
 
 
@@ -136,13 +139,18 @@ def _cli(*args, cwd):
     )  # fmt: skip
 
 
-@pytest.mark.parametrize("case", ["corrupt", "missing-folder", "output-is-a-folder"])
+@pytest.mark.parametrize(
+    "case", ["corrupt", "other-module", "missing-folder", "output-is-a-folder"]
+)
 def test_bad_export_requests_fail_with_one_line_and_leave_no_file(case, run_dir, tmp_path):
     source, out = run_dir, tmp_path / "out" / "m.onnx"
     out.parent.mkdir()
     if case == "corrupt":
         source = tmp_path / "checkpoint.pt"
         source.write_bytes((run_dir / "checkpoint.pt").read_bytes()[:300])
+    elif case == "other-module":  # a plain torch checkpoint of some module edgeseq did not make
+        source = tmp_path / "checkpoint.pt"
+        torch.save(nn.Conv1d(3, 4, 3).state_dict(), source)
     elif case == "missing-folder":
         out = tmp_path / "nowhere" / "m.onnx"
     else:
