@@ -22,12 +22,29 @@ try:
 except PackageNotFoundError:  # pragma: no cover - running from a source tree without install
     __version__ = "0.0.0"
 
+_RUNTIME = {"load", "Model", "Stream", "StreamPool"}
+
+
+def __getattr__(name: str) -> object:
+    """`edgeseq.load` and friends import the runtime (numba, onnx) on first use only, so that
+    `import edgeseq` stays instant for the CLI's --help."""
+    if name in _RUNTIME:
+        from edgeseq import runtime
+
+        return getattr(runtime, name)
+    raise AttributeError(f"module 'edgeseq' has no attribute {name!r}")
+
+
 __all__ = [
     "CheckpointError",
     "DataError",
     "EdgeseqError",
+    "Model",
     "ModelFormatError",
     "ShapeError",
+    "Stream",
+    "StreamPool",
     "UsageError",
     "__version__",
+    "load",
 ]

@@ -1,0 +1,191 @@
+"""The three ways a stream can advance, behind one small interface.
+
+- KernelEngine: the fused plan in Numba kernels (the fast path);
+- GraphEngine: NumPy evaluation of the graph one sample at a time (the `numpy` backend, and the
+  fallback for graphs without a verified plan);
+- OrtEngine: ONNX Runtime with seq_len 1 and the state pairs fed back (the `onnxruntime` backend).
+
+A stream's state is opaque to the engine's callers except through `export`/`restore`, which use
+one format for all engines: {"<node>.h": (H,), "<node>.c": (H,)} float32 arrays.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Protocol
+
+import numpy as np
+
+from edgeseq.errors import ShapeError
+from edgeseq.runtime.graph import Graph
+from edgeseq.runtime.plan import Plan
+from edgeseq.runtime.stepper import step_graph, stream_time_nodes, streamable
+
+StateDict = dict[str, np.ndarray]
+
+
+class Engine(Protocol):
+    n_outputs: int
+
+    def new_state(self) -> Any: ...
+    def step(self, x: np.ndarray, state: Any, out: np.ndarray) -> None: ...
+    def feed(self, xs: np.ndarray, state: Any, out: np.ndarray) -> None: ...
+    def export(self, state: Any) -> StateDict: ...
+    def restore(self, saved: StateDict) -> Any: ...
+
+
+def _check_keys(saved: StateDict, shapes: Mapping[str, tuple[int, ...]]) -> None:
+    if set(saved) != set(shapes):
+        raise ShapeError(f"state has keys {sorted(saved)}; this model's are {sorted(shapes)}")
+    for key, shape in shapes.items():
+        if np.shape(saved[key]) != shape:
+            raise ShapeError(f"state {key!r} has shape {np.shape(saved[key])}; expected {shape}")
+        if not np.isfinite(saved[key]).all():
+            raise ShapeError(f"state {key!r} holds NaN or infinity")
+
+
+class KernelEngine:
+    def __init__(self, plan: Plan) -> None:
+        from edgeseq.runtime import kernels
+
+        self.plan, self.kernels = plan, kernels
+        self.n_outputs = plan.n_outputs
+        self.scratch = np.zeros((3, plan.width), np.float32)  # (3, width), reused every step
+        self.shapes = {f"{L.node}.h": (L.hidden,) for L in plan.layers}
+        self.shapes |= {f"{L.node}.c": (L.hidden,) for L in plan.layers if L.c_offset >= 0}
+
+    def new_state(self) -> np.ndarray:
+        return self.plan.initial_state.copy()
+
+    def step(self, x: np.ndarray, state: np.ndarray, out: np.ndarray) -> None:
+        self.kernels.step(self.plan.code, self.plan.params, x, state, self.scratch, out)
+
+    def feed(self, xs: np.ndarray, state: np.ndarray, out: np.ndarray) -> None:
+        self.kernels.feed(self.plan.code, self.plan.params, xs, state, self.scratch, out)
+
+    def export(self, state: np.ndarray) -> StateDict:
+        saved = {}
+        for layer in self.plan.layers:
+            saved[f"{layer.node}.h"] = state[layer.h_offset : layer.h_offset + layer.hidden].copy()
+            if layer.c_offset >= 0:
+                saved[f"{layer.node}.c"] = state[
+                    layer.c_offset : layer.c_offset + layer.hidden
+                ].copy()
+        return saved
+
+    def restore(self, saved: StateDict) -> np.ndarray:
+        _check_keys(saved, self.shapes)
+        state = self.new_state()
+        for layer in self.plan.layers:
+            state[layer.h_offset : layer.h_offset + layer.hidden] = saved[f"{layer.node}.h"]
+            if layer.c_offset >= 0:
+                state[layer.c_offset : layer.c_offset + layer.hidden] = saved[f"{layer.node}.c"]
+        return state
+
+
+class GraphEngine:
+    """One NumPy pass over the graph per sample; exact for every forward-only graph."""
+
+    def __init__(
+        self,
+        graph: Graph,
+        zero_inputs: dict[str, np.ndarray],
+        n_features: int,
+        n_outputs: int,
+        time_first: bool,
+    ) -> None:
+        self.graph = streamable(graph)
+        self.zero_inputs = zero_inputs  # batch-1 zeros for every input but x (e.g. h0, c0)
+        self.n_outputs = n_outputs
+        self.x_name, self.y_name = graph.inputs[0], graph.outputs[0]
+
+        def probe(steps: int) -> dict[str, np.ndarray]:
+            shape = (steps, 1, n_features) if time_first else (1, steps, n_features)
+            return {self.x_name: np.zeros(shape, np.float32), **zero_inputs}
+
+        carrying = stream_time_nodes(self.graph, probe)
+        env = self.graph.evaluate(probe(1))
+        self.initial = {}  # what each carrying node starts from: a learned constant, or zeros
+        for node in self.graph.recurrent_nodes:
+            if node.name not in carrying:
+                continue
+            hidden = int(node.attrs["hidden_size"])
+            slots = (5, 6) if "LSTM" in node.op else (5,)
+            self.initial[node.name] = tuple(
+                env[node.inputs[s]]
+                if len(node.inputs) > s and node.inputs[s]
+                else np.zeros((1, 1, hidden), np.float32)
+                for s in slots
+            )
+        self.shapes = {
+            f"{n}.{s}": (v.size,)
+            for n, vs in self.initial.items()
+            for s, v in zip("hc", vs, strict=False)
+        }
+
+    def new_state(self) -> dict[str, tuple[np.ndarray, ...]]:
+        return {n: tuple(v.copy() for v in vs) for n, vs in self.initial.items()}
+
+    def step(self, x: np.ndarray, state: dict[str, Any], out: np.ndarray) -> None:
+        feeds = {self.x_name: x.reshape(1, 1, -1), **self.zero_inputs}
+        env, carried = step_graph(self.graph, feeds, state)
+        state.update(carried)
+        out[:] = env[self.y_name].reshape(-1)
+
+    def feed(self, xs: np.ndarray, state: dict[str, Any], out: np.ndarray) -> None:
+        for t in range(xs.shape[0]):
+            self.step(xs[t], state, out[t])
+
+    def export(self, state: dict[str, Any]) -> StateDict:
+        return {
+            f"{n}.{s}": np.asarray(v, np.float32).reshape(-1).copy()
+            for n, vs in state.items()
+            for s, v in zip("hc", vs, strict=False)
+        }
+
+    def restore(self, saved: StateDict) -> dict[str, Any]:
+        _check_keys(saved, self.shapes)
+        return {
+            n: tuple(
+                np.asarray(saved[f"{n}.{s}"], np.float32).reshape(v.shape)
+                for s, v in zip("hc", vs, strict=False)
+            )
+            for n, vs in self.initial.items()
+        }
+
+
+class OrtEngine:
+    """ONNX Runtime, one sample per run() with the state outputs fed back as inputs."""
+
+    def __init__(
+        self,
+        session: Any,
+        pairs: list[tuple[str, str]],
+        zero_inputs: dict[str, np.ndarray],
+        n_outputs: int,
+    ) -> None:
+        self.session, self.pairs, self.n_outputs = session, pairs, n_outputs
+        self.x_name = session.get_inputs()[0].name
+        self.y_name = session.get_outputs()[0].name
+        self.zero = {i: zero_inputs[i] for i, _ in pairs}
+        self.fetch = [self.y_name] + [o for _, o in pairs]
+        self.shapes = {i: (v.shape[0] * v.shape[2],) for i, v in self.zero.items()}
+
+    def new_state(self) -> dict[str, np.ndarray]:
+        return {i: v.copy() for i, v in self.zero.items()}
+
+    def step(self, x: np.ndarray, state: dict[str, np.ndarray], out: np.ndarray) -> None:
+        y, *new = self.session.run(self.fetch, {self.x_name: x.reshape(1, 1, -1), **state})
+        state.update(zip((i for i, _ in self.pairs), new, strict=True))
+        out[:] = y.reshape(-1)
+
+    def feed(self, xs: np.ndarray, state: dict[str, np.ndarray], out: np.ndarray) -> None:
+        for t in range(xs.shape[0]):
+            self.step(xs[t], state, out[t])
+
+    def export(self, state: dict[str, np.ndarray]) -> StateDict:
+        return {i: v.reshape(-1).copy() for i, v in state.items()}
+
+    def restore(self, saved: StateDict) -> dict[str, np.ndarray]:
+        _check_keys(saved, self.shapes)
+        return {i: np.asarray(saved[i], np.float32).reshape(v.shape) for i, v in self.zero.items()}

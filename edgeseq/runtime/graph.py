@@ -1,0 +1,151 @@
+"""A straightforward NumPy evaluation of an ONNX graph, node by node, for the ops edgeseq accepts.
+
+This is the runtime's reference path: `Model.run` for every accepted graph (reverse and
+bidirectional layers included), the proof that a fast fused plan is right, and the way to stream
+graphs the fast plan does not cover. Anything outside `OPS` is refused at load, naming the node.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from edgeseq.errors import ModelFormatError
+from edgeseq.runtime import elementwise, recurrent_ops
+
+RECURRENT = ("RNN", "LSTM", "GRU")
+# Nodes that carry state from step to step (ONNX Runtime's int8 LSTM included).
+STATEFUL = (*RECURRENT, "DynamicQuantizeLSTM")
+
+
+@dataclass(frozen=True)
+class Node:
+    name: str
+    op: str
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    attrs: dict[str, Any] = field(hash=False)
+
+
+def _attrs(node: onnx.NodeProto) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for a in node.attribute:
+        value = helper.get_attribute_value(a)
+        if isinstance(value, bytes):
+            value = value.decode("utf-8", "replace")
+        elif isinstance(value, list) and value and isinstance(value[0], bytes):
+            value = [v.decode("utf-8", "replace") for v in value]
+        elif isinstance(value, onnx.TensorProto):
+            value = numpy_helper.to_array(value)
+        out[a.name] = value
+    return out
+
+
+def _recurrent(node: Node, args: list[np.ndarray | None]) -> list[np.ndarray]:
+    keys = (
+        "hidden_size",
+        "direction",
+        "layout",
+        "activations",
+        "activation_alpha",
+        "activation_beta",
+        "clip",
+    )
+    kw = {k: node.attrs[k] for k in keys if k in node.attrs}
+    x, w, r, *rest = args
+    if x is None or w is None or r is None:
+        raise ModelFormatError(f"node {node.name!r} ({node.op}) lacks its X, W or R input")
+    if node.op == "LSTM":
+        kw["input_forget"] = node.attrs.get("input_forget", 0)
+        return list(recurrent_ops.lstm(x, w, r, *rest, **kw))
+    if node.op == "GRU":
+        kw["linear_before_reset"] = node.attrs.get("linear_before_reset", 0)
+        return list(recurrent_ops.gru(x, w, r, *rest, **kw))
+    return list(recurrent_ops.rnn(x, w, r, *rest, **kw))
+
+
+class Graph:
+    """A validated ONNX graph that can be evaluated on NumPy arrays."""
+
+    def __init__(self, model: onnx.ModelProto, where: str) -> None:
+        graph = model.graph
+        self.where = where
+        self.constants: dict[str, np.ndarray] = {
+            t.name: numpy_helper.to_array(t) for t in graph.initializer
+        }
+        self.inputs = [i.name for i in graph.input if i.name not in self.constants]
+        self.outputs = [o.name for o in graph.output]
+        self.nodes = [
+            Node(
+                n.name or f"{n.op_type}_{i}", n.op_type, tuple(n.input), tuple(n.output), _attrs(n)
+            )
+            for i, n in enumerate(graph.node)
+        ]
+        for node in self.nodes:
+            if node.op not in RECURRENT and node.op not in elementwise.OPS:
+                raise ModelFormatError(
+                    f"{where}: node {node.name!r} has op type {node.op!r}, which edgeseq's "
+                    f"runtime does not support (supported: {', '.join(sorted(supported_ops()))})"
+                )
+        for name, value in self.constants.items():
+            if value.dtype.kind == "f" and not np.isfinite(value).all():
+                raise ModelFormatError(f"{where}: initializer {name!r} holds NaN or infinity")
+
+    @property
+    def recurrent_nodes(self) -> list[Node]:
+        return [n for n in self.nodes if n.op in STATEFUL]
+
+    def evaluate(
+        self,
+        feeds: dict[str, np.ndarray],
+        initial: dict[str, tuple[np.ndarray, ...]] | None = None,
+    ) -> dict[str, np.ndarray]:
+        """Every value of the graph, computed from `feeds`.
+
+        `initial` replaces the initial state inputs of named recurrent nodes: this is how a
+        stream carries each layer's state from one call to the next.
+        """
+        env: dict[str, np.ndarray] = dict(self.constants)
+        env.update(feeds)
+        for node in self.nodes:
+            args = [env[i] if i else None for i in node.inputs]
+            if initial and node.name in initial:
+                args += [None] * (7 - len(args))
+                args[5 : 5 + len(initial[node.name])] = initial[node.name]
+            if node.op in RECURRENT:
+                args += [None] * (8 - len(args))
+                results = _recurrent(node, args[: 8 if node.op == "LSTM" else 6])
+            else:
+                results = elementwise.OPS[node.op](node.attrs, *args)
+            for name, value in zip(node.outputs, results, strict=False):
+                if name:
+                    env[name] = value
+        return env
+
+
+def supported_ops() -> set[str]:
+    return set(RECURRENT) | set(elementwise.OPS)
+
+
+OpFn = Callable[..., list[np.ndarray]]
+
+
+def fold_constants(graph: Graph) -> dict[str, np.ndarray]:
+    """Every value computable without graph inputs (initializers, Constant nodes, weights behind
+    DequantizeLinear...), evaluated once at load."""
+    known = dict(graph.constants)
+    for node in graph.nodes:
+        if node.op in STATEFUL or not all((not i) or i in known for i in node.inputs):
+            continue
+        args = [known[i] if i else None for i in node.inputs]
+        for name, value in zip(
+            node.outputs, elementwise.OPS[node.op](node.attrs, *args), strict=False
+        ):
+            if name:
+                known[name] = value
+    return known

@@ -1,0 +1,345 @@
+"""ONNX graph -> Plan: the fused program the kernels run, one sample at a time.
+
+This is the one place that knows ONNX's weight layouts and gate orders (STYLE.md #5): W is
+[dirs, gates * H, inputs], R is [dirs, gates * H, H], B is [dirs, 2 * gates * H] (Wb then Rb);
+gates are i, o, f, c for LSTM and z, r, h for GRU. The kernels take each layer's W and R
+transposed and stacked, [inputs + H, gates * H], so one pass over [x; h] updates all gates.
+
+The plan follows the per-sample data path from the input `x` to the first output: affine
+scaling, recurrent layers, dense heads and activations, with shape glue (Transpose, Squeeze,
+Reshape, ...) passed through. Graphs outside that pattern (reverse or bidirectional layers,
+peepholes, clip, custom activations, seq2seq decoders) get no plan; `verify` proves a plan
+against the graph's straightforward evaluation before it is used.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from edgeseq.runtime import kernels as k
+from edgeseq.runtime.graph import Graph, Node, fold_constants
+
+GLUE = ("Identity", "Transpose", "Squeeze", "Unsqueeze", "Reshape", "Cast")
+ACTIVATIONS = {
+    "Relu": k.ACT_RELU,
+    "Tanh": k.ACT_TANH,
+    "Sigmoid": k.ACT_SIGMOID,
+    "LeakyRelu": k.ACT_LEAKY_RELU,
+}
+GATES = {"RNN": 1, "GRU": 3, "LSTM": 4, "DynamicQuantizeLSTM": 4}
+
+
+class NoPlan(Exception):
+    """The graph is valid but outside what the fused kernels cover (the reason says why)."""
+
+
+@dataclass
+class RecurrentLayer:
+    """Where one recurrent node's state lives in a stream's flat state vector."""
+
+    node: str
+    cell: str
+    hidden: int
+    h_offset: int
+    c_offset: int = -1  # LSTM only
+
+
+@dataclass
+class Plan:
+    code: np.ndarray  # (ops, CODE_WIDTH) int64
+    params: np.ndarray  # (P,) float32
+    n_features: int
+    n_outputs: int
+    width: int  # scratch row length
+    layers: list[RecurrentLayer]
+    initial_state: np.ndarray  # (S,) float32
+    output: str
+
+    @property
+    def state_size(self) -> int:
+        return int(self.initial_state.shape[0])
+
+
+@dataclass
+class _Builder:
+    params: list[np.ndarray] = field(default_factory=lambda: [np.zeros(1, np.float32)])
+    size: int = 1  # params[0] is a zero, the alpha of activations that have none
+    code: list[list[int]] = field(default_factory=list)
+    state: list[np.ndarray] = field(default_factory=list)
+    state_size: int = 0
+    width: int = 1
+    scale: np.ndarray | None = None  # pending affine v * scale + shift
+    shift: np.ndarray | None = None
+
+    def put(self, values: np.ndarray) -> int:
+        arr = np.ascontiguousarray(values, np.float32).ravel()
+        offset = self.size
+        self.params.append(arr)
+        self.size += arr.size
+        return offset
+
+    def own_state(self, initial: np.ndarray) -> int:
+        offset = self.state_size
+        self.state.append(np.asarray(initial, np.float32).ravel())
+        self.state_size += initial.size
+        return offset
+
+    def emit(self, *row: int) -> None:
+        self.code.append(list(row) + [0] * (k.CODE_WIDTH - len(row)))
+
+    def flush_affine(self, n: int) -> None:
+        if self.scale is None or self.shift is None:
+            return
+        scale, shift = np.broadcast_to(self.scale, (n,)), np.broadcast_to(self.shift, (n,))
+        self.emit(k.OP_AFFINE, n, self.put(scale), self.put(shift))
+        self.scale = self.shift = None
+
+
+def _affine(b: _Builder, op: str, const: np.ndarray, const_first: bool) -> None:
+    """Fold v (op) const into the pending affine v * scale + shift."""
+    scale = np.ones(1, np.float32) if b.scale is None else b.scale
+    shift = np.zeros(1, np.float32) if b.shift is None else b.shift
+    c = np.asarray(const, np.float32).ravel()
+    if op == "Add":
+        shift = shift + c
+    elif op == "Sub" and not const_first:
+        shift = shift - c
+    elif op == "Sub":  # c - v
+        scale, shift = -scale, c - shift
+    elif op == "Mul":
+        scale, shift = scale * c, shift * c
+    elif op == "Div" and not const_first:
+        scale, shift = scale / c, shift / c
+    else:
+        raise NoPlan("division by the data path is not an affine map")
+    b.scale, b.shift = scale, shift
+
+
+def _weights(
+    node: Node, consts: dict[str, np.ndarray]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """W [gates*H, I], R [gates*H, H], B [2*gates*H] of a forward single-direction node."""
+    missing = [n for n in node.inputs[1:3] if n not in consts]
+    if missing:
+        raise NoPlan(f"node {node.name!r}: weights {missing} are computed at run time")
+    w, r = consts[node.inputs[1]], consts[node.inputs[2]]
+    if node.op == "DynamicQuantizeLSTM":  # int8 [dirs, in, 4H] with per-channel scales
+
+        def deq(q: np.ndarray, scale: str, zero: str) -> np.ndarray:
+            zp = consts[zero].astype(np.int32)[:, None, :] if zero in consts else 0
+            return ((q.astype(np.int32) - zp) * consts[scale][:, None, :]).transpose(0, 2, 1)
+
+        names = list(node.inputs) + [""] * (12 - len(node.inputs))
+        w, r = deq(w, names[8], names[9]), deq(r, names[10], names[11])
+    gates = GATES[node.op] * r.shape[-1]
+    has_b = len(node.inputs) > 3 and node.inputs[3]
+    b = consts[node.inputs[3]][0] if has_b else np.zeros(2 * gates, np.float32)
+    return w[0].astype(np.float32), r[0].astype(np.float32), b.astype(np.float32)
+
+
+def _check_plain(node: Node, consts: dict[str, np.ndarray]) -> None:
+    a = node.attrs
+    reasons = []
+    if a.get("direction", "forward") != "forward":
+        reasons.append(f"direction {a['direction']}")
+    if a.get("clip") is not None:
+        reasons.append("clip")
+    acts = [s.lower() for s in a.get("activations", [])]
+    default = {"RNN": ["tanh"], "GRU": ["sigmoid", "tanh"]}.get(
+        node.op, ["sigmoid", "tanh", "tanh"]
+    )
+    if acts and acts != default and not (node.op == "RNN" and acts == ["relu"]):
+        reasons.append(f"activations {a['activations']}")
+    if a.get("input_forget", 0):
+        reasons.append("input_forget")
+    names = list(node.inputs) + [""] * 8
+    if names[4]:
+        reasons.append("sequence_lens")
+    if names[7] and (names[7] not in consts or np.any(consts[names[7]])):
+        reasons.append("peepholes")
+    if reasons:
+        raise NoPlan(f"node {node.name!r} ({node.op}) uses {', '.join(reasons)}")
+
+
+def _initial(node: Node, slot: int, hidden: int, consts: dict[str, np.ndarray]) -> np.ndarray:
+    """A constant initial state (learned), or zeros when it comes from a graph input."""
+    name = node.inputs[slot] if len(node.inputs) > slot else ""
+    if not name or name not in consts:
+        return np.zeros(hidden, np.float32)
+    value = consts[name]
+    if value.shape[-2 if node.attrs.get("layout", 0) == 0 else 0] != 1:
+        raise NoPlan(f"node {node.name!r}: its constant initial state has a batch dimension")
+    return value.reshape(-1)[:hidden].astype(np.float32)
+
+
+def _recurrent(
+    b: _Builder, node: Node, consts: dict[str, np.ndarray], n_in: int
+) -> tuple[int, RecurrentLayer]:
+    _check_plain(node, consts)
+    w, r, bias = _weights(node, consts)
+    hidden = r.shape[1]
+    if w.shape[1] != n_in:
+        raise NoPlan(f"node {node.name!r} takes {w.shape[1]} inputs, the data path has {n_in}")
+    cell = {"DynamicQuantizeLSTM": "LSTM"}.get(node.op, node.op)
+    b.width = max(b.width, 7 * hidden, n_in)
+    h_off = b.own_state(_initial(node, 5, hidden, consts))
+    layer = RecurrentLayer(node.name, cell.lower(), hidden, h_off)
+    if cell == "GRU":
+        g3 = 3 * hidden
+        b.emit(
+            k.OP_GRU,
+            n_in,
+            hidden,
+            b.put(w.T),
+            b.put(r.T),
+            b.put(bias[:g3]),
+            b.put(bias[g3:]),
+            h_off,
+            int(node.attrs.get("linear_before_reset", 0)),
+        )
+        return hidden, layer
+    wt = b.put(np.concatenate([w.T, r.T], axis=0))
+    gates = w.shape[0]
+    fused_b = b.put(bias[:gates] + bias[gates:])
+    if cell == "LSTM":
+        layer.c_offset = b.own_state(_initial(node, 6, hidden, consts))
+        b.emit(k.OP_LSTM, n_in, hidden, wt, fused_b, h_off, layer.c_offset)
+    else:
+        act = (
+            k.ACT_RELU
+            if [s.lower() for s in node.attrs.get("activations", [])] == ["relu"]
+            else k.ACT_TANH
+        )
+        b.emit(k.OP_RNN, n_in, hidden, wt, fused_b, h_off, act, 0)
+    return hidden, layer
+
+
+def _other(node: Node, cur: str, consts: dict[str, np.ndarray]) -> tuple[np.ndarray, bool]:
+    """The constant operand of a binary node on the data path, and whether it comes first."""
+    a, c = node.inputs[0], node.inputs[1]
+    other = c if a == cur else a
+    if other not in consts:
+        raise NoPlan(f"node {node.name!r} ({node.op}) combines the data path with a run-time value")
+    return consts[other], a != cur
+
+
+def _dense(b: _Builder, node: Node, cur: str, consts: dict[str, np.ndarray], n: int) -> int:
+    weight = consts.get(node.inputs[1])
+    if node.inputs[0] != cur or weight is None or weight.ndim != 2:
+        raise NoPlan(f"node {node.name!r} ({node.op}) is not data @ constant matrix")
+    if node.op == "Gemm":
+        a = node.attrs
+        if a.get("transA", 0):
+            raise NoPlan(f"node {node.name!r}: Gemm with transA")
+        weight = (weight.T if a.get("transB", 0) else weight) * a.get("alpha", 1.0)
+        bias = consts.get(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] else None
+        bias = np.zeros(weight.shape[1]) if bias is None else bias * a.get("beta", 1.0)
+    else:
+        bias = np.zeros(weight.shape[1])
+    if weight.shape[0] != n:
+        raise NoPlan(f"node {node.name!r}: a {weight.shape} matrix on a data path of width {n}")
+    out = weight.shape[1]
+    b.width = max(b.width, out)
+    b.emit(k.OP_DENSE, n, out, b.put(weight), b.put(np.broadcast_to(bias, (out,))))
+    return out
+
+
+def _fold_bias_into_dense(b: _Builder, const: np.ndarray, n: int) -> bool:
+    """An Add right after a dense layer becomes its bias (no separate affine op)."""
+    if not b.code or b.code[-1][0] != k.OP_DENSE or b.scale is not None:
+        return False
+    off = b.code[-1][4]
+    block = next(i for i, p in enumerate(b.params) if sum(x.size for x in b.params[:i]) == off)
+    b.params[block] = b.params[block] + np.broadcast_to(np.asarray(const, np.float32).ravel(), (n,))
+    return True
+
+
+def build_plan(graph: Graph, n_features: int) -> Plan:
+    """Follow the data path from the first input to the first output; raise NoPlan off it."""
+    consts = fold_constants(graph)
+    live = [n for n in graph.nodes if not all(o in consts for o in n.outputs if o)]
+    users: dict[str, list[Node]] = {}
+    for node in live:
+        for name in set(node.inputs):
+            users.setdefault(name, []).append(node)
+    b, layers = _Builder(width=n_features), []
+    cur, n, target = graph.inputs[0], n_features, graph.outputs[0]
+    while cur != target:
+        nexts = users.get(cur, [])
+        if len(nexts) != 1:
+            raise NoPlan(f"value {cur!r} feeds {len(nexts)} nodes; a fused plan follows one path")
+        node = nexts[0]
+        if node.op in GLUE:
+            pass
+        elif node.op in ("Add", "Sub", "Mul", "Div"):
+            const, first = _other(node, cur, consts)
+            if not (node.op == "Add" and _fold_bias_into_dense(b, const, n)):
+                _affine(b, node.op, const, first)
+        else:
+            b.flush_affine(n)
+            if node.op in GATES:
+                if node.inputs[0] != cur:
+                    raise NoPlan(f"node {node.name!r} takes the data path as a weight or state")
+                n, layer = _recurrent(b, node, consts, n)
+                layers.append(layer)
+            elif node.op in ("MatMul", "Gemm"):
+                n = _dense(b, node, cur, consts, n)
+            elif node.op in ACTIVATIONS:
+                alpha = b.put(np.array([node.attrs.get("alpha", 0.01)]))
+                b.emit(k.OP_ACT, n, ACTIVATIONS[node.op], alpha)
+            elif node.op == "Softmax" and node.attrs.get("axis", -1) in (-1, 2):
+                b.emit(k.OP_SOFTMAX, n)
+            else:
+                raise NoPlan(f"node {node.name!r} ({node.op}) is off the fused plan's patterns")
+        cur = node.outputs[0]
+    b.flush_affine(n)
+    if not layers:
+        raise NoPlan("the data path has no recurrent layer")
+    code = np.array(b.code, np.int64).reshape(-1, k.CODE_WIDTH)
+    state = np.concatenate(b.state).astype(np.float32)
+    return Plan(
+        code,
+        np.concatenate(b.params).astype(np.float32),
+        n_features,
+        n,
+        max(b.width, n),
+        layers,
+        state,
+        target,
+    )
+
+
+def batch_time_axes(graph_input_dims: list[int | str]) -> tuple[int, int]:
+    """(batch axis, time axis) of a rank-3 input, read from its dimension names."""
+    names = [str(d).lower() for d in graph_input_dims]
+    if any(w in names[0] for w in ("time", "seq", "step", "len")) or "batch" in names[1]:
+        return 1, 0
+    return 0, 1
+
+
+def to_btf(y: np.ndarray, batch: int, steps: int, time_first: bool) -> np.ndarray:
+    """A graph output as (batch, time, features), whatever axes its producer used."""
+    if time_first:
+        axis = next(i for i in range(1, y.ndim) if y.shape[i] == batch)
+        y = np.moveaxis(y, axis, 0)
+    return y.reshape(batch, steps, -1)
+
+
+def verify(plan: Plan, graph: Graph, feeds: list[dict[str, np.ndarray]], time_first: bool) -> float:
+    """Largest relative gap between the plan streaming each batch row and the graph evaluated
+    on whole sequences, over the given feeds (the loader uses two lengths x two batch sizes)."""
+    worst = 0.0
+    for feed in feeds:
+        x = feed[graph.inputs[0]]
+        xs = np.moveaxis(x, 1, 0) if time_first else x  # (B, T, F)
+        expected = to_btf(graph.evaluate(feed)[plan.output], xs.shape[0], xs.shape[1], time_first)
+        scratch = np.zeros((3, plan.width), np.float32)
+        for b in range(xs.shape[0]):
+            state = plan.initial_state.copy()
+            ys = np.zeros((xs.shape[1], plan.n_outputs), np.float32)
+            k.feed(plan.code, plan.params, np.ascontiguousarray(xs[b]), state, scratch, ys)
+            gap = np.abs(ys - expected[b]) / (1.0 + np.abs(expected[b]))
+            worst = max(worst, float(gap.max()))
+    return worst
