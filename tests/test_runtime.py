@@ -143,7 +143,7 @@ def test_bad_samples_are_refused_with_what_was_found_and_expected(bad, message):
 def test_a_full_pool_refuses_new_streams_and_keeps_the_old_ones():
     pool = edgeseq.load(CELL_MODELS[0]).pool(capacity=2)
     pool.step(["a", "b"], np.ones((2, 3), np.float32))
-    with pytest.raises(UsageError, match="full|do not fit"):
+    with pytest.raises(UsageError, match=r"full|do not fit"):
         pool.step(["c"], np.ones((1, 3), np.float32))
     assert pool.ids == ["a", "b"]
 

@@ -12,7 +12,6 @@ import numpy as np
 from numba import njit
 
 CLAMP = np.float32(7.90531110763549805)
-TINY = np.float32(0.0004)
 A1 = np.float32(4.89352455891786e-03)
 A3 = np.float32(6.37261928875436e-04)
 A5 = np.float32(1.48572235717979e-05)
@@ -27,10 +26,8 @@ B6 = np.float32(1.19825839466702e-06)
 HALF = np.float32(0.5)
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, inline="always", fastmath=True)
 def tanh(x: np.float32) -> np.float32:
-    if abs(x) < TINY:
-        return x
     x = min(max(x, -CLAMP), CLAMP)
     x2 = x * x
     p = x2 * A13 + A11
@@ -46,6 +43,6 @@ def tanh(x: np.float32) -> np.float32:
     return p / q
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, inline="always", fastmath=True)
 def sigmoid(x: np.float32) -> np.float32:
     return HALF + HALF * tanh(HALF * x)

@@ -25,20 +25,28 @@ ONE = np.float32(1.0)
 ZERO = np.float32(0.0)
 
 
-@njit(cache=True, inline="always")
-def _matvec_into(out, params, off_wt, n_in, n_out, v, accumulate):
-    """out[:n_out] (+)= v[:n_in] @ W, with W stored row-major (n_in, n_out) at off_wt."""
-    if not accumulate:
-        for j in range(n_out):
-            out[j] = ZERO
+@njit(cache=True, inline="always", fastmath=True)
+def _matvec_into(out, params, off_wt, n_in, n_out, v):
+    """out[:n_out] += v[:n_in] @ W, W stored row-major (n_in, n_out) at params[off_wt:].
+
+    Every access goes through a slice indexed from 0: signed offset arithmetic inside the loop
+    would make Numba emit negative-index wraparound checks and LLVM give up vectorising.
+    """
+    acc = out[:n_out]
     for k in range(n_in):
         vk = v[k]
-        row = off_wt + k * n_out
+        w = params[off_wt + k * n_out : off_wt + (k + 1) * n_out]
         for j in range(n_out):
-            out[j] += params[row + j] * vk
+            acc[j] += w[j] * vk
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, inline="always", fastmath=True)
+def _copy(dst, src, n):
+    for j in range(n):
+        dst[j] = src[j]
+
+
+@njit(cache=True, inline="always", fastmath=True)
 def _activate(kind, alpha, v):
     if kind == ACT_TANH:
         return tanh(v)
@@ -51,92 +59,85 @@ def _activate(kind, alpha, v):
     return v
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, inline="always", fastmath=True)
 def _rnn(row, params, cur, nxt, state, gates):
-    """h = f(W x + R h + Wb + Rb); row: I, H, off_wt (I+H, H), off_b, off_h, act, alpha."""
+    """h = f(W x + R h + Wb + Rb); row: I, H, off_wt (I+H, H), off_b, off_h, act, off_alpha."""
     n_in, hid, off_wt, off_b, off_h, act = row[1], row[2], row[3], row[4], row[5], row[6]
     alpha = params[row[7]]
+    h = state[off_h : off_h + hid]
+    _copy(gates, params[off_b : off_b + hid], hid)
+    _matvec_into(gates, params, off_wt, n_in, hid, cur)
+    _matvec_into(gates, params, off_wt + n_in * hid, hid, hid, h)
     for j in range(hid):
-        gates[j] = params[off_b + j]
-    _matvec_into(gates, params, off_wt, n_in, hid, cur, True)
-    _matvec_into(gates, params, off_wt + n_in * hid, hid, hid, state[off_h:], True)
-    for j in range(hid):
-        h = _activate(act, alpha, gates[j])
-        state[off_h + j] = h
-        nxt[j] = h
+        h[j] = _activate(act, alpha, gates[j])
+    _copy(nxt, h, hid)
     return hid
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, inline="always", fastmath=True)
 def _lstm(row, params, cur, nxt, state, gates):
     """ONNX LSTM step, gates i, o, f, c; row: I, H, off_wt (I+H, 4H), off_b (4H), off_h, off_c."""
     n_in, hid, off_wt, off_b, off_h, off_c = row[1], row[2], row[3], row[4], row[5], row[6]
     g4 = 4 * hid
-    for j in range(g4):
-        gates[j] = params[off_b + j]
-    _matvec_into(gates, params, off_wt, n_in, g4, cur, True)
-    _matvec_into(gates, params, off_wt + n_in * g4, hid, g4, state[off_h:], True)
+    h = state[off_h : off_h + hid]
+    c = state[off_c : off_c + hid]
+    _copy(gates, params[off_b : off_b + g4], g4)
+    _matvec_into(gates, params, off_wt, n_in, g4, cur)
+    _matvec_into(gates, params, off_wt + n_in * g4, hid, g4, h)
+    gi, go = gates[:hid], gates[hid : 2 * hid]
+    gf, gc = gates[2 * hid : 3 * hid], gates[3 * hid : g4]
     for j in range(hid):
-        i = sigmoid(gates[j])
-        o = sigmoid(gates[hid + j])
-        f = sigmoid(gates[2 * hid + j])
-        c = f * state[off_c + j] + i * tanh(gates[3 * hid + j])
-        state[off_c + j] = c
-        h = o * tanh(c)
-        state[off_h + j] = h
-        nxt[j] = h
+        c[j] = sigmoid(gf[j]) * c[j] + sigmoid(gi[j]) * tanh(gc[j])
+        h[j] = sigmoid(go[j]) * tanh(c[j])
+    _copy(nxt, h, hid)
     return hid
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, inline="always", fastmath=True)
 def _gru(row, params, cur, nxt, state, gates):
     """ONNX GRU step, gates z, r, h; row: I, H, off_wx (I, 3H), off_rh (H, 3H), off_wb, off_rb,
     off_h, linear_before_reset."""
     n_in, hid, off_wx, off_rh, off_wb, off_rb = row[1], row[2], row[3], row[4], row[5], row[6]
     off_h, lbr = row[7], row[8]
     g3 = 3 * hid
-    gx, gh = gates[:g3], gates[g3 : 2 * g3]
-    for j in range(g3):
-        gx[j] = params[off_wb + j]
-        gh[j] = params[off_rb + j]
-    _matvec_into(gx, params, off_wx, n_in, g3, cur, True)
-    h_prev = state[off_h : off_h + hid]
+    h = state[off_h : off_h + hid]
+    gx, gh, rh = gates[:g3], gates[g3 : 2 * g3], gates[2 * g3 : 2 * g3 + hid]
+    _copy(gx, params[off_wb : off_wb + g3], g3)
+    _copy(gh, params[off_rb : off_rb + g3], g3)
+    _matvec_into(gx, params, off_wx, n_in, g3, cur)
     if lbr:
-        _matvec_into(gh, params, off_rh, hid, g3, h_prev, True)
-    else:  # z and r first; the candidate needs R_h (r * h) afterwards
-        _matvec_into(gh, params, off_rh, hid, 2 * hid, h_prev, True)
-    rh = gates[2 * g3 : 2 * g3 + hid]
-    for j in range(hid):
-        gx[j] = sigmoid(gx[j] + gh[j])  # z
-        gx[hid + j] = sigmoid(gx[hid + j] + gh[hid + j])  # r
-        rh[j] = gx[hid + j] * h_prev[j]
-    if not lbr:
-        cand = gh[2 * hid : g3]
-        for j in range(hid):
-            cand[j] = params[off_rb + 2 * hid + j]
+        _matvec_into(gh, params, off_rh, hid, g3, h)
+    else:  # linear_before_reset=0 needs r before the candidate's R term: z, r columns first
         for k in range(hid):
-            row_k = off_rh + k * g3 + 2 * hid
+            w = params[off_rh + k * g3 : off_rh + k * g3 + 2 * hid]
+            for j in range(2 * hid):
+                gh[j] += w[j] * h[k]
+    z, r = gx[:hid], gx[hid : 2 * hid]
+    for j in range(hid):
+        z[j] = sigmoid(z[j] + gh[j])
+        r[j] = sigmoid(r[j] + gh[hid + j])
+        rh[j] = r[j] * h[j]
+    cand = gh[2 * hid : g3]
+    if not lbr:  # R_h (r * h) + Rb_h
+        for k in range(hid):
+            w = params[off_rh + k * g3 + 2 * hid : off_rh + (k + 1) * g3]
             for j in range(hid):
-                cand[j] += params[row_k + j] * rh[k]
+                cand[j] += w[j] * rh[k]
+    xh = gx[2 * hid : g3]
     for j in range(hid):
-        if lbr:
-            n = tanh(gx[2 * hid + j] + gx[hid + j] * gh[2 * hid + j])
-        else:
-            n = tanh(gx[2 * hid + j] + gh[2 * hid + j])
-        z = gx[j]
-        h = (ONE - z) * n + z * h_prev[j]
-        nxt[j] = h
-    for j in range(hid):
-        state[off_h + j] = nxt[j]
+        n = tanh(xh[j] + r[j] * cand[j]) if lbr else tanh(xh[j] + cand[j])
+        h[j] = (ONE - z[j]) * n + z[j] * h[j]
+    _copy(nxt, h, hid)
     return hid
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, inline="always", fastmath=True)
 def _elementwise(row, params, cur, nxt):
     op, n = row[0], row[1]
     if op == OP_AFFINE:  # v * scale + shift
+        scale, shift = params[row[2] : row[2] + n], params[row[3] : row[3] + n]
         for j in range(n):
-            nxt[j] = cur[j] * params[row[2] + j] + params[row[3] + j]
+            nxt[j] = cur[j] * scale[j] + shift[j]
     elif op == OP_ACT:
         alpha = params[row[3]]
         for j in range(n):
@@ -154,7 +155,7 @@ def _elementwise(row, params, cur, nxt):
     return n
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, fastmath=True)
 def step(code, params, x, state, scratch, out):
     """Advance one stream by one sample: x (F,) -> out (n_out,); state updated in place.
 
@@ -175,9 +176,8 @@ def step(code, params, x, state, scratch, out):
             n = _gru(row, params, cur, nxt, state, gates)
         elif op == OP_DENSE:
             n = row[2]
-            for j in range(n):
-                nxt[j] = params[row[4] + j]
-            _matvec_into(nxt, params, row[3], row[1], n, cur, True)
+            _copy(nxt, params[row[4] : row[4] + n], n)
+            _matvec_into(nxt, params, row[3], row[1], n, cur)
         else:
             n = _elementwise(row, params, cur, nxt)
         cur, nxt = nxt, cur
@@ -185,14 +185,14 @@ def step(code, params, x, state, scratch, out):
         out[j] = cur[j]
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, fastmath=True)
 def feed(code, params, xs, state, scratch, ys):
     """Advance one stream through a block of samples: xs (T, F) -> ys (T, n_out)."""
     for t in range(xs.shape[0]):
         step(code, params, xs[t], state, scratch, ys[t])
 
 
-@njit(cache=True, nogil=True, parallel=True)
+@njit(cache=True, nogil=True, parallel=True, fastmath=True)
 def step_many(code, params, xs, states, rows, scratch, ys):
     """Advance many streams by one sample each: stream b owns states[rows[b]].
 

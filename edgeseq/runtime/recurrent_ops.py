@@ -147,7 +147,7 @@ def _scan(
     rows = np.arange(batch)
     for k in range(seq_length):
         valid = k < lengths  # (batch,)
-        t = np.where(valid, x.shape[0] - 1 - k if reverse else k, 0)  # time index per entry
+        t = np.where(valid, lengths - 1 - k if reverse else k, 0)  # time index per entry
         new = step(x[t, rows], state)
         state = tuple(np.where(valid[:, None], n, s) for n, s in zip(new, state, strict=True))
         y[t[valid], rows[valid]] = state[0][valid]
