@@ -86,3 +86,16 @@ def sine_from_vector(n: int = 60, steps: int = 25, seed: int = 0) -> Dataset:
     y = amp[:, None] * np.sin(2 * np.pi * t[None] / period[:, None])
     x = np.repeat(np.stack([amp, period], axis=1)[:, None, :], steps, axis=1)
     return from_arrays(x, y, feature_names=["amplitude", "period"], target_names=["wave"])
+
+
+def sensors8(steps: int = 3000, seed: int = 0) -> Dataset:
+    """Eight noisy, phase-shifted sensor channels; forecast the first from all eight. The shape
+    of the benchmark model in DESIGN.md (8 inputs -> 2 x 64 -> 1 output)."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(steps, dtype=np.float64)[:, None]
+    phase = np.linspace(0, np.pi, 8)[None, :]
+    period = np.linspace(20.0, 60.0, 8)[None, :]
+    x = np.sin(2 * np.pi * t / period + phase) + 0.05 * rng.standard_normal((steps, 8))
+    frame = pd.DataFrame(x, columns=[f"s{i}" for i in range(8)])
+    columns = Columns(targets=("s0",), features=tuple(f"s{i}" for i in range(1, 8)))
+    return from_frame(frame, columns, source="built-in 8-sensor data")

@@ -35,6 +35,7 @@ BUILTIN: dict[str, Callable[[], Dataset]] = {
     "classes": datasets.frequency_classes,
     "levels": datasets.level_regression,
     "waves": datasets.sine_from_vector,
+    "sensors8": datasets.sensors8,
 }
 GOLDEN_STEPS = 50
 GOLDEN_BATCH = 2

@@ -5,8 +5,10 @@
   fallback for graphs without a verified plan);
 - OrtEngine: ONNX Runtime with seq_len 1 and the state pairs fed back (the `onnxruntime` backend).
 
-A stream's state is opaque to the engine's callers except through `export`/`restore`, which use
-one format for all engines: {"<node>.h": (H,), "<node>.c": (H,)} float32 arrays.
+`step` and `feed` return the flat index of the first NaN or infinity in their input (and then
+change nothing), or -1. A stream's state is opaque to the engine's callers except through
+`export`/`restore`, which use one format for all engines: {"<node>.h": (H,), "<node>.c": (H,)}
+float32 arrays.
 """
 
 from __future__ import annotations
@@ -22,16 +24,23 @@ from edgeseq.runtime.plan import Plan
 from edgeseq.runtime.stepper import step_graph, stream_time_nodes, streamable
 
 StateDict = dict[str, np.ndarray]
+PARALLEL_BATCH = 256  # below this many streams per call, one thread beats the fork/join cost
 
 
 class Engine(Protocol):
     n_outputs: int
 
     def new_state(self) -> Any: ...
-    def step(self, x: np.ndarray, state: Any, out: np.ndarray) -> None: ...
-    def feed(self, xs: np.ndarray, state: Any, out: np.ndarray) -> None: ...
+    def step(self, x: np.ndarray, state: Any, out: np.ndarray) -> int: ...
+    def feed(self, xs: np.ndarray, state: Any, out: np.ndarray) -> int: ...
     def export(self, state: Any) -> StateDict: ...
     def restore(self, saved: StateDict) -> Any: ...
+
+
+def first_bad(values: np.ndarray) -> int:
+    """Flat index of the first NaN or infinity, or -1 (the slow engines' input check)."""
+    bad = np.flatnonzero(~np.isfinite(values))
+    return int(bad[0]) if bad.size else -1
 
 
 def _check_keys(saved: StateDict, shapes: Mapping[str, tuple[int, ...]]) -> None:
@@ -51,17 +60,40 @@ class KernelEngine:
         self.plan, self.kernels = plan, kernels
         self.n_outputs = plan.n_outputs
         self.scratch = np.zeros((3, plan.width), np.float32)  # (3, width), reused every step
+        from numba import get_num_threads
+
+        self.threads = get_num_threads()
+        self.wide_scratch = np.zeros((self.threads, 3, plan.width), np.float32)
         self.shapes = {f"{L.node}.h": (L.hidden,) for L in plan.layers}
         self.shapes |= {f"{L.node}.c": (L.hidden,) for L in plan.layers if L.c_offset >= 0}
 
     def new_state(self) -> np.ndarray:
         return self.plan.initial_state.copy()
 
-    def step(self, x: np.ndarray, state: np.ndarray, out: np.ndarray) -> None:
-        self.kernels.step(self.plan.code, self.plan.params, x, state, self.scratch, out)
+    def step(self, x: np.ndarray, state: np.ndarray, out: np.ndarray) -> int:
+        return int(self.kernels.step(self.plan.code, self.plan.params, x, state, self.scratch, out))
 
-    def feed(self, xs: np.ndarray, state: np.ndarray, out: np.ndarray) -> None:
-        self.kernels.feed(self.plan.code, self.plan.params, xs, state, self.scratch, out)
+    def feed(self, xs: np.ndarray, state: np.ndarray, out: np.ndarray) -> int:
+        return int(
+            self.kernels.feed(self.plan.code, self.plan.params, xs, state, self.scratch, out)
+        )
+
+    def new_table(self, capacity: int) -> np.ndarray:
+        """Room for `capacity` streams' states, one row each (a pool's state table)."""
+        return np.zeros((capacity, self.plan.state_size), np.float32)
+
+    def step_rows(
+        self, xs: np.ndarray, table: np.ndarray, rows: np.ndarray, out: np.ndarray
+    ) -> int:
+        """One batched kernel call for many streams; threads only pay off for large batches."""
+        plan, k = self.plan, self.kernels
+        if xs.shape[0] >= PARALLEL_BATCH and self.threads > 1:
+            return int(
+                k.step_rows_parallel(
+                    plan.code, plan.params, xs, table, rows, self.wide_scratch, out
+                )
+            )
+        return int(k.step_rows(plan.code, plan.params, xs, table, rows, self.scratch[None], out))
 
     def export(self, state: np.ndarray) -> StateDict:
         saved = {}
@@ -126,15 +158,20 @@ class GraphEngine:
     def new_state(self) -> dict[str, tuple[np.ndarray, ...]]:
         return {n: tuple(v.copy() for v in vs) for n, vs in self.initial.items()}
 
-    def step(self, x: np.ndarray, state: dict[str, Any], out: np.ndarray) -> None:
-        feeds = {self.x_name: x.reshape(1, 1, -1), **self.zero_inputs}
-        env, carried = step_graph(self.graph, feeds, state)
-        state.update(carried)
-        out[:] = env[self.y_name].reshape(-1)
+    def step(self, x: np.ndarray, state: dict[str, Any], out: np.ndarray) -> int:
+        bad = first_bad(x)
+        if bad < 0:
+            feeds = {self.x_name: x.reshape(1, 1, -1), **self.zero_inputs}
+            env, carried = step_graph(self.graph, feeds, state)
+            state.update(carried)
+            out[:] = env[self.y_name].reshape(-1)
+        return bad
 
-    def feed(self, xs: np.ndarray, state: dict[str, Any], out: np.ndarray) -> None:
-        for t in range(xs.shape[0]):
+    def feed(self, xs: np.ndarray, state: dict[str, Any], out: np.ndarray) -> int:
+        bad = first_bad(xs)
+        for t in range(xs.shape[0] if bad < 0 else 0):
             self.step(xs[t], state, out[t])
+        return bad
 
     def export(self, state: dict[str, Any]) -> StateDict:
         return {
@@ -174,14 +211,19 @@ class OrtEngine:
     def new_state(self) -> dict[str, np.ndarray]:
         return {i: v.copy() for i, v in self.zero.items()}
 
-    def step(self, x: np.ndarray, state: dict[str, np.ndarray], out: np.ndarray) -> None:
-        y, *new = self.session.run(self.fetch, {self.x_name: x.reshape(1, 1, -1), **state})
-        state.update(zip((i for i, _ in self.pairs), new, strict=True))
-        out[:] = y.reshape(-1)
+    def step(self, x: np.ndarray, state: dict[str, np.ndarray], out: np.ndarray) -> int:
+        bad = first_bad(x)
+        if bad < 0:
+            y, *new = self.session.run(self.fetch, {self.x_name: x.reshape(1, 1, -1), **state})
+            state.update(zip((i for i, _ in self.pairs), new, strict=True))
+            out[:] = y.reshape(-1)
+        return bad
 
-    def feed(self, xs: np.ndarray, state: dict[str, np.ndarray], out: np.ndarray) -> None:
-        for t in range(xs.shape[0]):
+    def feed(self, xs: np.ndarray, state: dict[str, np.ndarray], out: np.ndarray) -> int:
+        bad = first_bad(xs)
+        for t in range(xs.shape[0] if bad < 0 else 0):
             self.step(xs[t], state, out[t])
+        return bad
 
     def export(self, state: dict[str, np.ndarray]) -> StateDict:
         return {i: v.reshape(-1).copy() for i, v in state.items()}

@@ -26,7 +26,12 @@ B6 = np.float32(1.19825839466702e-06)
 HALF = np.float32(0.5)
 
 
-@njit(cache=True, inline="always", fastmath=True)
+@njit(
+    cache=True,
+    inline="always",
+    fastmath={"reassoc", "contract", "arcp", "nsz", "afn"},
+    error_model="numpy",
+)
 def tanh(x: np.float32) -> np.float32:
     x = min(max(x, -CLAMP), CLAMP)
     x2 = x * x
@@ -43,6 +48,11 @@ def tanh(x: np.float32) -> np.float32:
     return p / q
 
 
-@njit(cache=True, inline="always", fastmath=True)
+@njit(
+    cache=True,
+    inline="always",
+    fastmath={"reassoc", "contract", "arcp", "nsz", "afn"},
+    error_model="numpy",
+)
 def sigmoid(x: np.float32) -> np.float32:
     return HALF + HALF * tanh(HALF * x)

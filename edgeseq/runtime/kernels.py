@@ -8,7 +8,9 @@ updates (weights are stored transposed, [inputs + hidden, gates * hidden], so ea
 adds a contiguous row to all gates at once) and tanh/sigmoid are polynomials, not libm calls.
 
 Gate orders are ONNX's (plan.py converts): LSTM i, o, f, c; GRU z, r, h.
-Kernels are pure and allocate nothing: scratch and outputs are passed in.
+Kernels are pure and allocate nothing: scratch and outputs are passed in. They compile with
+fastmath (reassociation lets LLVM vectorise the reductions) and the NumPy error model (Python's
+model checks every float division for zero, and that branch alone stops vectorisation).
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from numba import njit, prange
 
 from edgeseq.runtime.fastmath import sigmoid, tanh
 
+# Every fast-math flag but "no NaNs/infinities": the input checks below must see a NaN.
+FASTMATH = {"reassoc", "contract", "arcp", "nsz", "afn"}
 CODE_WIDTH = 10
 OP_AFFINE, OP_RNN, OP_LSTM, OP_GRU, OP_DENSE, OP_ACT, OP_SOFTMAX = range(7)
 ACT_RELU, ACT_TANH, ACT_SIGMOID, ACT_LEAKY_RELU, ACT_IDENTITY = range(5)
@@ -25,28 +29,41 @@ ONE = np.float32(1.0)
 ZERO = np.float32(0.0)
 
 
-@njit(cache=True, inline="always", fastmath=True)
+@njit(cache=True, inline="always", fastmath=FASTMATH, error_model="numpy")
 def _matvec_into(out, params, off_wt, n_in, n_out, v):
     """out[:n_out] += v[:n_in] @ W, W stored row-major (n_in, n_out) at params[off_wt:].
 
-    Every access goes through a slice indexed from 0: signed offset arithmetic inside the loop
-    would make Numba emit negative-index wraparound checks and LLVM give up vectorising.
+    Four input rows per pass over `out` (one load and store of the sums per four FMAs, not
+    per one), and every access through a slice indexed from 0: signed offset arithmetic inside
+    the loop would make Numba emit negative-index wraparound checks and LLVM give up vectorising.
     """
     acc = out[:n_out]
-    for k in range(n_in):
+    k = 0
+    while k + 4 <= n_in:
+        v0, v1, v2, v3 = v[k], v[k + 1], v[k + 2], v[k + 3]
+        base = off_wt + k * n_out
+        w0 = params[base : base + n_out]
+        w1 = params[base + n_out : base + 2 * n_out]
+        w2 = params[base + 2 * n_out : base + 3 * n_out]
+        w3 = params[base + 3 * n_out : base + 4 * n_out]
+        for j in range(n_out):
+            acc[j] += w0[j] * v0 + w1[j] * v1 + w2[j] * v2 + w3[j] * v3
+        k += 4
+    while k < n_in:
         vk = v[k]
         w = params[off_wt + k * n_out : off_wt + (k + 1) * n_out]
         for j in range(n_out):
             acc[j] += w[j] * vk
+        k += 1
 
 
-@njit(cache=True, inline="always", fastmath=True)
+@njit(cache=True, inline="always", fastmath=FASTMATH, error_model="numpy")
 def _copy(dst, src, n):
     for j in range(n):
         dst[j] = src[j]
 
 
-@njit(cache=True, inline="always", fastmath=True)
+@njit(cache=True, inline="always", fastmath=FASTMATH, error_model="numpy")
 def _activate(kind, alpha, v):
     if kind == ACT_TANH:
         return tanh(v)
@@ -59,7 +76,7 @@ def _activate(kind, alpha, v):
     return v
 
 
-@njit(cache=True, inline="always", fastmath=True)
+@njit(cache=True, inline="always", fastmath=FASTMATH, error_model="numpy")
 def _rnn(row, params, cur, nxt, state, gates):
     """h = f(W x + R h + Wb + Rb); row: I, H, off_wt (I+H, H), off_b, off_h, act, off_alpha."""
     n_in, hid, off_wt, off_b, off_h, act = row[1], row[2], row[3], row[4], row[5], row[6]
@@ -74,7 +91,7 @@ def _rnn(row, params, cur, nxt, state, gates):
     return hid
 
 
-@njit(cache=True, inline="always", fastmath=True)
+@njit(cache=True, inline="always", fastmath=FASTMATH, error_model="numpy")
 def _lstm(row, params, cur, nxt, state, gates):
     """ONNX LSTM step, gates i, o, f, c; row: I, H, off_wt (I+H, 4H), off_b (4H), off_h, off_c."""
     n_in, hid, off_wt, off_b, off_h, off_c = row[1], row[2], row[3], row[4], row[5], row[6]
@@ -93,7 +110,7 @@ def _lstm(row, params, cur, nxt, state, gates):
     return hid
 
 
-@njit(cache=True, inline="always", fastmath=True)
+@njit(cache=True, inline="always", fastmath=FASTMATH, error_model="numpy")
 def _gru(row, params, cur, nxt, state, gates):
     """ONNX GRU step, gates z, r, h; row: I, H, off_wx (I, 3H), off_rh (H, 3H), off_wb, off_rb,
     off_h, linear_before_reset."""
@@ -131,7 +148,7 @@ def _gru(row, params, cur, nxt, state, gates):
     return hid
 
 
-@njit(cache=True, inline="always", fastmath=True)
+@njit(cache=True, inline="always", fastmath=FASTMATH, error_model="numpy")
 def _elementwise(row, params, cur, nxt):
     op, n = row[0], row[1]
     if op == OP_AFFINE:  # v * scale + shift
@@ -155,8 +172,8 @@ def _elementwise(row, params, cur, nxt):
     return n
 
 
-@njit(cache=True, nogil=True, fastmath=True)
-def step(code, params, x, state, scratch, out):
+@njit(cache=True, inline="always", fastmath=FASTMATH, error_model="numpy")
+def _advance(code, params, x, state, scratch, out):
     """Advance one stream by one sample: x (F,) -> out (n_out,); state updated in place.
 
     scratch: (3, width) float32; rows 0/1 ping-pong activations, row 2 holds gate sums.
@@ -185,21 +202,57 @@ def step(code, params, x, state, scratch, out):
         out[j] = cur[j]
 
 
-@njit(cache=True, nogil=True, fastmath=True)
+@njit(cache=True, inline="always")
+def first_bad(x):
+    """Index of the first NaN or infinity in a flat array, or -1."""
+    for j in range(x.shape[0]):
+        if not np.isfinite(x[j]):
+            return j
+    return -1
+
+
+@njit(cache=True, nogil=True, fastmath=FASTMATH, error_model="numpy")
+def step(code, params, x, state, scratch, out):
+    """Advance one stream by one sample, unless x holds a NaN or infinity: then nothing changes
+    and the index of the bad value is returned (else -1). Checking here costs nothing; NumPy's
+    isfinite().all() from Python costs more than the whole step."""
+    bad = first_bad(x)
+    if bad < 0:
+        _advance(code, params, x, state, scratch, out)
+    return bad
+
+
+@njit(cache=True, nogil=True, fastmath=FASTMATH, error_model="numpy")
 def feed(code, params, xs, state, scratch, ys):
-    """Advance one stream through a block of samples: xs (T, F) -> ys (T, n_out)."""
-    for t in range(xs.shape[0]):
-        step(code, params, xs[t], state, scratch, ys[t])
+    """Advance one stream through a block of samples: xs (T, F) -> ys (T, n_out). A NaN or
+    infinity anywhere leaves the state untouched; returns its flat index (else -1)."""
+    bad = first_bad(xs.ravel())
+    if bad < 0:
+        for t in range(xs.shape[0]):
+            _advance(code, params, xs[t], state, scratch, ys[t])
+    return bad
 
 
-@njit(cache=True, nogil=True, parallel=True, fastmath=True)
-def step_many(code, params, xs, states, rows, scratch, ys):
-    """Advance many streams by one sample each: stream b owns states[rows[b]].
+@njit(cache=True, nogil=True, fastmath=FASTMATH, error_model="numpy")
+def step_rows(code, params, xs, table, rows, scratch, ys):
+    """Advance many streams by one sample each: stream b owns table[rows[b]]; xs (B, F).
+    Returns the flat index of a NaN or infinity in xs (nothing advanced), else -1."""
+    bad = first_bad(xs.ravel())
+    if bad < 0:
+        for b in range(xs.shape[0]):
+            _advance(code, params, xs[b], table[rows[b]], scratch[0], ys[b])
+    return bad
 
-    xs (B, F), ys (B, n_out); scratch (threads, 3, width), one slice per worker chunk.
-    """
+
+@njit(cache=True, nogil=True, parallel=True, fastmath=FASTMATH, error_model="numpy")
+def step_rows_parallel(code, params, xs, table, rows, scratch, ys):
+    """step_rows spread over threads; scratch (threads, 3, width), one slice per thread."""
+    bad = first_bad(xs.ravel())
+    if bad >= 0:
+        return bad
     n_chunks = scratch.shape[0]
     batch = xs.shape[0]
     for c in prange(n_chunks):
         for b in range(c, batch, n_chunks):
-            step(code, params, xs[b], states[rows[b]], scratch[c], ys[b])
+            _advance(code, params, xs[b], table[rows[b]], scratch[c], ys[b])
+    return -1
