@@ -30,9 +30,10 @@ pytest: install
 
 test: lint typecheck pytest
 
-# Slow measurements (long recordings, soak). Grows a BENCHMARKS.md writer with the runtime.
+# Slow measurements (long recordings, soak, drift) and the speed report BENCHMARKS.md.
 bench: install
 	$(BIN)/python -m pytest -q -s -m slow
+	$(BIN)/edgeseq bench export/bench-lstm.onnx export/bench-gru.onnx export/bench-rnn.onnx --write BENCHMARKS.md
 
 # Regenerate every reference model in export/ (model + golden I/O) from its recipe.
 reference-models: install

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
+from rich.markdown import Markdown
 
 from edgeseq import __version__
 from edgeseq.errors import EdgeseqError
@@ -258,6 +259,46 @@ def replay(
         with console.status(f"replaying {recipe}..."):
             path = replay_recipe(recipe, out_dir)
         console.print(f"{recipe} -> {path} ({path.stat().st_size:,} bytes)")
+
+
+@app.command()
+def bench(
+    models: Annotated[list[Path], typer.Argument(help="ONNX models to measure.")],
+    write: Annotated[
+        Path | None, typer.Option(help="Also write the report (BENCHMARKS.md).")
+    ] = None,
+    calls: Annotated[int, typer.Option(help="Timed single-step calls per backend.")] = 20_000,
+) -> None:
+    """Measure step latency, throughput, start-up and memory per backend, as ratios."""
+    from edgeseq.bench import measure
+    from edgeseq.benchreport import markdown
+
+    results = []
+    for model in models:
+        with console.status(f"measuring {model} (cold start compiles the kernels)..."):
+            results.append(measure(model, calls=calls))
+    report = markdown(results, "edgeseq bench " + " ".join(map(str, models)))
+    console.print(Markdown(report))
+    if write is not None:
+        write.write_text(report)
+        console.print(f"wrote {write}")
+
+
+@app.command()
+def warmup(
+    models: Annotated[
+        list[Path] | None, typer.Argument(help="Models to load and plan too.")
+    ] = None,
+) -> None:
+    """Compile and cache every Numba kernel for this CPU, so a service starts in about a second."""
+    import time
+
+    from edgeseq.runtime.warmup import warm
+
+    start = time.perf_counter()
+    with console.status("compiling the kernels for this CPU (the first time takes a while)..."):
+        names = warm(models or [])
+    console.print(f"kernels ready ({', '.join(names)}) in {time.perf_counter() - start:.1f} s")
 
 
 @app.command()

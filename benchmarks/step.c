@@ -1,0 +1,182 @@
+/* The C reference for edgeseq's benchmarks: one model step, built "the fast way" (DESIGN.md).
+ *
+ * It runs exactly the program edgeseq's Numba kernels run (the same opcodes, the same packed
+ * float32 parameters, dumped by edgeseq.bench), with one fused matrix-vector product for all
+ * gates ([inputs + H, gates * H], transposed so the inner loop is a contiguous, vectorisable
+ * axpy) and the same rational tanh, no allocation per step. Build: cc -O3 -march=native.
+ *
+ * Usage: step PROGRAM.bin STEPS  ->  prints "ns_per_step checksum"
+ * PROGRAM.bin: int64 n_ops, width, n_features, n_params; int64 code[n_ops][10];
+ *              float params[n_params]; int64 state_size; float initial_state[state_size]
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+enum { AFFINE, RNN, LSTM, GRU, DENSE, ACT, SOFTMAX };
+enum { A_RELU, A_TANH, A_SIGMOID, A_LEAKY, A_IDENTITY };
+#define W 10
+
+static inline float tanh_fast(float x) {
+  const float clamp = 7.90531110763549805f; /* ternaries vectorise; fminf/fmaxf do not */
+  x = x < -clamp ? -clamp : x;
+  x = x > clamp ? clamp : x;
+  float x2 = x * x;
+  float p = x2 * -2.76076847742355e-16f + 2.00018790482477e-13f;
+  p = x2 * p + -8.60467152213735e-11f;
+  p = x2 * p + 5.12229709037114e-08f;
+  p = x2 * p + 1.48572235717979e-05f;
+  p = x2 * p + 6.37261928875436e-04f;
+  p = x2 * p + 4.89352455891786e-03f;
+  p = x * p;
+  float q = x2 * 1.19825839466702e-06f + 1.18534705686654e-04f;
+  q = x2 * q + 2.26843463243900e-03f;
+  q = x2 * q + 4.89352518554385e-03f;
+  return p / q;
+}
+static inline float sigmoid_fast(float x) { return 0.5f + 0.5f * tanh_fast(0.5f * x); }
+
+/* acc[0:n_out] += v[0:n_in] @ w (w row-major n_in x n_out); four input rows per pass over
+ * acc, so the sums are loaded and stored once per four FMAs (as edgeseq's kernel does). */
+static inline void matvec(float *restrict acc, const float *restrict w, int64_t n_in,
+                          int64_t n_out, const float *restrict v) {
+  int64_t k = 0;
+  for (; k + 4 <= n_in; k += 4) {
+    const float v0 = v[k], v1 = v[k + 1], v2 = v[k + 2], v3 = v[k + 3];
+    const float *restrict w0 = w + k * n_out, *restrict w1 = w0 + n_out;
+    const float *restrict w2 = w1 + n_out, *restrict w3 = w2 + n_out;
+    for (int64_t j = 0; j < n_out; j++)
+      acc[j] += w0[j] * v0 + w1[j] * v1 + w2[j] * v2 + w3[j] * v3;
+  }
+  for (; k < n_in; k++) {
+    const float vk = v[k];
+    const float *restrict row = w + k * n_out;
+    for (int64_t j = 0; j < n_out; j++) acc[j] += row[j] * vk;
+  }
+}
+
+static float activate(int64_t kind, float alpha, float v) {
+  switch (kind) {
+    case A_TANH: return tanh_fast(v);
+    case A_SIGMOID: return sigmoid_fast(v);
+    case A_RELU: return v > 0 ? v : 0;
+    case A_LEAKY: return v >= 0 ? v : alpha * v;
+    default: return v;
+  }
+}
+
+static int64_t lstm(const int64_t *r, const float *p, const float *cur, float *nxt, float *s,
+                    float *g) {
+  int64_t n_in = r[1], h = r[2], g4 = 4 * h;
+  float *hs = s + r[5], *cs = s + r[6];
+  memcpy(g, p + r[4], g4 * sizeof(float));
+  matvec(g, p + r[3], n_in, g4, cur);
+  matvec(g, p + r[3] + n_in * g4, h, g4, hs);
+  for (int64_t j = 0; j < h; j++) {
+    float c = sigmoid_fast(g[2 * h + j]) * cs[j] + sigmoid_fast(g[j]) * tanh_fast(g[3 * h + j]);
+    cs[j] = c;
+    hs[j] = sigmoid_fast(g[h + j]) * tanh_fast(c);
+  }
+  memcpy(nxt, hs, h * sizeof(float));
+  return h;
+}
+
+static int64_t gru(const int64_t *r, const float *p, const float *cur, float *nxt, float *s,
+                   float *g) {  /* linear_before_reset = 1, as PyTorch exports */
+  int64_t n_in = r[1], h = r[2], g3 = 3 * h;
+  float *hs = s + r[7], *gx = g, *gh = g + g3;
+  memcpy(gx, p + r[5], g3 * sizeof(float));
+  memcpy(gh, p + r[6], g3 * sizeof(float));
+  matvec(gx, p + r[3], n_in, g3, cur);
+  matvec(gh, p + r[4], h, g3, hs);
+  for (int64_t j = 0; j < h; j++) {
+    float z = sigmoid_fast(gx[j] + gh[j]), rr = sigmoid_fast(gx[h + j] + gh[h + j]);
+    float n = tanh_fast(gx[2 * h + j] + rr * gh[2 * h + j]);
+    nxt[j] = (1.0f - z) * n + z * hs[j];
+  }
+  memcpy(hs, nxt, h * sizeof(float));
+  return h;
+}
+
+static int64_t rnn(const int64_t *r, const float *p, const float *cur, float *nxt, float *s,
+                   float *g) {
+  int64_t n_in = r[1], h = r[2];
+  float *hs = s + r[5];
+  memcpy(g, p + r[4], h * sizeof(float));
+  matvec(g, p + r[3], n_in, h, cur);
+  matvec(g, p + r[3] + n_in * h, h, h, hs);
+  for (int64_t j = 0; j < h; j++) hs[j] = activate(r[6], p[r[7]], g[j]);
+  memcpy(nxt, hs, h * sizeof(float));
+  return h;
+}
+
+static void step(const int64_t *code, int64_t n_ops, const float *p, const float *x,
+                 int64_t n, float *s, float *buf0, float *buf1, float *g) {
+  float *cur = buf0, *nxt = buf1, *t;
+  memcpy(cur, x, n * sizeof(float));
+  for (int64_t i = 0; i < n_ops; i++) {
+    const int64_t *r = code + i * W;
+    switch (r[0]) {
+      case LSTM: n = lstm(r, p, cur, nxt, s, g); break;
+      case GRU: n = gru(r, p, cur, nxt, s, g); break;
+      case RNN: n = rnn(r, p, cur, nxt, s, g); break;
+      case DENSE:
+        n = r[2];
+        memcpy(nxt, p + r[4], n * sizeof(float));
+        matvec(nxt, p + r[3], r[1], n, cur);
+        break;
+      case AFFINE:
+        for (int64_t j = 0; j < n; j++) nxt[j] = cur[j] * p[r[2] + j] + p[r[3] + j];
+        break;
+      case ACT:
+        for (int64_t j = 0; j < n; j++) nxt[j] = activate(r[2], p[r[3]], cur[j]);
+        break;
+      default: { /* softmax */
+        float peak = cur[0], total = 0;
+        for (int64_t j = 0; j < n; j++) peak = cur[j] > peak ? cur[j] : peak;
+        for (int64_t j = 0; j < n; j++) total += (nxt[j] = expf(cur[j] - peak));
+        for (int64_t j = 0; j < n; j++) nxt[j] /= total;
+      }
+    }
+    t = cur; cur = nxt; nxt = t;
+  }
+  buf0[0] = cur[0];
+}
+
+int main(int argc, char **argv) {
+  if (argc != 3) { fprintf(stderr, "usage: %s PROGRAM.bin STEPS\n", argv[0]); return 2; }
+  FILE *f = fopen(argv[1], "rb");
+  if (!f) { perror(argv[1]); return 2; }
+  int64_t head[4], state_size;
+  if (fread(head, sizeof head, 1, f) != 1) return 2;
+  int64_t n_ops = head[0], width = head[1], n_features = head[2], n_params = head[3];
+  int64_t *code = malloc(n_ops * W * sizeof(int64_t));
+  float *params = malloc(n_params * sizeof(float));
+  if (fread(code, sizeof(int64_t), n_ops * W, f) != (size_t)(n_ops * W)) return 2;
+  if (fread(params, sizeof(float), n_params, f) != (size_t)n_params) return 2;
+  if (fread(&state_size, sizeof state_size, 1, f) != 1) return 2;
+  float *state = malloc(state_size * sizeof(float));
+  if (fread(state, sizeof(float), state_size, f) != (size_t)state_size) return 2;
+  fclose(f);
+  long steps = atol(argv[2]);
+  float *b0 = calloc(width, sizeof(float)), *b1 = calloc(width, sizeof(float));
+  float *g = calloc(3 * width, sizeof(float));
+  float *xs = malloc(1024 * n_features * sizeof(float)); /* inputs made before timing */
+  for (int64_t i = 0; i < 1024 * n_features; i++) xs[i] = (float)sin(0.01 * i);
+  double checksum = 0;
+  struct timespec t0, t1;
+  for (int warm = 0; warm < 2; warm++) {
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    for (long t = 0; t < steps; t++) {
+      step(code, n_ops, params, xs + (t & 1023) * n_features, n_features, state, b0, b1, g);
+      checksum += b0[0];
+    }
+    clock_gettime(CLOCK_MONOTONIC, &t1);
+  }
+  double ns = (t1.tv_sec - t0.tv_sec) * 1e9 + (t1.tv_nsec - t0.tv_nsec);
+  printf("%.1f %.6f\n", ns / steps, checksum);
+  return 0;
+}

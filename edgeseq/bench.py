@@ -1,0 +1,190 @@
+"""The harness behind `edgeseq bench` and `make bench`: speed, start-up and memory, as ratios
+measured in one run on one machine (absolute figures on a shared machine are noise).
+
+What it measures for a model: `stream.step` latency (median, p99) for each backend and for
+PyTorch eager when torch is installed; a C step built the fast way (benchmarks/step.c, the same
+program as the kernels); pool throughput for 1, 64 and 1,024 streams against ONNX Runtime on a
+batch of the same size; `feed` over a 10,000-step block; process start to first prediction with
+a cold and a warm Numba cache; resident memory.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgeseq.runtime import Model, load
+
+C_SOURCE = Path(__file__).resolve().parents[1] / "benchmarks" / "step.c"
+POOL_SIZES = (1, 64, 1024)
+FEED_STEPS = 10_000
+
+
+def _latencies(fn: Any, calls: int) -> dict[str, float]:
+    """Median and p99 of single calls, in microseconds (after a warm-up)."""
+    for _ in range(min(calls, 500)):
+        fn()
+    samples = np.empty(calls)
+    clock = time.perf_counter_ns
+    for i in range(calls):
+        start = clock()
+        fn()
+        samples[i] = clock() - start
+    return {"median_us": float(np.median(samples)) / 1e3,
+            "p99_us": float(np.percentile(samples, 99)) / 1e3}  # fmt: skip
+
+
+def _inputs(model: Model, rows: int, seed: int = 0) -> np.ndarray:
+    x = np.random.default_rng(seed).standard_normal((rows, model.n_features)).astype(np.float32)
+    if model.info is not None:
+        scaling = model.info.data_spec.input_scaling
+        x = x * np.asarray(scaling.std, np.float32) + np.asarray(scaling.mean, np.float32)
+    return x
+
+
+def _ort_session(path: Path) -> Any:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def _ort_step(path: Path, model: Model, batch: int) -> Any:
+    """A closure running ONNX Runtime on (batch, 1, F) with the state outputs fed back."""
+    session = _ort_session(path)
+    names = [i.name for i in session.get_inputs()]
+    x = _inputs(model, batch).reshape(batch, 1, -1)
+    state = {}
+    for spec in session.get_inputs()[1:]:
+        state[spec.name] = np.zeros([d if isinstance(d, int) else batch for d in spec.shape],
+                                    np.float32)  # fmt: skip
+
+    def step() -> None:
+        out = session.run(None, {names[0]: x, **state})
+        state.update(zip(names[1:], out[1:], strict=False))
+
+    return step
+
+
+def _torch_step(model: Model) -> Any | None:
+    """PyTorch eager on a module of the same shape (weights do not change the speed)."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    if model.info is None:
+        return None
+    from edgeseq.nn import build_model
+
+    spec = model.info.model_spec
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    net = build_model(spec).eval()
+    x = torch.from_numpy(_inputs(model, 1)).reshape(1, 1, -1)
+    state: list[Any] = [None]
+
+    def step() -> None:
+        with torch.no_grad():
+            _, state[0] = net(x, state[0])
+
+    return step
+
+
+def c_step_ns(model: Model, steps: int = 200_000) -> float | None:
+    """ns per step of the C reference on this model's program, or None without a compiler."""
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None or model.plan is None or not C_SOURCE.is_file():
+        return None
+    plan = model.plan
+    with tempfile.TemporaryDirectory() as tmp:
+        binary, program = Path(tmp) / "step", Path(tmp) / "program.bin"
+        subprocess.run([cc, "-O3", "-march=native", "-o", str(binary), str(C_SOURCE), "-lm"],
+                       check=True, capture_output=True)  # fmt: skip
+        with open(program, "wb") as fh:
+            head = [plan.code.shape[0], plan.width, plan.n_features, plan.params.size]
+            np.array(head, np.int64).tofile(fh)
+            plan.code.astype(np.int64).tofile(fh)
+            plan.params.astype(np.float32).tofile(fh)
+            np.array([plan.state_size], np.int64).tofile(fh)
+            plan.initial_state.astype(np.float32).tofile(fh)
+        out = subprocess.run([str(binary), str(program), str(steps)], check=True,
+                             capture_output=True, text=True).stdout  # fmt: skip
+    return float(out.split()[0])
+
+
+START_SCRIPT = """
+import os, sys, time
+t0 = float(sys.argv[2])
+import numpy as np, edgeseq
+m = edgeseq.load(sys.argv[1])
+m.stream().step(np.zeros(m.n_features, np.float32))
+first = time.time() - t0
+for line in open('/proc/self/status'):
+    if line.startswith(('VmRSS', 'VmHWM')):
+        print(line.split()[0].rstrip(':'), int(line.split()[1]) / 1024)
+print('first', first)
+"""
+
+
+def start_up(path: Path) -> dict[str, float]:
+    """Process start to first prediction, cold then warm Numba cache; resident memory."""
+    figures: dict[str, float] = {}
+    with tempfile.TemporaryDirectory() as cache:
+        env = dict(os.environ, NUMBA_CACHE_DIR=cache)
+        for label in ("cold", "warm"):
+            out = subprocess.run(
+                [sys.executable, "-c", START_SCRIPT, str(path), repr(time.time())],
+                env=env, capture_output=True, text=True, check=True,
+            ).stdout  # fmt: skip
+            values = dict(line.split() for line in out.strip().splitlines())
+            figures[f"first_prediction_{label}_s"] = float(values["first"])
+            figures["rss_mib"] = float(values["VmRSS"])
+    return figures
+
+
+def _throughput(fn: Any, samples_per_call: int, seconds: float = 0.5) -> float:
+    fn()
+    calls, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        fn()
+        calls += 1
+    return calls * samples_per_call / (time.perf_counter() - start)
+
+
+def measure(path: str | Path, calls: int = 20_000) -> dict[str, Any]:
+    """Every figure for one model (see the module docstring)."""
+    path = Path(path)
+    model = load(path)
+    x = _inputs(model, 1)[0]
+    result: dict[str, Any] = {"model": path.name, "plan": model.plan_note, "step": {}}
+    for backend, n in (("numba", calls), ("onnxruntime", calls // 5), ("numpy", calls // 50)):
+        stream = load(path, backend=backend).stream()
+        result["step"][backend] = _latencies(lambda s=stream: s.step(x), n)
+    ort_one = _ort_step(path, model, 1)
+    result["step"]["onnxruntime run()"] = _latencies(ort_one, calls // 5)
+    torch_step = _torch_step(model)
+    if torch_step is not None:
+        result["step"]["pytorch eager"] = _latencies(torch_step, calls // 5)
+    c_ns = c_step_ns(model)
+    result["c_step_us"] = None if c_ns is None else c_ns / 1e3
+    stream, block = model.stream(), _inputs(model, FEED_STEPS)
+    result["feed_us_per_sample"] = 1e6 / _throughput(lambda: stream.feed(block), FEED_STEPS)
+    result["pool"] = {}
+    for size in POOL_SIZES:
+        pool = model.pool(capacity=size)
+        ids, xs = [f"s{i}" for i in range(size)], _inputs(model, size)
+        result["pool"][size] = {
+            "edgeseq_samples_per_s": _throughput(lambda p=pool, i=ids, v=xs: p.step(i, v), size),
+            "onnxruntime_samples_per_s": _throughput(_ort_step(path, model, size), size),
+        }
+    result.update(start_up(path))
+    return result

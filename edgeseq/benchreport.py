@@ -1,0 +1,123 @@
+"""BENCHMARKS.md from measured figures: the numbers, the ratios the targets are about, and
+whether each target is met on this run. Nothing here is typed in by hand."""
+
+from __future__ import annotations
+
+import platform
+import subprocess
+from datetime import UTC, datetime
+from typing import Any
+
+
+def _cpu() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        for line in out.splitlines():
+            if line.startswith("Model name"):
+                return line.split(":", 1)[1].strip()
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    return platform.processor() or platform.machine()
+
+
+def targets(r: dict[str, Any]) -> list[tuple[str, float, str, bool]]:
+    """(target, measured ratio, requirement, met) for one model's figures."""
+    step = r["step"]["numba"]["median_us"]
+    rows = [
+        (
+            "step vs ONNX Runtime run() (seq_len 1)",
+            r["step"]["onnxruntime run()"]["median_us"] / step,
+            ">= 10x",
+            False,
+        )
+    ]
+    if "pytorch eager" in r["step"]:
+        rows.append(
+            (
+                "step vs PyTorch eager",
+                r["step"]["pytorch eager"]["median_us"] / step,
+                ">= 50x",
+                False,
+            )
+        )
+    if r["c_step_us"]:
+        rows.append(("step / C step", step / r["c_step_us"], "<= 1.5x", False))
+        rows.append(
+            ("feed per sample / C step", r["feed_us_per_sample"] / r["c_step_us"], "<= 1.2x", False)
+        )
+    big = r["pool"][max(r["pool"])]
+    rows.append(
+        (
+            f"pool of {max(r['pool'])} vs ONNX Runtime batch",
+            big["edgeseq_samples_per_s"] / big["onnxruntime_samples_per_s"],
+            ">= 1x",
+            False,
+        )
+    )
+    rows.append(("first prediction, warm cache (s)", r["first_prediction_warm_s"], "< 1.5", False))
+    judged = []
+    for name, value, need, _ in rows:
+        bound = float(need.split()[-1].rstrip("x"))
+        ok = (
+            value >= bound
+            if need.startswith(">=")
+            else value <= bound
+            if need.startswith("<=")
+            else value < bound
+        )
+        judged.append((name, value, need, ok))
+    return judged  # fmt: skip
+
+
+def markdown(results: list[dict[str, Any]], command: str) -> str:
+    """The whole BENCHMARKS.md."""
+    when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    lines = [
+        "# edgeseq benchmarks",
+        "",
+        f"Measured {when} on {_cpu()} ({platform.machine()}), by `{command}`. Ratios from one "
+        "run on one machine are what count; absolute times on a shared machine are noisy.",
+        "",
+    ]
+    for r in results:
+        lines += [
+            f"## {r['model']}",
+            "",
+            f"Plan: {r['plan']}.",
+            "",
+            "| per-sample step | median us | p99 us |",
+            "|---|---:|---:|",
+        ]
+        lines += [
+            f"| {k} | {v['median_us']:.2f} | {v['p99_us']:.2f} |" for k, v in r["step"].items()
+        ]
+        if r["c_step_us"]:
+            lines.append(
+                f"| C step (benchmarks/step.c, -O3 -march=native) | {r['c_step_us']:.2f} | |"
+            )
+        lines += [
+            "",
+            f"`feed` over {10_000:,} samples: {r['feed_us_per_sample']:.2f} us per sample.",
+            "",
+            "| streams | edgeseq pool samples/s | ONNX Runtime batch samples/s |",
+            "|---:|---:|---:|",
+        ]
+        lines += [
+            f"| {n:,} | {p['edgeseq_samples_per_s']:,.0f} | {p['onnxruntime_samples_per_s']:,.0f} |"
+            for n, p in r["pool"].items()
+        ]
+        lines += [
+            "",
+            f"Process start to first prediction: {r['first_prediction_cold_s']:.2f} s with a cold "
+            f"Numba cache, {r['first_prediction_warm_s']:.2f} s warm; resident memory "
+            f"{r['rss_mib']:.0f} MiB.",
+            "",
+            "| target | measured | required | met |",
+            "|---|---:|---|---|",
+        ]
+        lines += [
+            f"| {n} | {v:.2f} | {need} | {'yes' if ok else '**no**'} |"
+            for n, v, need, ok in targets(r)
+        ]
+        lines.append("")
+    return "\n".join(lines)  # fmt: skip

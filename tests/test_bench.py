@@ -1,0 +1,52 @@
+"""The benchmark harness: the C reference runs the same program as the kernels, and the report
+judges each target from the measured figures."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+import edgeseq
+from edgeseq.bench import c_step_ns
+from edgeseq.benchreport import markdown, targets
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.skipif(
+    shutil.which("cc") is None and shutil.which("gcc") is None, reason="no C compiler"
+)
+def test_the_c_reference_runs_the_models_program():
+    ns = c_step_ns(edgeseq.load(ROOT / "export" / "pump-rnn.onnx"), steps=2_000)
+    assert ns is not None and ns > 0
+
+
+def _figures(step_us: float) -> dict:
+    timing = {"median_us": step_us, "p99_us": 2 * step_us}
+    return {
+        "model": "m.onnx", "plan": "fused", "c_step_us": 3.0, "feed_us_per_sample": 3.3,
+        "step": {"numba": timing, "onnxruntime run()": {"median_us": 50.0, "p99_us": 60.0},
+                 "pytorch eager": {"median_us": 200.0, "p99_us": 300.0}},
+        "pool": {1024: {"edgeseq_samples_per_s": 2e5, "onnxruntime_samples_per_s": 1e5}},
+        "first_prediction_cold_s": 20.0, "first_prediction_warm_s": 0.8, "rss_mib": 120.0,
+    }  # fmt: skip
+
+
+def test_targets_are_judged_from_the_ratios():
+    fast = {name: ok for name, _, _, ok in targets(_figures(4.0))}
+    slow = {name: ok for name, _, _, ok in targets(_figures(6.0))}
+    assert fast["step vs ONNX Runtime run() (seq_len 1)"] and fast["step / C step"]
+    assert not slow["step vs ONNX Runtime run() (seq_len 1)"] and not slow["step / C step"]
+    assert fast["feed per sample / C step"]  # 3.3 / 3.0 = 1.1 <= 1.2
+    slow_feed = dict(_figures(4.0), feed_us_per_sample=4.0)  # 1.33 > 1.2
+    assert not {n: ok for n, _, _, ok in targets(slow_feed)}["feed per sample / C step"]
+    assert fast["pool of 1024 vs ONNX Runtime batch"] and fast["first prediction, warm cache (s)"]
+
+
+def test_the_report_shows_every_figure_and_verdict():
+    report = markdown([_figures(4.0)], "edgeseq bench m.onnx")
+    assert "| numba | 4.00 | 8.00 |" in report
+    assert "| step / C step | 1.33 | <= 1.5x | yes |" in report
+    assert "edgeseq bench m.onnx" in report
