@@ -184,7 +184,7 @@ class GraphEngine:
         _check_keys(saved, self.shapes)
         return {
             n: tuple(
-                np.asarray(saved[f"{n}.{s}"], np.float32).reshape(v.shape)
+                np.array(saved[f"{n}.{s}"], np.float32).reshape(v.shape)
                 for s, v in zip("hc", vs, strict=False)
             )
             for n, vs in self.initial.items()
@@ -230,4 +230,4 @@ class OrtEngine:
 
     def restore(self, saved: StateDict) -> dict[str, np.ndarray]:
         _check_keys(saved, self.shapes)
-        return {i: np.asarray(saved[i], np.float32).reshape(v.shape) for i, v in self.zero.items()}
+        return {i: np.array(saved[i], np.float32).reshape(v.shape) for i, v in self.zero.items()}

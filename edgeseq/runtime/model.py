@@ -137,7 +137,10 @@ class Model:
         return Stream(self._engine, self.n_features)
 
     def pool(self, capacity: int = 1024) -> StreamPool:
-        return StreamPool(self._engine, self.n_features, capacity)
+        """Many named streams; its `fingerprint` names this model file (for state snapshots)."""
+        pool = StreamPool(self._engine, self.n_features, capacity)
+        pool.fingerprint = self.fingerprint
+        return pool
 
     def run(self, feeds: dict[str, Any]) -> dict[str, np.ndarray]:
         """Evaluate the whole graph like onnxruntime's InferenceSession.run (all outputs)."""

@@ -86,6 +86,7 @@ class StreamPool:
         if capacity < 1:
             raise UsageError(f"pool capacity must be >= 1, found {capacity}")
         self._engine, self.n_features, self.capacity = engine, n_features, capacity
+        self.fingerprint = ""  # the model file's sha256, set by Model.pool
         self._table = engine.new_table(capacity) if hasattr(engine, "new_table") else None
         self._rows: dict[str, int] = {}
         self._free = list(range(capacity - 1, -1, -1))
