@@ -158,3 +158,20 @@ def test_the_runtime_works_where_torch_cannot_be_imported():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["(1,)", "True"]
+
+
+# A large pool step runs as BLAS matrix products (another summation order than one stream).
+GEMM_TOLERANCE = 1e-5
+
+
+@pytest.mark.parametrize("path", CELL_MODELS, ids=lambda p: p.stem)
+def test_a_large_pool_step_equals_separate_streams_within_float32_rounding(path):
+    model = edgeseq.load(path)
+    rng = np.random.default_rng(3)
+    xs = rng.standard_normal((6, 300, model.n_features)).astype(np.float32)
+    pool = model.pool(capacity=300)
+    ids = [f"s{i}" for i in range(300)]
+    pooled = np.stack([pool.step(ids, xs[t]) for t in range(6)], axis=1)
+    for i in (0, 150, 299):
+        expected = model.stream().feed(xs[:, i])
+        np.testing.assert_allclose(pooled[i], expected, rtol=0, atol=GEMM_TOLERANCE)

@@ -25,6 +25,7 @@ from edgeseq.runtime.stepper import step_graph, stream_time_nodes, streamable
 
 StateDict = dict[str, np.ndarray]
 PARALLEL_BATCH = 256  # below this many streams per call, one thread beats the fork/join cost
+GEMM_BATCH = 128  # from this many streams per call, BLAS matrix products beat per-stream kernels
 
 
 class Engine(Protocol):
@@ -64,6 +65,9 @@ class KernelEngine:
 
         self.threads = get_num_threads()
         self.wide_scratch = np.zeros((self.threads, 3, plan.width), np.float32)
+        from edgeseq.runtime.gemm import BatchRunner
+
+        self.gemm = BatchRunner(plan)
         self.shapes = {f"{L.node}.h": (L.hidden,) for L in plan.layers}
         self.shapes |= {f"{L.node}.c": (L.hidden,) for L in plan.layers if L.c_offset >= 0}
 
@@ -87,6 +91,9 @@ class KernelEngine:
     ) -> int:
         """One batched kernel call for many streams; threads only pay off for large batches."""
         plan, k = self.plan, self.kernels
+        if xs.shape[0] >= GEMM_BATCH and self.gemm.supported:
+            out[:] = self.gemm.step(xs, table, rows)  # the pool checked xs for NaN already
+            return -1
         if xs.shape[0] >= PARALLEL_BATCH and self.threads > 1:
             return int(
                 k.step_rows_parallel(

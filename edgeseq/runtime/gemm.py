@@ -1,0 +1,144 @@
+"""Large pool steps as matrix products: for a batch of streams, each layer's gates are two
+GEMMs ([B, I] @ [I, G*H] and [B, H] @ [H, G*H], BLAS, weights read once for the whole batch)
+and one Numba pass for the gate nonlinearities. Same program and state table as the kernels;
+the sums run in another order, so results agree with one-stream-at-a-time stepping to float32
+rounding rather than bit for bit.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+from edgeseq.runtime import kernels as k
+from edgeseq.runtime.fastmath import sigmoid, tanh
+from edgeseq.runtime.plan import Plan
+
+FASTMATH = k.FASTMATH
+
+
+@njit(cache=True, nogil=True, fastmath=FASTMATH, error_model="numpy")
+def lstm_cells(gates: np.ndarray, c: np.ndarray, h: np.ndarray) -> None:
+    """In place: c, h (B, H) from gate sums (B, 4H) in ONNX order i, o, f, c."""
+    hid = h.shape[1]
+    for b in range(h.shape[0]):
+        g, cb, hb = gates[b], c[b], h[b]
+        for j in range(hid):
+            cb[j] = sigmoid(g[2 * hid + j]) * cb[j] + sigmoid(g[j]) * tanh(g[3 * hid + j])
+            hb[j] = sigmoid(g[hid + j]) * tanh(cb[j])
+
+
+@njit(cache=True, nogil=True, fastmath=FASTMATH, error_model="numpy")
+def gru_cells(gx: np.ndarray, gh: np.ndarray, h: np.ndarray) -> None:
+    """In place: h (B, H) from x- and h-side gate sums (B, 3H), z r h, linear_before_reset=1."""
+    hid = h.shape[1]
+    for b in range(h.shape[0]):
+        x_, r_, hb = gx[b], gh[b], h[b]
+        for j in range(hid):
+            z = sigmoid(x_[j] + r_[j])
+            r = sigmoid(x_[hid + j] + r_[hid + j])
+            n = tanh(x_[2 * hid + j] + r * r_[2 * hid + j])
+            hb[j] = (1.0 - z) * n + z * hb[j]
+
+
+@njit(cache=True, nogil=True, fastmath=FASTMATH, error_model="numpy")
+def activate_rows(v: np.ndarray, kind: int, alpha: float) -> None:
+    for b in range(v.shape[0]):
+        row = v[b]
+        for j in range(row.shape[0]):
+            row[j] = k._activate(kind, alpha, row[j])
+
+
+class BatchRunner:
+    """Runs a plan's program on a batch of streams with BLAS for the matrix products.
+
+    Every intermediate lives in a buffer kept per batch size and is written with `out=`: fresh
+    megabyte temporaries cost a page fault per 4 KiB on every call, more than the arithmetic.
+    """
+
+    def __init__(self, plan: Plan) -> None:
+        self.plan = plan
+        self.supported = not any(row[0] == k.OP_GRU and row[8] == 0 for row in plan.code)
+        self._buffers: dict[tuple[int, int, int], np.ndarray] = {}
+
+    def _buf(self, slot: int, batch: int, width: int) -> np.ndarray:
+        key = (slot, batch, width)
+        if key not in self._buffers:
+            self._buffers[key] = np.empty((batch, width), np.float32)
+        return self._buffers[key]
+
+    def _w(self, off: int, rows: int, cols: int) -> np.ndarray:
+        return self.plan.params[off : off + rows * cols].reshape(rows, cols)
+
+    def _gates(
+        self,
+        i: int,
+        cur: np.ndarray,
+        h: np.ndarray,
+        w_x: np.ndarray,
+        w_h: np.ndarray,
+        bias: np.ndarray,
+    ) -> np.ndarray:
+        """cur @ w_x + h @ w_h + bias, into buffers of layer i."""
+        g = np.matmul(cur, w_x, out=self._buf(3 * i, len(cur), w_x.shape[1]))
+        g += np.matmul(h, w_h, out=self._buf(3 * i + 1, len(cur), w_h.shape[1]))
+        g += bias
+        return g
+
+    def _recurrent(
+        self, i: int, row: np.ndarray, cur: np.ndarray, table: np.ndarray, rows: np.ndarray
+    ) -> np.ndarray:
+        op, n_in, hid = int(row[0]), int(row[1]), int(row[2])
+        p = self.plan.params
+        off_h = int(row[7] if op == k.OP_GRU else row[5])
+        h = np.take(
+            table[:, off_h : off_h + hid], rows, axis=0, out=self._buf(3 * i + 2, len(rows), hid)
+        )
+        if op == k.OP_GRU:
+            g3 = 3 * hid
+            gx = np.matmul(cur, self._w(int(row[3]), n_in, g3), out=self._buf(3 * i, len(rows), g3))
+            gx += p[row[5] : row[5] + g3]
+            gh = np.matmul(
+                h, self._w(int(row[4]), hid, g3), out=self._buf(3 * i + 1, len(rows), g3)
+            )
+            gh += p[row[6] : row[6] + g3]
+            gru_cells(gx, gh, h)
+        else:
+            gates = 4 * hid if op == k.OP_LSTM else hid
+            wt = self._w(int(row[3]), n_in + hid, gates)
+            g = self._gates(i, cur, h, wt[:n_in], wt[n_in:], p[row[4] : row[4] + gates])
+            if op == k.OP_LSTM:
+                off_c = int(row[6])
+                c = table[rows, off_c : off_c + hid]
+                lstm_cells(g, c, h)
+                table[rows, off_c : off_c + hid] = c
+            else:
+                activate_rows(g, int(row[6]), p[row[7]])
+                h[:] = g
+        table[rows, off_h : off_h + hid] = h
+        return h
+
+    def step(self, xs: np.ndarray, table: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """(B, F) samples for streams table[rows] -> (B, n_outputs); the table is updated."""
+        p, cur = self.plan.params, xs
+        for i, row in enumerate(self.plan.code):
+            op, n = int(row[0]), int(row[1])
+            if op in (k.OP_LSTM, k.OP_GRU, k.OP_RNN):
+                cur = self._recurrent(i, row, cur, table, rows)
+            elif op == k.OP_DENSE:
+                out = self._buf(3 * i, len(xs), int(row[2]))
+                cur = np.matmul(cur, self._w(int(row[3]), n, int(row[2])), out=out)
+                cur += p[row[4] : row[4] + row[2]]
+            elif op == k.OP_AFFINE:
+                out = self._buf(3 * i, len(xs), n)
+                cur = np.multiply(cur, p[row[2] : row[2] + n], out=out)
+                cur += p[row[3] : row[3] + n]
+            elif op == k.OP_ACT:
+                act = self._buf(3 * i, len(xs), n)
+                act[:] = cur
+                activate_rows(act, int(row[2]), p[row[3]])
+                cur = act
+            else:  # softmax
+                e = np.exp(cur - cur.max(axis=1, keepdims=True))
+                cur = e / e.sum(axis=1, keepdims=True)
+        return np.array(cur, np.float32)
