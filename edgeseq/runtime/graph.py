@@ -117,11 +117,17 @@ class Graph:
             if initial and node.name in initial:
                 args += [None] * (7 - len(args))
                 args[5 : 5 + len(initial[node.name])] = initial[node.name]
-            if node.op in RECURRENT:
-                args += [None] * (8 - len(args))
-                results = _recurrent(node, args[: 8 if node.op == "LSTM" else 6])
-            else:
-                results = elementwise.OPS[node.op](node.attrs, *args)
+            try:
+                if node.op in RECURRENT:
+                    args += [None] * (8 - len(args))
+                    results = _recurrent(node, args[: 8 if node.op == "LSTM" else 6])
+                else:
+                    results = elementwise.OPS[node.op](node.attrs, *args)
+            except (ValueError, IndexError, TypeError, KeyError) as exc:
+                raise ModelFormatError(
+                    f"{self.where}: node {node.name!r} ({node.op}) cannot run on these inputs: "
+                    f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+                ) from None
             for name, value in zip(node.outputs, results, strict=False):
                 if name:
                     env[name] = value

@@ -32,8 +32,12 @@ def _external_file(model_dir: Path, tensor: onnx.TensorProto, where: str) -> Non
         raise ModelFormatError(f"{where}: external data {location!r} resolves outside the folder")
     itemsize = np.dtype(helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
     expected = int(np.prod(tensor.dims)) * itemsize
-    offset, length = int(info.get("offset", 0)), int(info.get("length", expected))
-    if length != expected or offset + length > candidate.stat().st_size:
+    try:
+        offset, length = int(info.get("offset", 0)), int(info.get("length", expected))
+    except ValueError:
+        raise ModelFormatError(f"{where}: external data of {tensor.name!r} has a non-numeric "
+                               f"offset or length ({info})") from None  # fmt: skip
+    if offset < 0 or length != expected or offset + length > candidate.stat().st_size:
         raise ModelFormatError(
             f"{where}: external data of {tensor.name!r} has {length} bytes at offset {offset} in a "
             f"{candidate.stat().st_size}-byte file; the tensor needs {expected}"
@@ -56,7 +60,9 @@ def read_model(path: str | Path) -> tuple[onnx.ModelProto, bytes]:
         raise ModelFormatError(
             f"{where}: not a readable ONNX file ({type(exc).__name__})"
         ) from None
-    for tensor in model.graph.initializer:
+    # Every tensor onnx would load: initializers and Constant/attribute tensors, in subgraphs too.
+    tensors = list(external_data_helper._get_all_tensors(model))
+    for tensor in tensors:
         if int(np.prod(tensor.dims, dtype=np.float64)) > MAX_TENSOR_ELEMENTS or any(
             d < 0 for d in tensor.dims
         ):
@@ -65,11 +71,11 @@ def read_model(path: str | Path) -> tuple[onnx.ModelProto, bytes]:
             )
         if external_data_helper.uses_external_data(tensor):
             _external_file(path.parent, tensor, where)
-    if any(external_data_helper.uses_external_data(t) for t in model.graph.initializer):
-        external_data_helper.load_external_data_for_model(model, str(path.parent))
     try:
+        if any(external_data_helper.uses_external_data(t) for t in tensors):
+            external_data_helper.load_external_data_for_model(model, str(path.parent))
         onnx.checker.check_model(model)
-    except (onnx.checker.ValidationError, ValueError) as exc:
+    except (onnx.checker.ValidationError, ValueError, OSError) as exc:
         first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else "invalid"
         raise ModelFormatError(f"{where}: the ONNX checker refuses it ({first})") from None
     return model, raw

@@ -259,10 +259,12 @@ def _fold_bias_into_dense(b: _Builder, const: np.ndarray, n: int) -> bool:
 def build_plan(graph: Graph, n_features: int) -> Plan:
     """Follow the data path from the first input to the first output; raise NoPlan off it."""
     consts = fold_constants(graph)
-    live = [n for n in graph.nodes if not all(o in consts for o in n.outputs if o)]
+    # Shape only reads the data path's size (e.g. to build a zero initial state): not a use.
+    live = [n for n in graph.nodes
+            if n.op != "Shape" and not all(o in consts for o in n.outputs if o)]  # fmt: skip
     users: dict[str, list[Node]] = {}
     for node in live:
-        for name in set(node.inputs):
+        for name in set(node.inputs) - {""}:
             users.setdefault(name, []).append(node)
     b, layers = _Builder(width=n_features), []
     cur, n, target = graph.inputs[0], n_features, graph.outputs[0]

@@ -1,0 +1,97 @@
+"""What a graph's inputs are: x's layout (which axis is time), declared dtypes and fixed sizes,
+and feeds built to match, for probing, verification and streaming."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from edgeseq.errors import EdgeseqError, ModelFormatError
+from edgeseq.runtime.graph import Graph
+from edgeseq.runtime.plan import batch_time_axes
+
+MAX_FEATURES = 1 << 20
+
+
+@dataclass
+class Inputs:
+    x: str
+    dims: dict[str, list[int | str]]  # ints are fixed sizes
+    dtypes: dict[str, np.dtype]
+    n_features: int
+    time_first: bool = False
+
+    @property
+    def fixed_steps(self) -> int | None:
+        """The sequence length a graph was exported with, when it cannot take another."""
+        dim = self.dims[self.x][0 if self.time_first else 1]
+        return dim if isinstance(dim, int) else None
+
+    def feeds(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        """x (already in the graph's layout) plus every other input: zeros of its declared dtype
+        and shape, lengths (integer inputs such as sequence_lens) set to the full sequence."""
+        batch, steps = (x.shape[1], x.shape[0]) if self.time_first else x.shape[:2]
+        out = {self.x: x}
+        for name, dims in self.dims.items():
+            if name == self.x:
+                continue
+            shape = [d if isinstance(d, int) else batch for d in dims]
+            dtype = self.dtypes[name]
+            out[name] = np.full(shape, steps if dtype.kind in "iu" else 0, dtype)
+        return out
+
+    def layout(self, x_btf: np.ndarray) -> np.ndarray:
+        """(batch, time, F) -> the graph's own layout."""
+        return np.ascontiguousarray(np.moveaxis(x_btf, 0, 1) if self.time_first else x_btf)
+
+
+def _dims(value: onnx.ValueInfoProto) -> list[int | str]:
+    return [d.dim_value if d.dim_value > 0 else (d.dim_param or "?")
+            for d in value.type.tensor_type.shape.dim]  # fmt: skip
+
+
+def read_inputs(proto: onnx.ModelProto, graph: Graph, where: str) -> Inputs:
+    """Validate x's declared shape and work out which of its axes is time."""
+    infos = {i.name: i for i in proto.graph.input if i.name in graph.inputs}
+    dims = {n: _dims(i) for n, i in infos.items()}
+    dtypes = {
+        n: np.dtype(helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type))
+        for n, i in infos.items()
+    }
+    x = graph.inputs[0]
+    x_dims = dims[x]
+    if len(x_dims) != 3 or not isinstance(x_dims[2], int):
+        raise ModelFormatError(
+            f"{where}: input {x!r} has dims {x_dims}; expected [batch, time, "
+            "features] (or [time, batch, features]) with a fixed feature count"
+        )
+    if not 1 <= x_dims[2] <= MAX_FEATURES:
+        raise ModelFormatError(f"{where}: input {x!r} declares {x_dims[2]} features; at most "
+                               f"{MAX_FEATURES} are supported")  # fmt: skip
+    inputs = Inputs(x, dims, dtypes, int(x_dims[2]))
+    inputs.time_first = _time_first(inputs, graph)
+    return inputs
+
+
+def _time_first(inputs: Inputs, graph: Graph) -> bool:
+    """Ask the graph: feed a (2, 3, F) x read both ways and see which way its first recurrent
+    layer runs along the right axis. Names decide only when sizes are fixed or both fail."""
+    named_batch_axis, _ = batch_time_axes(inputs.dims[inputs.x])
+    d0, d1 = inputs.dims[inputs.x][:2]
+    if isinstance(d0, int) or isinstance(d1, int) or not graph.recurrent_nodes:
+        return named_batch_axis == 1
+    node = graph.recurrent_nodes[0]
+    x = np.zeros((2, 3, inputs.n_features), np.float32)
+    for time_first, expected_steps in ((False, 3), (True, 2)):
+        inputs.time_first = time_first
+        try:
+            env = graph.evaluate(inputs.feeds(x))
+        except EdgeseqError:  # the graph's shapes reject this reading of x
+            continue
+        steps = env[node.inputs[0]].shape[1 if node.attrs.get("layout", 0) == 1 else 0]
+        if steps == expected_steps:
+            return time_first
+    return named_batch_axis == 1

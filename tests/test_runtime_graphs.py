@@ -1,0 +1,365 @@
+"""Graphs edgeseq did not write: torch.onnx.export's (TorchScript and dynamo) and hand-written ONNX.
+
+The runtime must accept them "regardless of who produced the file": `run` equals ONNX Runtime
+on the same file, and streaming one sample at a time equals the whole-sequence forward.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+from torch import nn
+
+import edgeseq
+from edgeseq.errors import ModelFormatError
+
+TOLERANCE = 1e-5  # float32 parity with ONNX Runtime and PyTorch (issue 4)
+FEATURES, HIDDEN, OUTPUTS = 3, 8, 2
+BATCH, STEPS = 2, 5  # the torch exports' example input; dynamo may freeze STEPS into the graph
+SPEC_HIDDEN, SPEC_STEPS = 4, 6
+
+
+def _ort(model: onnx.ModelProto | Path, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    source = str(model) if isinstance(model, Path) else model.SerializeToString()
+    session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+    return session.run(None, feeds)
+
+
+def _assert_outputs(got: dict[str, np.ndarray], expected: list[np.ndarray]) -> None:
+    assert len(got) == len(expected)
+    for (name, value), want in zip(got.items(), expected, strict=True):
+        np.testing.assert_allclose(value, want, rtol=0, atol=TOLERANCE, err_msg=name)
+
+
+# --- torch.onnx.export -------------------------------------------------------------------------
+
+
+class Recurrent(nn.Module):
+    """An nn.RNN/LSTM/GRU and an nn.Linear head; forward(x) starts from zeros."""
+
+    def __init__(self, cell: str, layers: int, batch_first: bool) -> None:
+        super().__init__()
+        self.rnn = getattr(nn, cell)(FEATURES, HIDDEN, layers, batch_first=batch_first)
+        self.head = nn.Linear(HIDDEN, OUTPUTS)
+
+    def forward(self, x):
+        return self.head(self.rnn(x)[0])
+
+
+class WithState(Recurrent):
+    def forward(self, x, h0):
+        y, h = self.rnn(x, h0)
+        return self.head(y), h
+
+
+class WithCellState(Recurrent):
+    def forward(self, x, h0, c0):
+        y, (h, c) = self.rnn(x, (h0, c0))
+        return self.head(y), h, c
+
+
+@dataclass(frozen=True)
+class Export:
+    cell: str
+    layers: int
+    batch_first: bool
+    state: bool  # forward(x, h0[, c0]) returning the state too, else forward(x)
+    dynamo: bool = False
+    named_axes: bool = True  # False: dynamic_axes as lists, so the dims get meaningless names
+
+    def __str__(self) -> str:
+        exporter = "dynamo" if self.dynamo else "torchscript"
+        order = "batch_first" if self.batch_first else "time_first"
+        io = "state_io" if self.state else "x_only"
+        axes = "" if self.named_axes else "-unnamed_axes"
+        return f"{self.cell.lower()}-{exporter}-{self.layers}layers-{order}-{io}{axes}"
+
+    @property
+    def n_state(self) -> int:
+        return (2 if self.cell == "LSTM" else 1) if self.state else 0
+
+
+VARIANTS = [(True, False), (True, True), (False, False), (False, True)]  # batch_first, state io
+TORCHSCRIPT = [Export(c, 1 + i, *v) for c in ("RNN", "LSTM", "GRU") for i, v in enumerate(VARIANTS)]
+DYNAMIC_DYNAMO = [Export("LSTM", 1, True, False, dynamo=True), Export("GRU", 2, True, True, True)]
+# dynamo unrolls nn.RNN into per-step MatMuls and writes time-first LSTM/GRU with a Reshape to
+# the traced length: the time axis cannot be dynamic, so these are exported (and run) at STEPS.
+FIXED_TIME_DYNAMO = [Export("RNN", 2, True, True, True), Export("LSTM", 2, False, True, True)]
+UNNAMED_AXES = Export("GRU", 1, False, False, named_axes=False)
+
+
+def _export(case: Export, folder: Path) -> tuple[Path, nn.Module]:
+    torch.manual_seed(0)
+    kind = WithCellState if case.n_state == 2 else WithState if case.state else Recurrent
+    module = kind(case.cell, case.layers, case.batch_first).eval()
+    x_shape = (BATCH, STEPS, FEATURES) if case.batch_first else (STEPS, BATCH, FEATURES)
+    args = (torch.zeros(x_shape), *[torch.zeros(case.layers, BATCH, HIDDEN)] * case.n_state)
+    names, path = ["x", "h0", "c0"][: 1 + case.n_state], folder / "model.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the exporters' deprecation and tracer chatter
+        if case.dynamo:
+            batch, time = torch.export.Dim("batch", max=64), torch.export.Dim("time", max=4096)
+            x_axes = {0: batch} if case in FIXED_TIME_DYNAMO else {0: batch, 1: time}
+            x_axes = x_axes if case.batch_first else {1 - k: v for k, v in x_axes.items()}
+            shapes = (x_axes, *[{1: batch}] * case.n_state)
+            torch.onnx.export(module, args, path, dynamo=True, dynamic_shapes=shapes)
+        else:
+            x_axes = {0: "batch", 1: "time"} if case.batch_first else {0: "time", 1: "batch"}
+            axes = {"x": x_axes if case.named_axes else [0, 1]}
+            axes |= {name: {1: "batch"} for name in names[1:]}
+            torch.onnx.export(module, args, path, dynamo=False, input_names=names,
+                              dynamic_axes=axes, opset_version=17)  # fmt: skip
+    return path, module
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    cache: dict[Export, tuple[Path, nn.Module]] = {}
+
+    def get(case: Export) -> tuple[Path, nn.Module]:
+        if case not in cache:
+            cache[case] = _export(case, tmp_path_factory.mktemp(str(case)))
+        return cache[case]
+
+    return get
+
+
+def _torch_feeds(case: Export, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    x_shape = (batch, STEPS, FEATURES) if case.batch_first else (STEPS, batch, FEATURES)
+    feeds = {"x": rng.standard_normal(x_shape).astype(np.float32)}
+    for name in ["h0", "c0"][: case.n_state]:
+        feeds[name] = rng.standard_normal((case.layers, batch, HIDDEN)).astype(np.float32)
+    return feeds
+
+
+def _check_torch_export(case: Export, path: Path, module: nn.Module) -> None:
+    """run() equals ONNX Runtime on random inputs; stepping equals torch from a zero state."""
+    model = edgeseq.load(path)
+    data = path.with_suffix(".onnx.data").exists()
+    print(f"{case}: plan={model.plan is not None} ({model.plan_note}); external data: {data}")
+    feeds = _torch_feeds(case, BATCH)
+    _assert_outputs(model.run(feeds), _ort(path, feeds))
+    x = _torch_feeds(case, 1, seed=1)["x"]
+    with torch.no_grad():
+        y = module(torch.from_numpy(x), *[torch.zeros(case.layers, 1, HIDDEN)] * case.n_state)
+    expected = (y[0] if case.state else y).numpy().reshape(STEPS, OUTPUTS)
+    stream = model.stream()
+    got = np.stack([stream.step(sample) for sample in x.reshape(STEPS, FEATURES)])
+    np.testing.assert_allclose(got, expected, rtol=0, atol=TOLERANCE)
+
+
+@pytest.mark.parametrize("case", [*TORCHSCRIPT, *DYNAMIC_DYNAMO], ids=str)
+def test_a_torch_export_runs_like_onnx_runtime_and_streams_like_torch(case, exported):
+    _check_torch_export(case, *exported(case))
+
+
+@pytest.mark.parametrize(
+    "case",
+    [c for c in TORCHSCRIPT if c.batch_first],
+    ids=str,
+)
+def test_plain_torchscript_exports_with_batch_first_get_the_fused_plan(case, exported):
+    model = edgeseq.load(exported(case)[0])
+    assert model.plan is not None, model.plan_note
+
+
+def test_a_time_first_export_with_unnamed_dynamic_axes_streams_like_torch(exported):
+    _check_torch_export(UNNAMED_AXES, *exported(UNNAMED_AXES))
+
+
+@pytest.mark.parametrize("case", FIXED_TIME_DYNAMO, ids=str)
+def test_a_dynamo_export_with_a_fixed_time_axis_runs_at_its_length_and_refuses_to_stream(
+    case, exported
+):
+    path, _ = exported(case)
+    model = edgeseq.load(path)
+    feeds = _torch_feeds(case, BATCH)
+    _assert_outputs(model.run(feeds), _ort(path, feeds))
+    with pytest.raises(ModelFormatError, match=r"(?i)time|step|stream"):
+        model.stream()
+
+
+# --- graphs written against the ONNX operator spec ---------------------------------------------
+
+
+def _info(name: str, dims: list, dtype: int = TensorProto.FLOAT) -> onnx.ValueInfoProto:
+    return helper.make_tensor_value_info(name, dtype, dims)
+
+
+HEADS = {  # after the recurrent node: Y [T, 1, B, H] or Y_h [1, B, H] -> "d", and output rank
+    "matmul": ([("Squeeze", ["Y", "one"], "s"), ("MatMul", ["s", "Wd"], "m"),
+                ("Add", ["m", "bd"], "d")], 3),
+    "gemm": ([("Squeeze", ["Y_h", "zero"], "s"), ("Gemm", ["s", "Wg", "bd"], "d")], 2),
+    "flat-gemm": ([("Squeeze", ["Y", "one"], "s"), ("Reshape", ["s", "flat"], "f"),
+                   ("Gemm", ["f", "Wg", "bd"], "d")], 2),
+}  # fmt: skip
+
+
+def _spec_graph(op, direction="forward", layout=0, bias=True, peepholes=False, seq_lens=False,
+                init=None, outputs=("Y", "Y_h", "Y_c"), head=None, act=None, **attrs):  # fmt: skip
+    """One opset-17 RNN/LSTM/GRU node (+ optional dense head and activation), seeded weights."""
+    rng = np.random.default_rng(7)
+
+    def const(name: str, *shape: int, scale: float = 0.5) -> onnx.TensorProto:
+        return numpy_helper.from_array(
+            np.float32(scale) * rng.standard_normal(shape, np.float32), name
+        )
+
+    dirs, h = (2 if direction == "bidirectional" else 1), SPEC_HIDDEN
+    gates = {"RNN": 1, "GRU": 3, "LSTM": 4}[op]
+    inits = [const("W", dirs, gates * h, FEATURES), const("R", dirs, gates * h, h)]
+    inits += [const("B", dirs, 2 * gates * h)] if bias else []
+    inits += [const("P", dirs, 3 * h)] if peepholes else []
+    inputs = [_info("X", [*(["time", "batch"] if layout == 0 else ["batch", "time"]), FEATURES])]
+    inputs += [_info("sequence_lens", ["batch"], TensorProto.INT32)] if seq_lens else []
+    states = ["initial_h", "initial_c"][: 2 if op == "LSTM" else 1]
+    for s in states:
+        if init == "input":
+            inputs.append(_info(s, [dirs, "batch", h] if layout == 0 else ["batch", dirs, h]))
+        elif init == "const":  # a learned initial state, batch 1
+            inits.append(const(s, *((dirs, 1, h) if layout == 0 else (1, dirs, h)), scale=1.0))
+    names = ["X", "W", "R", "B" if bias else "", "sequence_lens" if seq_lens else ""]
+    names += [s if init else "" for s in states] + ["P" if peepholes else ""] * (op == "LSTM")
+    results = [o if o in outputs else "" for o in ("Y", "Y_h", "Y_c")[: len(states) + 1]]
+    nodes = [helper.make_node(op, names, results, hidden_size=h, direction=direction, layout=layout,
+                              **attrs)]  # fmt: skip
+    outs = [(o, 4 if o == "Y" else 3) for o in results if o]
+    if head:
+        inits += [const("Wd", h, OUTPUTS), const("Wg", OUTPUTS, h), const("bd", OUTPUTS)]
+        inits += [numpy_helper.from_array(np.array(v, np.int64), n)
+                  for n, v in (("one", [1]), ("zero", [0]), ("flat", [-1, h]))]  # fmt: skip
+        layers, rank = HEADS[head]
+        nodes += [helper.make_node(o, i, [r], **({"transB": 1} if o == "Gemm" else {}))
+                  for o, i, r in layers]  # fmt: skip
+        outs = [("d", rank)]
+    if act:
+        kw = {"alpha": 0.2} if act == "LeakyRelu" else {"axis": -1} if act == "Softmax" else {}
+        nodes.append(helper.make_node(act, ["d"], ["out"], **kw))
+        outs = [("out", outs[0][1])]
+    graph = helper.make_graph(nodes, "spec", inputs, [_info(n, [None] * r) for n, r in outs], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+ALPHA_BETA = {"activations": ["HardSigmoid", "LeakyRelu", "Softsign"],
+              "activation_alpha": [0.3, 0.05], "activation_beta": [0.4]}  # fmt: skip
+STREAMABLE = {
+    "rnn": {"op": "RNN"},
+    "rnn-relu-clip": {"op": "RNN", "activations": ["Relu"], "clip": 0.8},
+    "rnn-leakyrelu-alpha": {"op": "RNN", "activations": ["LeakyRelu"], "activation_alpha": [0.3]},
+    "rnn-no-bias": {"op": "RNN", "bias": False},
+    "gru-linear-before-reset-0": {"op": "GRU", "linear_before_reset": 0},
+    "gru-linear-before-reset-1": {"op": "GRU", "linear_before_reset": 1},
+    "gru-clip": {"op": "GRU", "clip": 0.5, "linear_before_reset": 1},
+    "lstm": {"op": "LSTM"},
+    "lstm-peepholes": {"op": "LSTM", "peepholes": True},
+    "lstm-input-forget": {"op": "LSTM", "input_forget": 1},
+    "lstm-alpha-beta-activations": {"op": "LSTM", **ALPHA_BETA},
+    "lstm-clip-peepholes-no-bias": {"op": "LSTM", "clip": 0.4, "peepholes": True, "bias": False},
+    "lstm-initial-state-inputs": {"op": "LSTM", "init": "input"},
+    "lstm-learned-initial-state": {"op": "LSTM", "init": "const"},
+    "gru-learned-initial-state": {"op": "GRU", "init": "const"},
+    "lstm-layout-1": {"op": "LSTM", "layout": 1},
+    "lstm-layout-1-initial-state-inputs": {"op": "LSTM", "layout": 1, "init": "input"},
+    "gru-layout-1-learned-initial-state": {"op": "GRU", "layout": 1, "init": "const"},
+    "lstm-only-Y": {"op": "LSTM", "outputs": ("Y",)},
+    "gru-only-Y_h": {"op": "GRU", "outputs": ("Y_h",)},
+    "lstm-only-Y_c": {"op": "LSTM", "outputs": ("Y_c",)},
+    "gru-gemm-head-on-Y_h": {"op": "GRU", "head": "gemm", "act": "Tanh"},
+    "gru-gemm-head-on-flattened-Y": {"op": "GRU", "head": "flat-gemm"},
+    "lstm-matmul-add-head": {"op": "LSTM", "head": "matmul"},
+} | {f"rnn-matmul-add-{a.lower()}": {"op": "RNN", "head": "matmul", "act": a}
+     for a in ("Relu", "Tanh", "Sigmoid", "Softmax", "LeakyRelu")}  # fmt: skip
+RUN_ONLY = {"gru-sequence-lens": {"op": "GRU", "seq_lens": True}}
+
+
+def _params(cases: dict) -> list:
+    return [pytest.param(v, id=k) for k, v in cases.items()]
+
+
+def _reference(spec: dict, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """ONNX Runtime's outputs; it refuses layout 1, so that runs as layout 0 on swapped axes."""
+    if spec.get("layout", 0) == 0:
+        return _ort(_spec_graph(**spec), feeds)
+    swapped = {k: v.swapaxes(0, 1) for k, v in feeds.items()}
+    outs = _ort(_spec_graph(**{**spec, "layout": 0}), swapped)
+    return [y.transpose(2, 0, 1, 3) if y.ndim == 4 else y.swapaxes(0, 1) for y in outs]
+
+
+def _saved(spec: dict, tmp_path: Path) -> tuple[onnx.ModelProto, Path]:
+    model = _spec_graph(**spec)
+    onnx.save(model, tmp_path / "spec.onnx")
+    return model, tmp_path / "spec.onnx"
+
+
+def _spec_feeds(model: onnx.ModelProto, batch: int) -> dict[str, np.ndarray]:
+    rng, feeds = np.random.default_rng(3), {}
+    for i in model.graph.input:
+        dims = [d.dim_value or (SPEC_STEPS if d.dim_param == "time" else batch)
+                for d in i.type.tensor_type.shape.dim]  # fmt: skip
+        feeds[i.name] = rng.standard_normal(dims).astype(np.float32)
+    if "sequence_lens" in feeds:
+        feeds["sequence_lens"] = np.array([SPEC_STEPS, 2, 0][:batch], np.int32)
+    return feeds
+
+
+@pytest.mark.parametrize("spec", _params(STREAMABLE | RUN_ONLY))
+def test_a_spec_graph_runs_like_onnx_runtime(spec, tmp_path):
+    model, path = _saved(spec, tmp_path)
+    feeds = _spec_feeds(model, 1 if spec.get("init") == "const" else 3)  # learned: batch 1
+    loaded = edgeseq.load(path)
+    print(f"{spec}: plan={loaded.plan is not None} ({loaded.plan_note})")
+    _assert_outputs(loaded.run(feeds), _reference(spec, feeds))
+
+
+@pytest.mark.parametrize("spec", _params(STREAMABLE))
+def test_streaming_a_spec_graph_equals_onnx_runtime_on_the_whole_sequence(spec, tmp_path):
+    """Step t's output is the first graph output after t + 1 samples (its last time step)."""
+    _, path = _saved(spec, tmp_path)
+    xs = np.random.default_rng(4).standard_normal((SPEC_STEPS, FEATURES)).astype(np.float32)
+    stream = edgeseq.load(path).stream()
+    got = np.stack([stream.step(x) for x in xs])
+    zeros = np.zeros((1, 1, SPEC_HIDDEN), np.float32)
+    states = {"initial_h": zeros} | ({"initial_c": zeros} if spec["op"] == "LSTM" else {})
+    states = states if spec.get("init") == "input" else {}
+    expected = []
+    for t in range(SPEC_STEPS):
+        prefix = xs[: t + 1, None] if spec.get("layout", 0) == 0 else xs[None, : t + 1]
+        expected.append(_reference(spec, {"X": prefix, **states})[0].ravel()[-got.shape[1] :])
+    np.testing.assert_allclose(got, np.stack(expected), rtol=0, atol=TOLERANCE)
+
+
+# A graph with a sequence_lens input streams too: each one-sample call has length 1.
+UNSTREAMABLE = {  # id: (spec, what stream() must name)
+    f"{op.lower()}-{d}": ({"op": op, "direction": d}, d)
+    for op in ("RNN", "GRU", "LSTM")
+    for d in ("reverse", "bidirectional")
+} | {
+    "gru-reverse-sequence-lens": ({"op": "GRU", "direction": "reverse", "seq_lens": True},
+                                  "reverse"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("spec", "cause"),
+    [pytest.param(spec, cause, id=k) for k, (spec, cause) in UNSTREAMABLE.items()],
+)  # fmt: skip
+def test_graphs_that_need_the_whole_sequence_run_but_refuse_to_stream(spec, cause, tmp_path):
+    model, path = _saved(spec, tmp_path)
+    feeds = _spec_feeds(model, 3)
+    loaded = edgeseq.load(path)
+    _assert_outputs(loaded.run(feeds), _ort(model, feeds))
+    with pytest.raises(ModelFormatError, match=cause):
+        loaded.stream()
