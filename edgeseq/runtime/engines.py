@@ -61,6 +61,7 @@ class KernelEngine:
         self.plan, self.kernels = plan, kernels
         self.n_outputs = plan.n_outputs
         self.scratch = np.zeros((3, plan.width), np.float32)  # (3, width), reused every step
+        self._step, self._code, self._params = kernels.step, plan.code, plan.params
         from numba import get_num_threads
 
         self.threads = get_num_threads()
@@ -73,6 +74,10 @@ class KernelEngine:
 
     def new_state(self) -> np.ndarray:
         return self.plan.initial_state.copy()
+
+    def direct_step(self, x: np.ndarray, state: np.ndarray, out: np.ndarray) -> int:
+        """step() with nothing between the caller and the kernel (Stream.step's fast path)."""
+        return self._step(self._code, self._params, x, state, self.scratch, out)
 
     def step(self, x: np.ndarray, state: np.ndarray, out: np.ndarray) -> int:
         return int(self.kernels.step(self.plan.code, self.plan.params, x, state, self.scratch, out))
