@@ -306,24 +306,10 @@ def demo(
     out: Annotated[Path, typer.Option(help="Run directory for the demo.")] = Path("runs/demo"),
     epochs: Annotated[int, typer.Option(help="Maximum epochs.")] = 60,
 ) -> None:
-    """Train a small LSTM forecaster on built-in pump data and show how it does."""
-    from edgeseq.data import Columns, from_frame
-    from edgeseq.datasets import pump_frame
-    from edgeseq.report import parity_line, predictions_table
-    from edgeseq.train import TrainConfig
+    """Train, export and stream a small LSTM forecaster on built-in pump data, end to end."""
+    from edgeseq.demo import run_demo
 
-    frame = pump_frame()
-    console.print(f"[bold]demo[/]: built-in pump data, {len(frame)} samples: {list(frame.columns)}")
-    columns = Columns(targets=("pressure",), features=("flow", "temperature"), time_col="t")
-    data = from_frame(frame, columns, source="built-in pump data")
-    cfg = TrainConfig(task="forecast", cell="lstm", hidden=32, epochs=epochs, window=64)
-    result = _run_training(data, cfg, out, None, False)
-    console.print(predictions_table(result.evaluation.example, "pressure", last=8))
-    from edgeseq.export import export_checkpoint
-
-    with console.status("exporting to ONNX and proving parity..."):
-        meta = export_checkpoint(out, out / "model.onnx")
-    console.print(f"wrote {out / 'model.onnx'}: {parity_line(meta['parity'])}")
+    run_demo(out, epochs, console, _run_training)
 
 
 def main(argv: list[str] | None = None) -> int:
