@@ -7,6 +7,7 @@ and `edgeseq.export`, which are imported explicitly by whoever needs them.
 from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
+from typing import TYPE_CHECKING
 
 from edgeseq.errors import (
     CheckpointError,
@@ -21,6 +22,9 @@ try:
     __version__ = version("edgeseq")
 except PackageNotFoundError:  # pragma: no cover - running from a source tree without install
     __version__ = "0.0.0"
+
+if TYPE_CHECKING:  # for type checkers; at run time these import lazily (below)
+    from edgeseq.runtime import Model, Stream, StreamPool, load
 
 _RUNTIME = {"load", "Model", "Stream", "StreamPool"}
 
