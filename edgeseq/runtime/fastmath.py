@@ -26,12 +26,13 @@ B6 = np.float32(1.19825839466702e-06)
 HALF = np.float32(0.5)
 
 
-@njit(
-    cache=True,
-    inline="always",
-    fastmath={"reassoc", "contract", "arcp", "nsz", "afn"},
-    error_model="numpy",
-)
+# Every fast-math flag but "no NaNs/infinities" (the kernels' input checks must see a NaN), and
+# NumPy's error model (Python's checks every float division for zero, which stops vectorising).
+FASTMATH = {"reassoc", "contract", "arcp", "nsz", "afn"}
+inline_kernel = njit(cache=True, inline="always", fastmath=FASTMATH, error_model="numpy")
+
+
+@inline_kernel
 def tanh(x: np.float32) -> np.float32:
     x = min(max(x, -CLAMP), CLAMP)
     x2 = x * x
@@ -48,11 +49,6 @@ def tanh(x: np.float32) -> np.float32:
     return p / q
 
 
-@njit(
-    cache=True,
-    inline="always",
-    fastmath={"reassoc", "contract", "arcp", "nsz", "afn"},
-    error_model="numpy",
-)
+@inline_kernel
 def sigmoid(x: np.float32) -> np.float32:
     return HALF + HALF * tanh(HALF * x)

@@ -11,10 +11,8 @@ import numpy as np
 from numba import njit
 
 from edgeseq.runtime import kernels as k
-from edgeseq.runtime.fastmath import sigmoid, tanh
+from edgeseq.runtime.fastmath import FASTMATH, sigmoid, tanh
 from edgeseq.runtime.plan import Plan
-
-FASTMATH = k.FASTMATH
 
 
 @njit(cache=True, nogil=True, fastmath=FASTMATH, error_model="numpy")

@@ -18,10 +18,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from edgeseq.runtime.fastmath import sigmoid, tanh
+from edgeseq.runtime.fastmath import FASTMATH, inline_kernel, sigmoid, tanh
 
-# Every fast-math flag but "no NaNs/infinities": the input checks below must see a NaN.
-FASTMATH = {"reassoc", "contract", "arcp", "nsz", "afn"}
 CODE_WIDTH = 10
 OP_AFFINE, OP_RNN, OP_LSTM, OP_GRU, OP_DENSE, OP_ACT, OP_SOFTMAX = range(7)
 ACT_RELU, ACT_TANH, ACT_SIGMOID, ACT_LEAKY_RELU, ACT_IDENTITY = range(5)
@@ -29,7 +27,7 @@ ONE = np.float32(1.0)
 ZERO = np.float32(0.0)
 
 
-@njit(cache=True, inline="always", fastmath=FASTMATH, error_model="numpy")
+@inline_kernel
 def _matvec_into(out, params, off_wt, n_in, n_out, v):
     """out[:n_out] += v[:n_in] @ W, W stored row-major (n_in, n_out) at params[off_wt:].
 
@@ -57,13 +55,13 @@ def _matvec_into(out, params, off_wt, n_in, n_out, v):
         k += 1
 
 
-@njit(cache=True, inline="always", fastmath=FASTMATH, error_model="numpy")
+@inline_kernel
 def _copy(dst, src, n):
     for j in range(n):
         dst[j] = src[j]
 
 
-@njit(cache=True, inline="always", fastmath=FASTMATH, error_model="numpy")
+@inline_kernel
 def _activate(kind, alpha, v):
     if kind == ACT_TANH:
         return tanh(v)
@@ -76,7 +74,7 @@ def _activate(kind, alpha, v):
     return v
 
 
-@njit(cache=True, inline="always", fastmath=FASTMATH, error_model="numpy")
+@inline_kernel
 def _rnn(row, params, cur, nxt, state, gates):
     """h = f(W x + R h + Wb + Rb); row: I, H, off_wt (I+H, H), off_b, off_h, act, off_alpha."""
     n_in, hid, off_wt, off_b, off_h, act = row[1], row[2], row[3], row[4], row[5], row[6]
@@ -91,7 +89,7 @@ def _rnn(row, params, cur, nxt, state, gates):
     return hid
 
 
-@njit(cache=True, inline="always", fastmath=FASTMATH, error_model="numpy")
+@inline_kernel
 def _lstm(row, params, cur, nxt, state, gates):
     """ONNX LSTM step, gates i, o, f, c; row: I, H, off_wt (I+H, 4H), off_b (4H), off_h, off_c."""
     n_in, hid, off_wt, off_b, off_h, off_c = row[1], row[2], row[3], row[4], row[5], row[6]
@@ -110,7 +108,7 @@ def _lstm(row, params, cur, nxt, state, gates):
     return hid
 
 
-@njit(cache=True, inline="always", fastmath=FASTMATH, error_model="numpy")
+@inline_kernel
 def _gru(row, params, cur, nxt, state, gates):
     """ONNX GRU step, gates z, r, h; row: I, H, off_wx (I, 3H), off_rh (H, 3H), off_wb, off_rb,
     off_h, linear_before_reset."""
@@ -148,7 +146,7 @@ def _gru(row, params, cur, nxt, state, gates):
     return hid
 
 
-@njit(cache=True, inline="always", fastmath=FASTMATH, error_model="numpy")
+@inline_kernel
 def _elementwise(row, params, cur, nxt):
     op, n = row[0], row[1]
     if op == OP_AFFINE:  # v * scale + shift
@@ -172,7 +170,7 @@ def _elementwise(row, params, cur, nxt):
     return n
 
 
-@njit(cache=True, inline="always", fastmath=FASTMATH, error_model="numpy")
+@inline_kernel
 def _advance(code, params, x, state, scratch, out):
     """Advance one stream by one sample: x (F,) -> out (n_out,); state updated in place.
 
