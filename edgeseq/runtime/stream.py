@@ -52,7 +52,12 @@ class Stream:
 
     def step(self, x: Any) -> np.ndarray:
         """Feed one sample; return the model's output for it."""
-        if type(x) is np.ndarray and x.dtype == np.float32 and x.shape == self._shape:
+        if (
+            type(x) is np.ndarray
+            and x.dtype == np.float32
+            and x.shape == self._shape
+            and x.flags.c_contiguous
+        ):
             arr = x  # the kernels copy it in; they never write to it
         else:
             arr = _sample(x, self.n_features)
