@@ -83,7 +83,7 @@ class Model:
         except NoPlan as why:
             self.plan_note = f"no fused plan: {why}"
             return None
-        except (EdgeseqError, ValueError, IndexError, StopIteration) as exc:
+        except (EdgeseqError, ValueError, IndexError) as exc:
             self.plan_note = f"fused plan refused: checking it failed ({type(exc).__name__}: {exc})"
             return None
         if gap > PLAN_TOLERANCE:

@@ -324,7 +324,9 @@ def batch_time_axes(graph_input_dims: list[int | str]) -> tuple[int, int]:
 def to_btf(y: np.ndarray, batch: int, steps: int, time_first: bool) -> np.ndarray:
     """A graph output as (batch, time, features), whatever axes its producer used."""
     if time_first:
-        axis = next(i for i in range(1, y.ndim) if y.shape[i] == batch)
+        axis = next((i for i in range(1, y.ndim) if y.shape[i] == batch), None)
+        if axis is None:
+            raise NoPlan(f"the output {y.shape} has no batch axis of size {batch}")
         y = np.moveaxis(y, axis, 0)
     return y.reshape(batch, steps, -1)
 
