@@ -143,7 +143,8 @@ class StreamPool:
             raise ShapeError(
                 f"{len(ids)} ids (distinct: {len(set(ids))}) for {block.shape[0]} rows"
             )
-        missing = sum(1 for i in ids if i not in self._rows)
+        found = list(map(self._rows.get, ids))  # one C-level pass; None marks a new stream
+        missing = found.count(None)
         if missing > len(self._free):
             raise UsageError(
                 f"{missing} new streams do not fit: the pool holds "
@@ -151,7 +152,7 @@ class StreamPool:
             )
         if not np.isfinite(block).all():  # before new ids take rows; the kernels re-check
             _refuse(int(np.flatnonzero(~np.isfinite(block))[0]), block, "X")
-        rows = [self._row(i) for i in ids]
+        rows: list[int] = [self._row(i) for i in ids] if missing else found  # type: ignore[assignment]
         out = np.empty((block.shape[0], self._engine.n_outputs), np.float32)
         if self._table is not None:
             index = np.asarray(rows, np.int64)
