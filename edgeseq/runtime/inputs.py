@@ -11,7 +11,7 @@ from onnx import helper
 
 from edgeseq.errors import EdgeseqError, ModelFormatError
 from edgeseq.runtime.graph import Graph
-from edgeseq.runtime.plan import batch_time_axes
+from edgeseq.runtime.verify import batch_time_axes
 
 MAX_FEATURES = 1 << 20
 

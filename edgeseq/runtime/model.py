@@ -18,8 +18,9 @@ from edgeseq.runtime.engines import Engine, GraphEngine, KernelEngine, OrtEngine
 from edgeseq.runtime.graph import Graph
 from edgeseq.runtime.inputs import read_inputs
 from edgeseq.runtime.loader import read_model
-from edgeseq.runtime.plan import NoPlan, Plan, build_plan, verify
+from edgeseq.runtime.plan import NoPlan, Plan, build_plan
 from edgeseq.runtime.stream import Stream, StreamPool
+from edgeseq.runtime.verify import verify
 
 BACKENDS = ("numba", "onnxruntime", "numpy")
 PLAN_TOLERANCE = 1e-4  # relative gap allowed between a fused plan and the graph it replaces
