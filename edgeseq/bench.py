@@ -160,6 +160,21 @@ def _throughput(fn: Any, samples_per_call: int, seconds: float = 0.5) -> float:
     return calls * samples_per_call / (time.perf_counter() - start)
 
 
+def _feed_others(path: Path, model: Model, block: np.ndarray) -> dict[str, float]:
+    """us per sample of a whole block on the other backends (numpy on a tenth of it)."""
+    session = _ort_session(path)
+    names = [i.name for i in session.get_inputs()]
+    feeds = {names[0]: block[None]}
+    for spec in session.get_inputs()[1:]:
+        feeds[spec.name] = np.zeros(
+            [d if isinstance(d, int) else 1 for d in spec.shape], np.float32
+        )
+    ort_us = 1e6 / _throughput(lambda: session.run(None, feeds), len(block))
+    numpy_stream, short = load(path, backend="numpy").stream(), block[: len(block) // 10]
+    numpy_us = 1e6 / _throughput(lambda: numpy_stream.feed(short), len(short), seconds=0.2)
+    return {"onnxruntime (one run() on the whole block)": ort_us, "numpy": numpy_us}
+
+
 def measure(path: str | Path, calls: int = 20_000) -> dict[str, Any]:
     """Every figure for one model (see the module docstring)."""
     path = Path(path)
@@ -178,6 +193,7 @@ def measure(path: str | Path, calls: int = 20_000) -> dict[str, Any]:
     result["c_step_us"] = None if c_ns is None else c_ns / 1e3
     stream, block = model.stream(), _inputs(model, FEED_STEPS)
     result["feed_us_per_sample"] = 1e6 / _throughput(lambda: stream.feed(block), FEED_STEPS)
+    result["feed_other"] = _feed_others(path, model, block)
     result["pool"] = {}
     for size in POOL_SIZES:
         pool = model.pool(capacity=size)

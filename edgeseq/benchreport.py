@@ -97,7 +97,10 @@ def markdown(results: list[dict[str, Any]], command: str) -> str:
             )
         lines += [
             "",
-            f"`feed` over {10_000:,} samples: {r['feed_us_per_sample']:.2f} us per sample.",
+            f"`feed` over {10_000:,} samples: {r['feed_us_per_sample']:.2f} us per sample "
+            + "("
+            + ", ".join(f"{k} {v:.2f}" for k, v in r.get("feed_other", {}).items())
+            + ").",
             "",
             "| streams | edgeseq pool samples/s | ONNX Runtime batch samples/s |",
             "|---:|---:|---:|",
