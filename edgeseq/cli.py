@@ -18,6 +18,7 @@ from rich.markdown import Markdown
 
 from edgeseq import __version__
 from edgeseq.errors import EdgeseqError
+from edgeseq.serve_cli import serve
 
 if TYPE_CHECKING:  # the training side imports torch; the CLI loads it only when a command runs
     from edgeseq.data import Dataset
@@ -310,6 +311,9 @@ def demo(
     from edgeseq.demo import run_demo
 
     run_demo(out, epochs, console, _run_training)
+
+
+app.command()(serve)
 
 
 def main(argv: list[str] | None = None) -> int:

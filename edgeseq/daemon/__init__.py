@@ -1,0 +1,1 @@
+"""The streaming inference daemon behind `edgeseq serve` (see service.Daemon)."""

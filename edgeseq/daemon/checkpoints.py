@@ -1,0 +1,85 @@
+"""The stream table on disk: `<state-dir>/state.npz`, restored at start, written periodically and
+on the way out.
+
+Writing is runtime.state's atomic snapshot (temp file, fsync, rename, fsync the folder), so after
+`kill -9` at any instant the file is the previous complete checkpoint or the new one. The
+snapshot is taken between batches on the event loop (every state and its seq bookkeeping from
+the same instant) and written from a worker thread, so serving goes on while the disk works.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from pathlib import Path
+
+from edgeseq.daemon.table import StreamTable
+from edgeseq.errors import CheckpointError
+from edgeseq.runtime.state import load_snapshot, save_snapshot
+
+log = logging.getLogger("edgeseq.daemon")
+STATE_FILE = "state.npz"
+
+
+class Checkpointer:
+    def __init__(self, state_dir: str | Path, table: StreamTable) -> None:
+        self.dir, self.table = Path(state_dir), table
+        self.path = self.dir / STATE_FILE
+        self.last: float | None = None  # monotonic time of the last complete checkpoint
+        self.written = 0
+        self._lock = asyncio.Lock()
+
+    def prepare(self) -> None:
+        """Create the folder; remove temp files a killed writer left behind (never complete)."""
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise CheckpointError(f"cannot create state dir {self.dir}: {exc.strerror}") from None
+        for leftover in self.dir.glob(f".{STATE_FILE}.*.partial"):
+            leftover.unlink(missing_ok=True)
+
+    def restore(self, reset_on_model_change: bool) -> int:
+        """Load the last checkpoint into the table; the number of streams restored."""
+        if not self.path.exists():
+            return 0
+        snap = load_snapshot(self.path, None)  # validated; the fingerprint is checked below
+        fingerprint = self.table.model.fingerprint
+        if snap.fingerprint != fingerprint:
+            if not reset_on_model_change:
+                raise CheckpointError(
+                    f"{self.path} holds states of model {snap.fingerprint[:12]}, but the model "
+                    f"loaded is {fingerprint[:12]}; start with --reset-on-model-change to "
+                    "discard those states"
+                )
+            aside = self.path.with_name(f"{STATE_FILE}.{snap.fingerprint[:12]}.discarded")
+            self.path.replace(aside)
+            log.warning(
+                "model changed: saved states discarded",
+                extra={"saved_model": snap.fingerprint[:12], "moved_to": str(aside)},
+            )
+            return 0
+        self.table.restore(snap)
+        self.last = time.monotonic()
+        log.info("states restored", extra={"streams": len(snap.ids), "created": snap.created})
+        return len(snap.ids)
+
+    def write_now(self) -> None:
+        """Synchronous checkpoint (on shutdown)."""
+        states, extra = self.table.snapshot()
+        save_snapshot(self.path, self.table.model.fingerprint, states, extra)
+        self._done(len(states))
+
+    async def write(self) -> None:
+        """Snapshot now, write in a worker thread; one write at a time."""
+        async with self._lock:
+            states, extra = self.table.snapshot()
+            fingerprint = self.table.model.fingerprint
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(None, save_snapshot, self.path, fingerprint, states, extra)
+            self._done(len(states))
+
+    def _done(self, streams: int) -> None:
+        self.last = time.monotonic()
+        self.written += 1
+        log.debug("checkpoint written", extra={"streams": streams, "path": str(self.path)})

@@ -1,0 +1,155 @@
+"""The daemon's knobs: defaults, a TOML file (`--config`), then command-line overrides.
+
+Read once at start (and again on reload). A config file is untrusted input: unknown keys, wrong
+types and out-of-range values are refused with the key, the file and what was expected.
+Durations are seconds, or strings with a unit: "500ms", "30s", "10m", "1h".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from edgeseq.errors import UsageError
+
+DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+UNIT_SECONDS = {"ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+LOG_LEVELS = ("debug", "info", "warning", "error")
+DURATIONS = {"idle_timeout", "max_wait", "checkpoint_interval", "watch_interval"}
+
+
+@dataclass
+class DaemonConfig:
+    """Every setting of `edgeseq serve`; the field names are the TOML keys."""
+
+    model: str = ""
+    backend: str = "numba"
+    format: str = "json"  # stdin: "json" lines or "csv" (id,seq,x1,...,xn)
+    listen: str | None = None  # tcp://HOST:PORT
+    mqtt: str | None = None  # mqtt://HOST:PORT
+    mqtt_in: str = "edgeseq/+/in"  # "+" is the stream id
+    mqtt_out: str = "edgeseq/{id}/out"
+    mqtt_status: str = "edgeseq/status"
+    mqtt_qos: int = 1
+    mqtt_client_id: str = "edgeseq-serve"
+    max_streams: int = 10_000
+    idle_timeout: float = 600.0
+    max_batch: int = 256
+    max_wait: float = 0.001
+    queue_size: int = 10_000
+    max_line_bytes: int = 65_536
+    state_dir: str | None = None
+    checkpoint_interval: float = 30.0
+    reset_on_model_change: bool = False
+    watch: bool = False
+    watch_interval: float = 1.0
+    metrics: str | None = None  # HOST:PORT
+    log_level: str = "info"
+    log_format: str = "json"  # "json" lines or "text"
+
+    def check(self) -> DaemonConfig:
+        """Refuse values that cannot work, naming the setting."""
+        _one_of("backend", self.backend, ("numba", "numpy", "onnxruntime"))
+        _one_of("format", self.format, ("json", "csv"))
+        _one_of("log_level", self.log_level, LOG_LEVELS)
+        _one_of("log_format", self.log_format, ("json", "text"))
+        _one_of("mqtt_qos", self.mqtt_qos, (0, 1))
+        for name in ("max_streams", "max_batch", "queue_size", "max_line_bytes"):
+            if getattr(self, name) < 1:
+                raise UsageError(f"{name} is {getattr(self, name)}; expected an integer >= 1")
+        for name in ("idle_timeout", "checkpoint_interval", "watch_interval"):
+            if getattr(self, name) <= 0:
+                raise UsageError(f"{name} is {getattr(self, name)}; expected a duration > 0")
+        if self.max_wait < 0:
+            raise UsageError(f"max_wait is {self.max_wait}; expected a duration >= 0")
+        if self.listen is not None:
+            parse_address(self.listen, "listen", "tcp")
+        if self.mqtt is not None:
+            parse_address(self.mqtt, "mqtt", "mqtt")
+        if self.metrics is not None:
+            parse_address(self.metrics, "metrics", None)
+        if self.mqtt_in.count("+") != 1 or "#" in self.mqtt_in:
+            raise UsageError(
+                f"mqtt_in is {self.mqtt_in!r}; expected a topic with one '+' for the stream id"
+            )
+        if "{id}" not in self.mqtt_out:
+            raise UsageError(f"mqtt_out is {self.mqtt_out!r}; expected a topic containing {{id}}")
+        if not self.model:
+            raise UsageError("no model: give MODEL.onnx or `model` in the config file")
+        return self
+
+
+def parse_address(text: str, what: str, scheme: str | None) -> tuple[str, int]:
+    """ "tcp://HOST:PORT" (or "HOST:PORT" where no scheme is needed) -> (host, port)."""
+    url = urlsplit(text if "://" in text else f"//{text}")
+    if scheme is not None and url.scheme != scheme:
+        raise UsageError(f"{what} is {text!r}; expected {scheme}://HOST:PORT")
+    try:
+        port = url.port
+    except ValueError:
+        port = None
+    if port is None or not url.hostname:
+        raise UsageError(f"{what} is {text!r}; expected {scheme or ''}{'://' if scheme else ''}"
+                         "HOST:PORT with a port number")  # fmt: skip
+    return url.hostname, port
+
+
+def parse_duration(value: Any, name: str) -> float:
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    match = DURATION.match(value) if isinstance(value, str) else None
+    if match is None:
+        raise UsageError(
+            f"{name} is {value!r}; expected seconds or a duration like 500ms, 30s, 10m, 1h"
+        )
+    return float(match.group(1)) * UNIT_SECONDS[match.group(2)]
+
+
+def _one_of(name: str, value: object, allowed: tuple[object, ...]) -> None:
+    if value not in allowed:
+        raise UsageError(f"{name} is {value!r}; expected one of {', '.join(map(repr, allowed))}")
+
+
+def _coerce(name: str, value: Any, kind: str, where: str) -> Any:
+    if name in DURATIONS:
+        return parse_duration(value, f"{name} ({where})")
+    ok = {
+        "int": isinstance(value, int) and not isinstance(value, bool),
+        "bool": isinstance(value, bool),
+        "str": isinstance(value, str),
+        "str | None": isinstance(value, str),
+        "float": isinstance(value, int | float) and not isinstance(value, bool),
+    }.get(kind, False)
+    if not ok:
+        expected = kind.replace(" | None", "")
+        raise UsageError(f"{name} is {value!r} in {where}; expected a {expected}")
+    return float(value) if kind == "float" else value
+
+
+def build_config(path: Path | None, overrides: dict[str, Any]) -> DaemonConfig:
+    """Defaults, then the TOML file, then `overrides` (None means "not given")."""
+    fields = {f.name: str(f.type) for f in dataclasses.fields(DaemonConfig)}
+    values: dict[str, Any] = {}
+    if path is not None:
+        try:
+            table = tomllib.loads(path.read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise UsageError(f"cannot read config {path}: {exc.strerror or exc}") from None
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise UsageError(f"config {path} is not valid TOML: {exc}") from None
+        for key, value in table.items():
+            name = key.replace("-", "_")
+            if name not in fields:
+                raise UsageError(
+                    f"unknown setting {key!r} in {path}; known: {', '.join(sorted(fields))}"
+                )
+            values[name] = _coerce(name, value, fields[name], str(path))
+    for name, value in overrides.items():
+        if value is not None:
+            values[name] = _coerce(name, value, fields[name], "the command line")
+    return DaemonConfig(**values).check()

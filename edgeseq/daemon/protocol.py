@@ -1,0 +1,184 @@
+"""The wire format (DESIGN.md): one JSON object per line in, one per line out.
+
+In:  {"id": "pump-7", "seq": 42, "x": [0.4, 1.2, 0.0]}   (+ optional "reset": true, "end": true)
+Out: {"id": "pump-7", "seq": 42, "y": [...]}
+Bad: {"id": ..., "seq": ..., "error": {"code": "...", "message": "..."}}
+
+Everything a client sends is checked here, before it can reach a stream: a message that fails
+any check becomes a `BadMessage` with a stable `code`, and no state is touched. CSV lines
+(`id,seq,x1,...,xn`) parse to the same `Sample`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from typing import Any
+
+MAX_ID_CHARS = 256
+FIELDS = frozenset({"id", "seq", "x", "reset", "end"})
+
+
+class BadMessage(Exception):
+    """A message refused at the edge: `code` is stable (clients and metrics key on it)."""
+
+    def __init__(self, code: str, message: str, stream_id: Any = None, seq: Any = None) -> None:
+        super().__init__(message)
+        self.code, self.message, self.stream_id, self.seq = code, message, stream_id, seq
+
+
+@dataclass(slots=True)
+class Sample:
+    """One validated message for one stream; `x` is None for a bare reset or end."""
+
+    stream_id: str
+    seq: int | None
+    x: list[float] | None
+    reset: bool = False
+    end: bool = False
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_id(value: object, seq: Any) -> str:
+    if value is None:
+        raise BadMessage("missing_id", 'the message has no "id"; expected a string', None, seq)
+    if not isinstance(value, str) or not value or len(value) > MAX_ID_CHARS:
+        raise BadMessage(
+            "bad_id",
+            f'"id" is {_brief(value)}; expected a non-empty string of at most {MAX_ID_CHARS} '
+            "characters",
+            None,
+            seq,
+        )
+    return value
+
+
+def _check_seq(value: object, sid: str) -> int | None:
+    if value is None:
+        return None
+    if not _is_int(value) or value < 0:  # type: ignore[operator]
+        raise BadMessage(
+            "bad_seq", f'"seq" is {_brief(value)}; expected an integer >= 0', sid, None
+        )
+    return int(value)  # type: ignore[call-overload]
+
+
+def _check_x(value: object, n_features: int, sid: str, seq: int | None) -> list[float]:
+    if not isinstance(value, list):
+        raise BadMessage(
+            "bad_x", f'"x" is {_brief(value)}; expected a list of {n_features} numbers', sid, seq
+        )
+    if len(value) != n_features:
+        raise BadMessage(
+            "wrong_features",
+            f'"x" has {len(value)} values; the model expects {n_features}',
+            sid,
+            seq,
+        )
+    for i, v in enumerate(value):
+        if not isinstance(v, int | float) or isinstance(v, bool):
+            raise BadMessage("bad_x", f'"x"[{i}] is {_brief(v)}; expected a number', sid, seq)
+        if not math.isfinite(v):
+            raise BadMessage("not_finite", f'"x"[{i}] is {v}; expected a finite number', sid, seq)
+    return [float(v) for v in value]
+
+
+def _check_flag(message: dict[str, Any], name: str, sid: str, seq: int | None) -> bool:
+    value = message.get(name, False)
+    if not isinstance(value, bool):
+        raise BadMessage(
+            "bad_control", f'"{name}" is {_brief(value)}; expected true or false', sid, seq
+        )
+    return value
+
+
+def sample_from_object(message: object, n_features: int) -> Sample:
+    """Validate one decoded JSON message (also MQTT payloads)."""
+    if not isinstance(message, dict):
+        raise BadMessage("bad_json", f"the message is {_brief(message)}; expected a JSON object")
+    raw_seq = message.get("seq")
+    sid = _check_id(message.get("id"), raw_seq if _is_int(raw_seq) else None)
+    seq = _check_seq(raw_seq, sid)
+    unknown = sorted(set(message) - FIELDS)
+    if unknown:
+        raise BadMessage(
+            "unknown_field",
+            f"unknown field(s) {', '.join(map(repr, unknown))}; expected {sorted(FIELDS)}",
+            sid,
+            seq,
+        )
+    reset, end = _check_flag(message, "reset", sid, seq), _check_flag(message, "end", sid, seq)
+    if "x" not in message:
+        if not (reset or end):
+            raise BadMessage(
+                "missing_x", 'the message has no "x" (and no "reset" or "end")', sid, seq
+            )
+        return Sample(sid, seq, None, reset, end)
+    return Sample(sid, seq, _check_x(message["x"], n_features, sid, seq), reset, end)
+
+
+def parse_json(line: bytes, n_features: int, max_bytes: int) -> Sample:
+    """One JSON line -> Sample, or BadMessage."""
+    if len(line) > max_bytes:
+        raise BadMessage("too_long", f"the line has {len(line)} bytes; the limit is {max_bytes}")
+    try:
+        message = json.loads(line)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise BadMessage("bad_json", f"the line is not valid JSON: {_brief(str(exc))}") from None
+    return sample_from_object(message, n_features)
+
+
+def parse_csv(line: bytes, n_features: int, max_bytes: int) -> Sample:
+    """One `id,seq,x1,...,xn` line -> Sample, or BadMessage (seq may be empty)."""
+    if len(line) > max_bytes:
+        raise BadMessage("too_long", f"the line has {len(line)} bytes; the limit is {max_bytes}")
+    try:
+        cells = line.decode("utf-8").strip().split(",")
+    except UnicodeDecodeError:
+        raise BadMessage("bad_csv", "the line is not UTF-8 text") from None
+    sid = cells[0].strip() or None
+    seq_text = cells[1].strip() if len(cells) > 1 else ""
+    seq: Any = None
+    if seq_text:
+        try:
+            seq = int(seq_text)
+        except ValueError:
+            seq = seq_text
+    values: list[Any] = []
+    for cell in cells[2:]:
+        try:
+            values.append(float(cell))
+        except ValueError:
+            values.append(cell.strip())
+    return sample_from_object({"id": sid, "seq": seq, "x": values}, n_features)
+
+
+def answer(sid: str, seq: int | None, y: list[float], **extra: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {"id": sid, "seq": seq, "y": y}
+    out.update(extra)
+    return out
+
+
+def error(code: str, message: str, sid: Any = None, seq: Any = None) -> dict[str, Any]:
+    return {"id": sid, "seq": seq, "error": {"code": code, "message": message}}
+
+
+def encode(obj: dict[str, Any]) -> bytes:
+    return json.dumps(obj, separators=(",", ":"), allow_nan=False).encode("utf-8") + b"\n"
+
+
+def _brief(value: object) -> str:
+    text = json.dumps(value) if _jsonable(value) else repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _jsonable(value: object) -> bool:
+    try:
+        json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError):
+        return False
+    return True

@@ -1,0 +1,255 @@
+"""The daemon's life: load the model, restore states, open the inputs, serve until told to stop,
+then answer what is queued and write a last checkpoint.
+
+Signals: SIGTERM/SIGINT stop cleanly; SIGHUP (or a change of the model file with --watch)
+reloads the model without dropping a connection. Periodic work (idle expiry, checkpoints, the
+systemd watchdog, the model-file watch) runs as tasks on the same event loop as the batcher, so
+it always sees the table between two batches.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import time
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any
+
+import numpy as np
+
+from edgeseq.daemon.batcher import Batcher
+from edgeseq.daemon.checkpoints import Checkpointer
+from edgeseq.daemon.config import DaemonConfig, parse_address
+from edgeseq.daemon.metrics import Metrics, age, serve_metrics
+from edgeseq.daemon.systemd import Notifier
+from edgeseq.daemon.table import StreamTable
+from edgeseq.errors import EdgeseqError
+from edgeseq.runtime import Model, load
+
+log = logging.getLogger("edgeseq.daemon")
+
+
+class Daemon:
+    def __init__(self, config: DaemonConfig) -> None:
+        self.config = config
+        self.metrics = Metrics()
+        self.notifier = Notifier()
+        self.model = self._load()
+        self.table = StreamTable(self.model, config.max_streams)
+        self.table.on_step = self._stepped
+        self.table.on_event = self._event
+        self.checkpointer = (
+            Checkpointer(config.state_dir, self.table) if config.state_dir is not None else None
+        )
+        self.transports: list[Any] = []
+        self.stopping = asyncio.Event()
+        self._reloading = False
+        self._background: set[asyncio.Future[Any]] = set()
+        self.batcher: Batcher | None = None
+
+    def _load(self) -> Model:
+        start = time.perf_counter()
+        model = load(self.config.model, self.config.backend)
+        model.stream()  # refuses a model that cannot stream (bidirectional...) now, not later
+        warm = model.pool(1)  # loads the batched kernels now, so the first answer is prompt
+        warm.step(["warm-up"], np.zeros((1, model.n_features), np.float32))
+        seconds = round(time.perf_counter() - start, 3)
+        fields = {"path": self.config.model, "fingerprint": model.fingerprint[:12]}
+        log.info("model loaded", extra={**fields, "seconds": seconds, "plan": model.plan_note})
+        self.metrics.set_model(model.fingerprint, str(self.config.model))
+        return model
+
+    def _stepped(self, streams: int, seconds: float) -> None:
+        self.metrics.batch.observe(streams)
+        self.metrics.step.observe(seconds)
+
+    def _event(self, event: str, label: str) -> None:
+        if event == "gap":
+            self.metrics.gaps.inc()
+        elif event == "eviction":
+            self.metrics.evictions.labels(label).inc()
+
+    async def run(self) -> int:
+        """Serve until stopped; the exit code."""
+        loop = asyncio.get_running_loop()
+        self.batcher = batcher = Batcher(self.config, self.table, self.metrics)
+        if self.checkpointer is not None:
+            self.checkpointer.prepare()
+            self.checkpointer.restore(self.config.reset_on_model_change)
+        self._track()
+        metrics_server = self._serve_metrics()
+        await self._open_transports(batcher)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stopping.set)
+        loop.add_signal_handler(signal.SIGHUP, lambda: self._spawn(self.reload()))
+        tasks = [asyncio.create_task(batcher.run(), name="batcher")]
+        tasks += [asyncio.create_task(job(), name=job.__name__) for job in self._periodic()]
+        self.metrics.ready = True
+        self.notifier.ready(f"serving {os.path.basename(self.config.model)}")
+        log.info("ready", extra={"streams": len(self.table), "pid": os.getpid()})
+        await self.stopping.wait()
+        await self._shutdown(tasks, batcher)
+        if metrics_server is not None:
+            metrics_server.shutdown()
+        return 0
+
+    def _track(self) -> None:
+        self.metrics.track("streams", lambda: len(self.table))
+        self.metrics.track("queue", lambda: self.batcher.queue.qsize() if self.batcher else 0)
+        checkpointer = self.checkpointer
+        last = (lambda: checkpointer.last) if checkpointer is not None else (lambda: None)
+        self.metrics.track("checkpoint_age", age(last))
+
+    def _serve_metrics(self) -> Any:
+        if self.config.metrics is None:
+            return None
+        host, port = parse_address(self.config.metrics, "metrics", None)
+        try:
+            server = serve_metrics(self.metrics, host, port)
+        except OSError as exc:
+            raise EdgeseqError(f"cannot serve metrics on {host}:{port}: {exc.strerror}") from None
+        log.info("metrics", extra={"host": host, "port": server.server_port})
+        return server
+
+    async def _open_transports(self, batcher: Batcher) -> None:
+        status = {"model": self.model.fingerprint[:12], "pid": os.getpid()}
+        if self.config.listen is not None:
+            from edgeseq.daemon.transports.tcp import TcpTransport
+
+            host, port = parse_address(self.config.listen, "listen", "tcp")
+            self.transports.append(TcpTransport(batcher, host, port))
+        if self.config.mqtt is not None:
+            from edgeseq.daemon.transports.mqtt import MqttTransport
+
+            host, port = parse_address(self.config.mqtt, "mqtt", "mqtt")
+            self.transports.append(MqttTransport(batcher, host, port, status))
+        if not self.transports:
+            from edgeseq.daemon.transports.stdin import StdinTransport
+
+            stdin = StdinTransport(batcher)
+            self.transports.append(stdin)
+            self._spawn(self._stop_after(stdin.finished.wait()))
+        for transport in self.transports:
+            try:
+                await transport.start()
+            except OSError as exc:
+                raise EdgeseqError(f"cannot open {type(transport).__name__}: {exc}") from None
+
+    async def _stop_after(self, event: Awaitable[Any]) -> None:
+        await event
+        self.stopping.set()
+
+    def _periodic(self) -> list[Callable[[], Coroutine[Any, Any, None]]]:
+        jobs: list[Callable[[], Coroutine[Any, Any, None]]] = [self._expire_idle]
+        if self.checkpointer is not None:
+            jobs.append(self._checkpoint_periodically)
+        if self.notifier.watchdog_interval is not None:
+            jobs.append(self._watchdog)
+        if self.config.watch:
+            jobs.append(self._watch_model)
+        return jobs
+
+    async def _expire_idle(self) -> None:
+        every = min(self.config.idle_timeout / 4, 5.0)
+        while True:
+            await asyncio.sleep(every)
+            self.table.expire(self.config.idle_timeout)
+
+    async def _checkpoint_periodically(self) -> None:
+        assert self.checkpointer is not None
+        while True:
+            await asyncio.sleep(self.config.checkpoint_interval)
+            try:
+                await self.checkpointer.write()
+                self.metrics.checkpoints.inc()
+            except EdgeseqError as exc:
+                log.error("checkpoint failed", extra={"detail": str(exc)})
+
+    async def _watchdog(self) -> None:
+        assert self.notifier.watchdog_interval is not None
+        while True:
+            self.notifier.ping()
+            await asyncio.sleep(self.notifier.watchdog_interval)
+
+    async def _watch_model(self) -> None:
+        def signature() -> tuple[float, int] | None:
+            try:
+                st = os.stat(self.config.model)
+            except OSError:
+                return None
+            return st.st_mtime, st.st_size
+
+        seen = signature()
+        while True:
+            await asyncio.sleep(self.config.watch_interval)
+            now = signature()
+            if now is not None and now != seen:
+                seen = now
+                await self.reload()
+
+    async def reload(self) -> bool:
+        """Load the model file again; the table moves over (states kept if their shapes match)."""
+        if self._reloading:
+            return False
+        self._reloading = True
+        self.notifier.reloading()
+        try:
+            loop = asyncio.get_running_loop()
+            model = await loop.run_in_executor(None, self._load)
+        except EdgeseqError as exc:
+            self.metrics.reloads.labels("failed").inc()
+            log.error("reload failed; the previous model keeps serving", extra={"detail": str(exc)})
+            return False
+        finally:
+            self._reloading = False
+            self.notifier.ready("serving")
+        old = self.model.fingerprint
+        kept = self.table.swap_model(model)
+        self.model = model
+        self.metrics.set_model(model.fingerprint, str(self.config.model))
+        self.metrics.reloads.labels("ok").inc()
+        level = logging.INFO if kept else logging.WARNING
+        log.log(level, "model reloaded" if kept else "model reloaded; state shapes differ, "
+                "every stream was reset", extra={"old": old[:12], "new": model.fingerprint[:12],
+                                                  "streams": len(self.table)})  # fmt: skip
+        return True
+
+    def _spawn(self, work: Awaitable[Any]) -> None:
+        task = asyncio.ensure_future(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _shutdown(self, tasks: list[asyncio.Task[Any]], batcher: Batcher) -> None:
+        self.notifier.stopping()
+        log.info("stopping", extra={"queued": batcher.queue.qsize()})
+        for transport in self.transports:
+            if hasattr(transport, "server") and transport.server is not None:
+                transport.server.close()  # no new connections
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        batcher.drain_all()
+        if self.checkpointer is not None:
+            try:
+                self.checkpointer.write_now()
+            except EdgeseqError as exc:
+                log.error("final checkpoint failed", extra={"detail": str(exc)})
+        for transport in self.transports:
+            await transport.stop() if hasattr(transport, "stop") else None
+            if hasattr(transport, "close_connections"):
+                transport.close_connections()
+        log.info("stopped", extra={"streams": len(self.table)})
+
+
+def serve(config: DaemonConfig) -> int:
+    """Run the daemon in this thread until SIGTERM/SIGINT (or end of stdin)."""
+
+    async def main() -> int:
+        return await Daemon(config).run()
+
+    return asyncio.run(main())

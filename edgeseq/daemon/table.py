@@ -1,0 +1,188 @@
+"""The daemon's stream table: a StreamPool plus, per stream, what makes redelivery harmless.
+
+For every stream it remembers the last applied `seq` and the answer given to it, and when the
+stream was last heard from. `apply` takes one *round* (at most one sample per stream) and
+advances all of its streams in one batched pool step; duplicates are answered from memory,
+stale samples refused, and nothing is ever applied twice. Capacity and idle expiry live here
+too, so eviction is always counted and logged by the one place that does it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from edgeseq.daemon.protocol import Sample, answer, error
+from edgeseq.errors import EdgeseqError
+from edgeseq.runtime import Model, StreamPool
+from edgeseq.runtime.state import Snapshot, pool_snapshot, restore_pool
+
+log = logging.getLogger("edgeseq.daemon")
+
+
+@dataclass(slots=True)
+class StreamInfo:
+    seq: int | None = None  # last applied seq
+    y: list[float] | None = None  # the answer given to it
+    seen: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class Counters:
+    """What the table did; metrics read these (the table never imports prometheus)."""
+
+    applied: int = 0
+    duplicates: int = 0
+    gaps: int = 0
+    evictions: dict[str, int] = field(default_factory=lambda: {"idle": 0, "end": 0})
+
+
+class StreamTable:
+    """States and seq bookkeeping of every live stream, in one pool of `capacity` rows."""
+
+    def __init__(self, model: Model, capacity: int) -> None:
+        self.model, self.capacity = model, capacity
+        self.pool: StreamPool = model.pool(capacity)
+        self.info: dict[str, StreamInfo] = {}
+        self.counters = Counters()
+        self.on_step: Callable[[int, float], None] = lambda batch, seconds: None
+        self.on_event: Callable[[str, str], None] = lambda event, label: None  # gap, eviction
+
+    def __len__(self) -> int:
+        return len(self.info)
+
+    def apply(self, round_: list[Sample]) -> list[dict[str, Any]]:
+        """Answers for one round of samples, each for a different stream, in the same order."""
+        answers: list[dict[str, Any] | None] = [None] * len(round_)
+        step_at: list[int] = []
+        now = time.monotonic()
+        for k, sample in enumerate(round_):
+            refused = self._admit(sample, now)
+            if refused is not None:
+                answers[k] = refused
+            elif sample.x is not None:
+                step_at.append(k)
+        if step_at:
+            ids = [round_[k].stream_id for k in step_at]
+            xs = np.array([round_[k].x for k in step_at], np.float32)
+            start = time.perf_counter()
+            ys = self.pool.step(ids, xs).tolist()
+            self.on_step(len(ids), time.perf_counter() - start)
+            for k, y in zip(step_at, ys, strict=True):
+                sample, info = round_[k], self.info[round_[k].stream_id]
+                info.seq, info.y = sample.seq, y
+                answers[k] = answer(sample.stream_id, sample.seq, y)
+            self.counters.applied += len(ids)
+        for k, sample in enumerate(round_):
+            if answers[k] is None:  # a bare reset or end
+                answers[k] = {"id": sample.stream_id, "seq": sample.seq, "ok": True}
+            if sample.end and "error" not in answers[k] and "duplicate" not in answers[k]:  # type: ignore[operator]
+                self._drop(sample.stream_id, "end")
+        return answers  # type: ignore[return-value]
+
+    def _admit(self, sample: Sample, now: float) -> dict[str, Any] | None:
+        """Seq, capacity and reset checks for one sample; an answer if it must not be applied."""
+        sid, info = sample.stream_id, self.info.get(sample.stream_id)
+        if info is not None and sample.seq is not None and info.seq is not None:
+            if sample.seq == info.seq:
+                self.counters.duplicates += 1
+                info.seen = now
+                if info.y is None:
+                    return {"id": sid, "seq": sample.seq, "ok": True, "duplicate": True}
+                return answer(sid, sample.seq, info.y, duplicate=True)
+            if sample.seq < info.seq:
+                return error(
+                    "stale",
+                    f"seq {sample.seq} is older than the last applied seq {info.seq}; not applied",
+                    sid,
+                    sample.seq,
+                )
+            if sample.seq > info.seq + 1:
+                self.counters.gaps += 1
+                self.on_event("gap", "")
+        if sample.x is not None and len(sample.x) != self.model.n_features:  # after a reload
+            return error(
+                "wrong_features",
+                f'"x" has {len(sample.x)} values; the model expects {self.model.n_features}',
+                sid,
+                sample.seq,
+            )
+        if info is None:
+            if len(self.info) >= self.capacity:
+                return error(
+                    "capacity",
+                    f"the stream table is full ({self.capacity} streams); stream {sid!r} was "
+                    "not started (end idle streams, or raise --max-streams)",
+                    sid,
+                    sample.seq,
+                )
+            info = self.info[sid] = StreamInfo(seen=now)
+        info.seen = now
+        if sample.reset:
+            self.pool.reset(sid)
+        if sample.x is None:
+            if sid not in self.pool:
+                self.pool.reset(sid)  # a bare reset starts the stream
+            info.seq, info.y = sample.seq, None
+        return None
+
+    def _drop(self, sid: str, reason: str) -> None:
+        self.pool.evict(sid)
+        self.info.pop(sid, None)
+        self.counters.evictions[reason] = self.counters.evictions.get(reason, 0) + 1
+        self.on_event("eviction", reason)
+
+    def expire(self, idle_timeout: float, now: float | None = None) -> list[str]:
+        """Evict every stream not heard from for `idle_timeout` seconds; their ids."""
+        now = time.monotonic() if now is None else now
+        idle = [sid for sid, info in self.info.items() if now - info.seen >= idle_timeout]
+        for sid in idle:
+            self._drop(sid, "idle")
+            log.info("stream evicted", extra={"stream": sid, "reason": "idle"})
+        return idle
+
+    # -- persistence and reload ---------------------------------------------------------------
+
+    def snapshot(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(states, extra) for save_snapshot: states of every stream and their seq bookkeeping."""
+        states = pool_snapshot(self.pool)
+        extra = {
+            "seq": {sid: info.seq for sid, info in self.info.items()},
+            "y": {sid: info.y for sid, info in self.info.items()},
+        }
+        return states, extra
+
+    def restore(self, snap: Snapshot) -> None:
+        """Put a snapshot's streams back, with their seq numbers and last answers."""
+        restore_pool(self.pool, snap)
+        extra = snap.extra if isinstance(snap.extra, dict) else {}
+        seqs, ys = extra.get("seq") or {}, extra.get("y") or {}
+        now = time.monotonic()
+        for sid in snap.ids:
+            seq, y = seqs.get(sid), ys.get(sid)
+            ok_seq = isinstance(seq, int) and not isinstance(seq, bool) and seq >= 0
+            ok_y = isinstance(y, list) and all(isinstance(v, float | int) for v in y)
+            self.info[sid] = StreamInfo(seq if ok_seq else None, y if ok_y else None, now)
+
+    def swap_model(self, model: Model) -> bool:
+        """Move every stream onto `model`'s pool; True if states carried over, False if the new
+        model's state shapes differ and every stream was reset (seq bookkeeping is kept)."""
+        pool = model.pool(self.capacity)
+        kept = True
+        for sid in self.pool.ids:
+            try:
+                pool.set_state(sid, self.pool.state(sid))
+            except EdgeseqError:
+                kept = False
+                break
+        if not kept:
+            pool = model.pool(self.capacity)
+            for sid in self.info:
+                pool.reset(sid)
+        self.model, self.pool = model, pool
+        return kept

@@ -1,0 +1,140 @@
+"""MQTT (paho-mqtt): samples on `edgeseq/<id>/in`, answers on `edgeseq/<id>/out`, and a retained
+status topic with a last will, so a fleet dashboard sees "offline" when the daemon dies.
+
+QoS 1 is at-least-once: the broker may deliver a message again. Two things make that harmless.
+The session is persistent (clean_session=False, fixed client id) and a message is acknowledged
+only after its answer is published, so a sample in flight when the daemon dies is redelivered
+rather than lost; and per-stream `seq` numbers make a redelivered sample a duplicate that is
+answered from memory, never applied twice.
+
+paho runs its network loop in its own thread; messages cross to the event loop with
+call_soon_threadsafe. That thread cannot be slowed down, so a full queue drops the sample with
+an `overloaded` answer (counted), and acknowledges it: the client owns the retry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from typing import Any
+
+import paho.mqtt.client as mqtt
+
+from edgeseq.daemon.batcher import Batcher
+from edgeseq.daemon.protocol import BadMessage, sample_from_object
+
+log = logging.getLogger("edgeseq.daemon")
+
+
+class MqttTransport:
+    def __init__(self, batcher: Batcher, host: str, port: int, status: dict[str, Any]) -> None:
+        config = batcher.config
+        self.batcher, self.host, self.port, self.config = batcher, host, port, config
+        self._prefix, self._suffix = config.mqtt_in.split("+")
+        self._status = status
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.client = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2,
+            client_id=config.mqtt_client_id,
+            clean_session=False,
+            protocol=mqtt.MQTTv311,
+        )
+        self.client.manual_ack_set(True)
+        self.client.will_set(config.mqtt_status, self._status_payload("offline"), 1, retain=True)
+        self.client.reconnect_delay_set(min_delay=1, max_delay=30)
+        self.client.on_connect = self._on_connect
+        self.client.on_disconnect = self._on_disconnect
+        self.client.on_message = self._on_message
+
+    def _status_payload(self, state: str) -> bytes:
+        return json.dumps({"status": state, **self._status}).encode()
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        try:
+            self.client.connect_async(self.host, self.port, keepalive=30)
+        except (OSError, ValueError) as exc:
+            raise ConnectionError(f"mqtt://{self.host}:{self.port}: {exc}") from None
+        self.client.loop_start()
+        log.info(
+            "mqtt client started", extra={"transport": "mqtt", "broker": f"{self.host}:{self.port}"}
+        )
+
+    async def stop(self) -> None:
+        info = self.client.publish(self.config.mqtt_status, self._status_payload("offline"), 1,
+                                   retain=True)  # fmt: skip
+        with contextlib.suppress(RuntimeError, ValueError):
+            await asyncio.get_running_loop().run_in_executor(None, info.wait_for_publish, 2.0)
+        self.client.disconnect()
+        self.client.loop_stop()
+
+    # -- paho's thread -------------------------------------------------------------------------
+
+    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any,
+                    properties: Any) -> None:  # fmt: skip
+        if reason.is_failure:
+            log.error("mqtt connection refused", extra={"reason": str(reason)})
+            return
+        client.subscribe(self.config.mqtt_in, qos=self.config.mqtt_qos)
+        client.publish(self.config.mqtt_status, self._status_payload("online"), 1, retain=True)
+        log.info("mqtt connected", extra={"broker": f"{self.host}:{self.port}",
+                                          "topic": self.config.mqtt_in})  # fmt: skip
+
+    def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any,
+                       properties: Any) -> None:  # fmt: skip
+        log.warning("mqtt disconnected", extra={"reason": str(reason)})
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+        assert self._loop is not None
+        args = (message.topic, message.payload, message.mid, message.qos)
+        # A closed loop (shutting down) raises: not acknowledged, so the broker keeps it.
+        with contextlib.suppress(RuntimeError):
+            self._loop.call_soon_threadsafe(self._arrive, *args)
+
+    # -- the event loop ------------------------------------------------------------------------
+
+    def _arrive(self, topic: str, payload: bytes | bytearray, mid: int, qos: int) -> None:
+        topic_id = topic[len(self._prefix) : len(topic) - len(self._suffix)]
+        reply = self._replier(topic_id, mid, qos)
+        try:
+            self.batcher.offer(self._parse(topic_id, payload), reply)
+        except BadMessage as bad:
+            self.batcher.offer_refused(bad, reply)
+
+    def _parse(self, topic_id: str, payload: bytes | bytearray) -> Any:
+        limit = self.config.max_line_bytes
+        if len(payload) > limit:
+            raise BadMessage(
+                "too_long", f"the payload has {len(payload)} bytes; the limit is {limit}"
+            )
+        try:
+            message = json.loads(payload)
+        except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+            raise BadMessage(
+                "bad_json", f"the payload is not valid JSON: {exc}", topic_id
+            ) from None
+        if isinstance(message, dict):
+            message.setdefault("id", topic_id)
+            if message["id"] != topic_id:
+                raise BadMessage(
+                    "id_mismatch",
+                    f"the payload's id {message['id']!r} differs from the topic's {topic_id!r}",
+                    topic_id,
+                    message.get("seq"),
+                )
+        return sample_from_object(message, self.batcher.table.model.n_features)
+
+    def _replier(self, topic_id: str, mid: int, qos: int) -> Any:
+        out = self.config.mqtt_out.replace("{id}", topic_id)
+
+        def reply(answer: dict[str, Any]) -> None:
+            if answer.get("id") is None:
+                answer = {**answer, "id": topic_id}
+            body = json.dumps(answer, separators=(",", ":"), allow_nan=False)
+            self.client.publish(out, body, qos=self.config.mqtt_qos)
+            if qos > 0:
+                self.client.ack(mid, qos)  # only now: a crash before this means redelivery
+
+        return reply

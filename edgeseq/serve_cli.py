@@ -1,0 +1,61 @@
+"""`edgeseq serve`: the command-line face of the daemon (edgeseq.daemon does the work).
+
+Every option defaults to "not given", so that a `--config` file's value stands unless the
+command line overrides it. Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+Opt = typer.Option
+
+
+def serve(
+    model: Annotated[Path | None, typer.Argument(help="The .onnx model to serve.")] = None,
+    config: Annotated[Path | None, Opt(help="TOML file of settings (keys as the options).")] = None,
+    listen: Annotated[
+        str | None, Opt(help="tcp://HOST:PORT for many clients (port 0: any).")
+    ] = None,
+    mqtt: Annotated[str | None, Opt(help="mqtt://HOST:PORT of a broker to serve through.")] = None,
+    mqtt_in: Annotated[str | None, Opt(help="Sample topic; '+' is the stream id.")] = None,
+    mqtt_out: Annotated[str | None, Opt(help="Answer topic; {id} is the stream id.")] = None,
+    mqtt_status: Annotated[str | None, Opt(help="Retained status topic (with last will).")] = None,
+    mqtt_qos: Annotated[int | None, Opt(help="QoS 0 or 1.")] = None,
+    mqtt_client_id: Annotated[str | None, Opt(help="Client id (the persistent session).")] = None,
+    format: Annotated[str | None, Opt(help="stdin format: json or csv (id,seq,x1..xn).")] = None,
+    backend: Annotated[str | None, Opt(help="numba, numpy or onnxruntime.")] = None,
+    max_streams: Annotated[int | None, Opt(help="Capacity of the stream table.")] = None,
+    idle_timeout: Annotated[str | None, Opt(help="Evict streams idle this long (10m).")] = None,
+    max_batch: Annotated[int | None, Opt(help="Most samples in one batched step.")] = None,
+    max_wait: Annotated[str | None, Opt(help="Wait this long to gather a batch (1ms).")] = None,
+    queue_size: Annotated[int | None, Opt(help="Samples waiting at most (backpressure).")] = None,
+    max_line_bytes: Annotated[int | None, Opt(help="Longest accepted message.")] = None,
+    state_dir: Annotated[str | None, Opt(help="Checkpoint stream states in this folder.")] = None,
+    checkpoint_interval: Annotated[str | None, Opt(help="Checkpoint every (30s).")] = None,
+    reset_on_model_change: Annotated[
+        bool | None, Opt("--reset-on-model-change", help="Discard states of another model.")
+    ] = None,
+    watch: Annotated[
+        bool | None, Opt("--watch", help="Reload when the model file changes.")
+    ] = None,
+    metrics: Annotated[str | None, Opt(help="HOST:PORT for Prometheus /metrics, /healthz.")] = None,
+    log_level: Annotated[str | None, Opt(help="debug, info, warning or error.")] = None,
+    log_format: Annotated[str | None, Opt(help="json or text.")] = None,
+) -> None:
+    """Serve a model to many streams: JSON lines on stdin (default), TCP or MQTT."""
+    given = dict(locals())  # every option, None where not given
+    from edgeseq.daemon.config import build_config
+    from edgeseq.daemon.logs import configure
+    from edgeseq.daemon.service import serve as run_daemon
+
+    overrides = {k: v for k, v in given.items() if k not in {"config", "model"}}
+    overrides["model"] = str(model) if model is not None else None
+    settings = build_config(config, overrides)
+    configure(settings.log_level, settings.log_format)
+    code = run_daemon(settings)
+    if code:
+        raise typer.Exit(code)
