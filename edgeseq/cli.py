@@ -18,7 +18,7 @@ from rich.markdown import Markdown
 
 from edgeseq import __version__
 from edgeseq.errors import EdgeseqError
-from edgeseq.serve_cli import serve
+from edgeseq.serve_cli import loadtest, serve
 
 if TYPE_CHECKING:  # the training side imports torch; the CLI loads it only when a command runs
     from edgeseq.data import Dataset
@@ -314,6 +314,7 @@ def demo(
 
 
 app.command()(serve)
+app.command()(loadtest)
 
 
 def main(argv: list[str] | None = None) -> int:

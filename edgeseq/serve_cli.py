@@ -59,3 +59,26 @@ def serve(
     code = run_daemon(settings)
     if code:
         raise typer.Exit(code)
+
+
+def loadtest(
+    model: Annotated[Path, typer.Argument(help="The .onnx model to serve under load.")],
+    streams: Annotated[int, Opt(help="Streams in the many-stream workload.")] = 1000,
+    soak: Annotated[float, Opt(help="Seconds of many-stream load (memory is sampled).")] = 600,
+    solo: Annotated[float, Opt(help="Seconds of the one-stream closed loop.")] = 10,
+    write: Annotated[Path | None, Opt(help="Add the section to this file (BENCHMARKS.md).")] = None,
+) -> None:
+    """Load-test `edgeseq serve` from a separate process over loopback TCP: samples/s, p50/p99
+    latency for 1 and many streams, and whether the daemon's memory stays flat."""
+    from rich.console import Console
+    from rich.markdown import Markdown
+
+    from edgeseq.loadtest import markdown, run_load, write_section
+
+    console = Console()
+    with console.status(f"{streams} streams for {soak:.0f} s against edgeseq serve {model}..."):
+        report = markdown(run_load(model, streams, soak, solo))
+    console.print(Markdown(report))
+    if write is not None:
+        write_section(write, report)
+        console.print(f"wrote {write}")

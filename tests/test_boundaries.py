@@ -32,3 +32,34 @@ def test_the_cli_module_does_not_import_torch_or_pandas():
     code = "import sys, edgeseq.cli; print([m for m in ('torch', 'pandas') if m in sys.modules])"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.stdout.strip() == "[]", proc.stderr
+
+
+def test_the_daemon_serves_from_stdin_without_torch():
+    """`edgeseq serve` end to end (import, load, plan, batched step, answer) with torch blocked,
+    and neither torch nor pandas nor onnxruntime loaded along the way."""
+    code = (
+        "import sys; sys.argv = ['edgeseq', 'serve', 'export/pump-lstm.onnx']\n"
+        "import atexit\n"
+        "atexit.register(lambda: print(sorted(m for m in ('torch', 'pandas', 'onnxruntime') "
+        "if sys.modules.get(m)), file=sys.stderr))\n"
+        "from edgeseq.cli import run; run()"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", BLOCK_TORCH + code],
+        capture_output=True, text=True, timeout=120,
+        input='{"id": "a", "seq": 1, "x": [0.1, 0.2, 0.3]}\n',
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert '"y":' in proc.stdout, proc.stdout
+    assert proc.stderr.strip().splitlines()[-1] == "[]", proc.stderr
+
+
+def test_the_daemon_modules_and_serve_help_import_without_torch():
+    code = (
+        "import edgeseq.daemon.service, edgeseq.daemon.transports.tcp, "
+        "edgeseq.daemon.transports.stdin, edgeseq.daemon.transports.mqtt\n"
+        "sys.argv = ['edgeseq', 'serve', '--help']\nfrom edgeseq.cli import run; run()"
+    )
+    proc = _python(code)
+    assert proc.returncode == 0, proc.stderr
+    assert "--listen" in proc.stdout

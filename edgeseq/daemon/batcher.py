@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -131,15 +132,22 @@ class Batcher:
             batch = []
 
     def process(self, batch: list[Pending]) -> None:
+        outcomes: Counter[str] = Counter()
+        observe = self.metrics.latency.observe
         for round_ in _rounds(batch):
             answers = self._apply(round_)
             done = time.perf_counter()
             for pending, answer in zip(round_, answers, strict=True):
-                self._count(answer)
-                self.metrics.latency.observe(done - pending.arrived)
+                outcomes[_outcome(answer)] += 1
+                observe(done - pending.arrived)
                 _safe(pending.reply, answer)
         for flush in self.after_batch:
             flush()
+        for outcome, n in outcomes.items():  # once per batch, not per sample
+            if outcome in ("applied", "duplicate"):
+                self.metrics.samples.labels(outcome).inc(n)
+            else:
+                self.metrics.errors.labels(outcome).inc(n)
 
     def _apply(self, round_: list[Pending]) -> list[dict[str, Any]]:
         samples = [p.sample for p in round_ if p.sample is not None]
@@ -150,13 +158,12 @@ class Batcher:
             applied = iter([error("internal", str(exc), s.stream_id, s.seq) for s in samples])
         return [p.refused if p.refused is not None else next(applied) for p in round_]
 
-    def _count(self, answer: dict[str, Any]) -> None:
-        if "error" in answer:
-            self.metrics.errors.labels(answer["error"]["code"]).inc()
-        elif answer.get("duplicate"):
-            self.metrics.samples.labels("duplicate").inc()
-        else:
-            self.metrics.samples.labels("applied").inc()
+
+def _outcome(answer: dict[str, Any]) -> str:
+    """ "applied", "duplicate", or the error code."""
+    if "error" in answer:
+        return str(answer["error"]["code"])
+    return "duplicate" if answer.get("duplicate") else "applied"
 
 
 def _rounds(batch: list[Pending]) -> list[list[Pending]]:

@@ -28,6 +28,7 @@ from edgeseq.daemon.systemd import Notifier
 from edgeseq.daemon.table import StreamTable
 from edgeseq.errors import EdgeseqError
 from edgeseq.runtime import Model, load
+from edgeseq.runtime.memory import release_compiler_pages
 
 log = logging.getLogger("edgeseq.daemon")
 
@@ -56,6 +57,7 @@ class Daemon:
         model.stream()  # refuses a model that cannot stream (bidirectional...) now, not later
         warm = model.pool(1)  # loads the batched kernels now, so the first answer is prompt
         warm.step(["warm-up"], np.zeros((1, model.n_features), np.float32))
+        release_compiler_pages()  # LLVM's pages are not needed again until the next compile
         seconds = round(time.perf_counter() - start, 3)
         fields = {"path": self.config.model, "fingerprint": model.fingerprint[:12]}
         log.info("model loaded", extra={**fields, "seconds": seconds, "plan": model.plan_note})
