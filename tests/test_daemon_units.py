@@ -1,0 +1,175 @@
+"""The daemon's pieces in-process: wire-format checks, config, line splitting, the stream table's
+seq rules and the batcher's rounds. The subprocess tests (test_daemon_*.py) run the whole."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import edgeseq
+from edgeseq.daemon.batcher import Pending, _rounds
+from edgeseq.daemon.config import build_config, parse_duration
+from edgeseq.daemon.protocol import BadMessage, Sample, parse_csv, parse_json
+from edgeseq.daemon.table import StreamTable
+from edgeseq.daemon.transports.stdin import LineSplitter
+from edgeseq.errors import UsageError
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = ROOT / "export" / "pump-lstm.onnx"
+
+
+def _code(line: bytes, n_features: int = 3, limit: int = 1000) -> str:
+    with pytest.raises(BadMessage) as caught:
+        parse_json(line, n_features, limit)
+    return caught.value.code
+
+
+@pytest.mark.parametrize(
+    ("line", "code"),
+    [
+        (b"{not json", "bad_json"),
+        (b"[1, 2, 3]", "bad_json"),
+        (b'{"seq": 1, "x": [1, 2, 3]}', "missing_id"),
+        (b'{"id": 7, "x": [1, 2, 3]}', "bad_id"),
+        (b'{"id": "", "x": [1, 2, 3]}', "bad_id"),
+        (b'{"id": "a", "seq": -1, "x": [1, 2, 3]}', "bad_seq"),
+        (b'{"id": "a", "seq": true, "x": [1, 2, 3]}', "bad_seq"),
+        (b'{"id": "a", "seq": 1.5, "x": [1, 2, 3]}', "bad_seq"),
+        (b'{"id": "a", "x": [1, 2]}', "wrong_features"),
+        (b'{"id": "a", "x": "1,2,3"}', "bad_x"),
+        (b'{"id": "a", "x": [1, "2", 3]}', "bad_x"),
+        (b'{"id": "a", "x": [1, NaN, 3]}', "not_finite"),
+        (b'{"id": "a", "x": [1, Infinity, 3]}', "not_finite"),
+        (b'{"id": "a", "x": [1, 1e999, 3]}', "not_finite"),
+        (b'{"id": "a", "x": [1, 2, 3], "reset": "yes"}', "bad_control"),
+        (b'{"id": "a", "x": [1, 2, 3], "end": 1}', "bad_control"),
+        (b'{"id": "a", "x": [1, 2, 3], "rest": true}', "unknown_field"),
+        (b'{"id": "a", "seq": 1}', "missing_x"),
+        (b"[" * 100_000, "bad_json"),
+    ],
+)
+def test_every_malformed_message_gets_its_own_error_code(line, code):
+    assert _code(line, limit=200_000) == code
+
+
+def test_a_line_over_the_limit_is_refused_before_it_is_parsed():
+    assert _code(b'{"id": "a", "x": [1, 2, 3]}' + b" " * 2000) == "too_long"
+
+
+def test_an_error_names_the_stream_and_seq_when_they_are_known():
+    with pytest.raises(BadMessage) as caught:
+        parse_json(b'{"id": "pump-7", "seq": 4, "x": [1, 2]}', 3, 1000)
+    assert (caught.value.stream_id, caught.value.seq) == ("pump-7", 4)
+    assert "3" in caught.value.message and "2 values" in caught.value.message
+
+
+def test_a_valid_message_parses_with_its_controls():
+    sample = parse_json(b'{"id": "a", "seq": 3, "x": [1, 2.5, -3], "reset": true}', 3, 1000)
+    assert sample == Sample("a", 3, [1.0, 2.5, -3.0], reset=True, end=False)
+    bare_end = parse_json(b'{"id": "a", "seq": 4, "end": true}', 3, 1000)
+    assert bare_end.x is None and bare_end.end
+
+
+def test_csv_lines_parse_to_the_same_samples_and_refuse_the_same_way():
+    assert parse_csv(b"pump-1,5,0.1,0.2,0.3\n", 3, 1000) == Sample("pump-1", 5, [0.1, 0.2, 0.3])
+    assert parse_csv(b"pump-1,,0.1,0.2,0.3", 3, 1000).seq is None
+    for line, code in [(b"pump-1,5,0.1,zz,0.3", "bad_x"), (b"pump-1,5,0.1", "wrong_features"),
+                       (b",5,1,2,3", "missing_id"), (b"p,x,1,2,3", "bad_seq"),
+                       (b"p,1,1,nan,3", "not_finite")]:  # fmt: skip
+        with pytest.raises(BadMessage) as caught:
+            parse_csv(line, 3, 1000)
+        assert caught.value.code == code, line
+
+
+def test_the_line_splitter_reports_an_overlong_line_once_and_keeps_the_next():
+    split = LineSplitter(limit=10)
+    lines, skipped = split.push(b"short\n" + b"x" * 25)
+    assert (lines, skipped) == ([b"short"], 1)
+    lines, skipped = split.push(b"y" * 30)  # still the same over-long line
+    assert (lines, skipped) == ([], 0)
+    lines, skipped = split.push(b"zz\nnext\nlast")
+    assert (lines, skipped) == ([b"next"], 0)
+    assert split.finish() == [b"last"]
+
+
+def test_durations_take_units_and_refuse_nonsense():
+    assert parse_duration("10m", "t") == 600
+    assert parse_duration("500ms", "t") == pytest.approx(0.5)
+    assert parse_duration(2, "t") == 2.0
+    for bad in ("soon", "-1s", "10 parsecs", True):
+        with pytest.raises(UsageError, match="duration"):
+            parse_duration(bad, "t")
+
+
+def test_a_config_file_is_validated_and_the_command_line_wins(tmp_path):
+    conf = tmp_path / "serve.toml"
+    conf.write_text('model = "m.onnx"\nmax-streams = 5\nidle_timeout = "2m"\n')
+    config = build_config(conf, {"max_streams": 7, "listen": None})
+    assert (config.max_streams, config.idle_timeout, config.model) == (7, 120.0, "m.onnx")
+    for text, expected in [('model = "m"\nmax_streams = "many"', "max_streams"),
+                           ('model = "m"\nmax_stream = 5', "unknown setting 'max_stream'"),
+                           ('model = "m"\nlisten = "udp://x:1"', "tcp://HOST:PORT"),
+                           ('model = "m"\nmqtt_out = "out"', "{id}"),
+                           ("model = [", "not valid TOML")]:  # fmt: skip
+        conf.write_text(text)
+        with pytest.raises(UsageError, match=expected.replace("{", r"\{").replace("(", r"\(")):
+            build_config(conf, {})
+
+
+def _pending(sid: str, seq: int) -> Pending:
+    return Pending(Sample(sid, seq, [0.0, 0.0, 0.0]), lambda answer: None, 0.0, None, sid)
+
+
+def test_rounds_keep_each_streams_samples_in_arrival_order():
+    batch = [_pending("a", 1), _pending("b", 1), _pending("a", 2), _pending("a", 3),
+             _pending("b", 2), _pending("c", 1)]  # fmt: skip
+    rounds = [[(p.stream_id, p.sample.seq) for p in r if p.sample] for r in _rounds(batch)]
+    assert rounds == [[("a", 1), ("b", 1), ("c", 1)], [("a", 2), ("b", 2)], [("a", 3)]]
+
+
+def test_the_table_applies_each_seq_once_answers_duplicates_and_refuses_stale():
+    model = edgeseq.load(MODEL)
+    table = StreamTable(model, capacity=4)
+    xs = np.random.default_rng(0).normal(size=(5, 3)).astype(np.float32)
+    expected = model.stream().feed(xs)[:, 0]
+    got = [table.apply([Sample("a", i, xs[i].tolist())])[0] for i in range(3)]
+    duplicate = table.apply([Sample("a", 2, xs[2].tolist())])[0]
+    stale = table.apply([Sample("a", 1, xs[1].tolist())])[0]
+    rest = [table.apply([Sample("a", i, xs[i].tolist())])[0] for i in (3, 4)]
+    assert duplicate == {**got[2], "duplicate": True}
+    assert stale["error"]["code"] == "stale"
+    ys = [answer["y"][0] for answer in got + rest]
+    np.testing.assert_allclose(ys, expected, atol=1e-6)
+    assert table.counters.applied == 5 and table.counters.duplicates == 1
+
+
+def test_a_full_table_refuses_new_streams_and_keeps_serving_the_old():
+    model = edgeseq.load(MODEL)
+    table = StreamTable(model, capacity=2)
+    x = [0.1, 0.2, 0.3]
+    answers = table.apply([Sample("a", 1, x), Sample("b", 1, x), Sample("c", 1, x)])
+    assert [("error" in a) for a in answers] == [False, False, True]
+    assert answers[2]["error"]["code"] == "capacity"
+    assert "y" in table.apply([Sample("a", 2, x)])[0]
+    table.apply([Sample("b", 2, x, end=True)])
+    assert "y" in table.apply([Sample("c", 1, x)])[0]  # room again after an end
+
+
+def test_idle_streams_expire_and_are_counted():
+    table = StreamTable(edgeseq.load(MODEL), capacity=4)
+    table.apply([Sample("a", 1, [0.1, 0.2, 0.3])])
+    assert table.expire(idle_timeout=3600) == []
+    assert table.expire(idle_timeout=0.0) == ["a"]
+    assert len(table) == 0 and table.counters.evictions["idle"] == 1
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="no systemd-analyze here")
+def test_the_shipped_unit_file_passes_systemd_analyze_verify():
+    proc = subprocess.run(["systemd-analyze", "verify", str(ROOT / "devices" / "edgeseq.service")],
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    problems = [line for line in proc.stderr.splitlines() if "is not executable" not in line]
+    assert problems == [], proc.stderr  # the binary lives on the board, not here
