@@ -18,7 +18,7 @@ from rich.markdown import Markdown
 
 from edgeseq import __version__
 from edgeseq.errors import EdgeseqError
-from edgeseq.serve_cli import loadtest, serve
+from edgeseq.serve_cli import bundle, devices_app, loadtest, serve
 
 if TYPE_CHECKING:  # the training side imports torch; the CLI loads it only when a command runs
     from edgeseq.data import Dataset
@@ -315,6 +315,8 @@ def demo(
 
 app.command()(serve)
 app.command()(loadtest)
+app.command()(bundle)
+app.add_typer(devices_app, name="devices")
 
 
 def main(argv: list[str] | None = None) -> int:
