@@ -38,7 +38,8 @@ class DaemonProcess:
         self.logs: list[dict[str, Any]] = []
         self.raw_stderr: list[str] = []
         self._lock = threading.Lock()
-        threading.Thread(target=self._collect, daemon=True).start()
+        self._collector = threading.Thread(target=self._collect, daemon=True)
+        self._collector.start()
 
     def _collect(self) -> None:
         assert self.proc.stderr is not None
@@ -104,6 +105,17 @@ class DaemonProcess:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(10)
+        self.close()
+
+    def close(self) -> None:
+        """Close our ends of the pipes (the collector thread ends with stderr)."""
+        for pipe in (self.proc.stdout, self.proc.stdin):
+            if pipe is not None:
+                pipe.close()
+        if self.proc.stderr is not None:
+            self._collector.join(10)  # the daemon has exited: its stderr ends
+            if not self._collector.is_alive():
+                self.proc.stderr.close()
 
 
 class LineClient:

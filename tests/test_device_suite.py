@@ -1,0 +1,104 @@
+"""What must hold on every board. `make test` runs it here; `make test-aarch64` runs it on 64-bit
+ARM under QEMU, inside a bundle installed by its own install.sh (no torch, no onnxruntime: only
+numpy and edgeseq's runtime and daemon, as on a Raspberry Pi)."""
+
+from __future__ import annotations
+
+from functools import cache
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import edgeseq
+from tests.daemon_harness import DaemonProcess, LineClient
+
+ROOT = Path(__file__).resolve().parents[1]
+MODELS = sorted((ROOT / "export").glob("*.onnx"))
+CELL_MODELS = [ROOT / "export" / f"pump-{cell}.onnx" for cell in ("rnn", "lstm", "gru")]
+TOLERANCE = 1e-5  # float32 parity (issue 4)
+INT8_TOLERANCE = 3e-2  # golden int8 outputs come from ONNX Runtime, which quantizes activations
+
+
+@cache
+def _load(path: Path) -> edgeseq.Model:
+    return edgeseq.load(path)
+
+
+def _tolerance(path: Path) -> float:
+    return INT8_TOLERANCE if "int8" in path.stem else TOLERANCE
+
+
+@pytest.mark.parametrize("path", MODELS, ids=lambda p: p.stem)
+def test_every_reference_model_reproduces_its_golden_outputs(path):
+    golden = np.load(path.with_suffix(".golden.npz"))
+    model = _load(path)
+    outputs = model.run({name: golden[name] for name in model.graph.inputs})
+    for name, value in outputs.items():
+        np.testing.assert_allclose(value, golden[name], rtol=0, atol=_tolerance(path), err_msg=name)
+
+
+@pytest.mark.parametrize("path", MODELS, ids=lambda p: p.stem)
+def test_streaming_every_reference_model_equals_its_whole_sequence_run(path):
+    model = _load(path)
+    x = np.load(path.with_suffix(".golden.npz"))["x"][:1]
+    whole = model.run({model.inputs.x: x})[model.graph.outputs[0]]
+    streamed = model.stream().feed(x[0])
+    expected = whole[0].reshape(streamed.shape)
+    np.testing.assert_allclose(streamed, expected, rtol=0, atol=_tolerance(path))
+
+
+def _samples(model: edgeseq.Model, steps: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((steps, model.n_features)).astype(np.float32)
+
+
+@pytest.mark.parametrize("path", CELL_MODELS, ids=lambda p: p.stem)
+def test_stepping_resetting_and_restoring_state_agree_with_feeding(path):
+    model = _load(path)
+    xs = _samples(model, 30, 0)
+    fed = model.stream().feed(xs)
+    stream = model.stream()
+    stepped = np.stack([stream.step(x) for x in xs[:15]])
+    saved = stream.state
+    stepped_rest = stream.feed(xs[15:])
+    np.testing.assert_array_equal(np.concatenate([stepped, stepped_rest]), fed)
+    other = model.stream()
+    other.state = saved
+    np.testing.assert_array_equal(other.feed(xs[15:]), fed[15:])
+    stream.reset()
+    np.testing.assert_array_equal(stream.step(xs[0]), fed[0])
+
+
+@pytest.mark.parametrize("path", CELL_MODELS, ids=lambda p: p.stem)
+def test_a_pool_of_streams_equals_separate_streams(path):
+    model = _load(path)
+    xs = np.stack([_samples(model, 12, seed) for seed in range(4)], axis=1)  # (T, N, F)
+    pool = model.pool(capacity=4)
+    ids = [f"s{i}" for i in range(4)]
+    pooled = np.stack([pool.step(ids, xs[t]) for t in range(xs.shape[0])], axis=1)
+    for i in range(4):
+        np.testing.assert_allclose(pooled[i], model.stream().feed(xs[:, i]), rtol=0, atol=TOLERANCE)
+
+
+def test_the_daemon_answers_over_tcp_exactly_as_offline_streams():
+    path = ROOT / "export" / "pump-lstm.onnx"
+    model = _load(path)
+    streams = {f"sensor-{i}": _samples(model, 25, 10 + i) for i in range(3)}
+    with DaemonProcess(str(path), "--listen", "tcp://127.0.0.1:0") as daemon:
+        client = LineClient(daemon.tcp_port, timeout=120)
+        for seq in range(25):
+            for sid, xs in streams.items():
+                client.send({"id": sid, "seq": seq, "x": xs[seq].tolist()})
+        client.flush()
+        answers: dict[str, list[float]] = {sid: [] for sid in streams}
+        for _ in range(25 * len(streams)):
+            answer = client.receive()
+            assert "y" in answer, answer
+            answers[answer["id"]].append(answer["y"])
+        client.close()
+        assert daemon.stop(timeout=120) == 0
+    for sid, xs in streams.items():
+        np.testing.assert_allclose(
+            np.array(answers[sid]), model.stream().feed(xs), rtol=0, atol=1e-6
+        )
