@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 RUN    ?= runs/demo
 
-.PHONY: install demo test lint typecheck pytest bench clean reference-models
+.PHONY: install demo test test-aarch64 lint typecheck pytest bench clean reference-models
 
 install: $(STAMP)
 
@@ -29,6 +29,10 @@ pytest: install
 	$(BIN)/python -m pytest -q -m "not slow"
 
 test: lint typecheck pytest
+
+# The runtime and the daemon on 64-bit ARM under QEMU, installed from a bundle (needs root).
+test-aarch64: install
+	$(BIN)/python devices/aarch64/harness.py
 
 # Slow measurements (long recordings, soak, drift) and the speed report BENCHMARKS.md.
 bench: install

@@ -51,10 +51,21 @@ say "installing edgeseq $EDGESEQ_VERSION for $EDGESEQ_DEVICE (runtime and daemon
 "$venv/bin/python" -m pip install --quiet --disable-pip-version-check "$@" \
   "$here/wheels/${EDGESEQ_WHEEL}[daemon]"
 
-# Numba keys its cache on each source file's path and modification time: the installed sources
-# get this bundle's fixed time, so the cache built below survives a re-install of this version.
+# Numba keys its cache on each source file's path and modification time. Each installed source
+# gets a time derived from its content, so the cache built below survives re-installing the same
+# code (an upgrade that changes a file changes its time, and Numba compiles that anew).
 site=$("$venv/bin/python" -c 'import edgeseq, os; print(os.path.dirname(edgeseq.__file__))')
-find "$site" -name '*.py' -exec touch -d "@$SOURCE_EPOCH" {} +
+"$venv/bin/python" - "$site" <<'PY'
+import hashlib, os, sys
+for folder, _, names in os.walk(sys.argv[1]):
+    for name in names:
+        if name.endswith(".py"):
+            path = os.path.join(folder, name)
+            with open(path, "rb") as source:
+                digest = hashlib.sha256(source.read()).digest()
+            stamp = 1_600_000_000 + int.from_bytes(digest[:3], "big")
+            os.utime(path, (stamp, stamp))
+PY
 
 install -d -m 0755 "$etc"
 install -m 0644 "$here/model.onnx" "$etc/model.onnx"

@@ -21,10 +21,11 @@ from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, distribution
 from pathlib import Path
 
-from edgeseq.devices import Fit, Profile, check_fit, devices_dir
+from edgeseq.devices import Fit, Profile, check_fit
 from edgeseq.errors import EdgeseqError, UsageError
 
 ROOT = Path(__file__).resolve().parents[1]
+TEMPLATES = ROOT / "devices"  # unit, install.sh, board README, example: one copy, here
 RUNTIME_ROOTS = ("numpy", "numba", "onnx", "typer", "rich", "paho-mqtt", "prometheus_client")
 SERVICE_PORT_EXAMPLE = "7878"
 
@@ -84,13 +85,6 @@ def build_wheel(into: Path) -> Path:
     return wheels[-1]
 
 
-def _source_epoch() -> int:
-    """The checkout's last commit time (what install.sh stamps on the installed sources)."""
-    proc = subprocess.run(["git", "-C", str(ROOT), "log", "-1", "--format=%ct"],
-                          capture_output=True, text=True, timeout=30)  # fmt: skip
-    return int(proc.stdout.strip()) if proc.returncode == 0 and proc.stdout.strip() else 1
-
-
 def _serve_toml(profile: Profile) -> str:
     d = profile.daemon
     lines = [
@@ -114,7 +108,7 @@ def _serve_toml(profile: Profile) -> str:
 
 
 def _unit(profile: Profile) -> str:
-    text = (devices_dir() / "edgeseq.service").read_text()
+    text = (TEMPLATES / "edgeseq.service").read_text()
     threads = int(profile.daemon.get("threads", 1))
     limit = int(profile.daemon.get("memory_limit_mb", profile.memory_mb // 2))
     threads_line = f"Environment=NUMBA_NUM_THREADS={threads}"
@@ -124,7 +118,7 @@ def _unit(profile: Profile) -> str:
 
 def _readme(profile: Profile, model: Path, fit: Fit, wheel: str, name: str, n_features: int,
             fingerprint: str) -> str:  # fmt: skip
-    template = string.Template((devices_dir() / "README.board.md").read_text())
+    template = string.Template((TEMPLATES / "README.board.md").read_text())
     d = profile.daemon
     return template.substitute(
         device=profile.name, description=profile.description, wheel=wheel,
@@ -137,7 +131,9 @@ def _readme(profile: Profile, model: Path, fit: Fit, wheel: str, name: str, n_fe
     )  # fmt: skip
 
 
-def build_bundle(model: Path, profile: Profile, out: Path) -> Bundle:
+def build_bundle(
+    model: Path, profile: Profile, out: Path, sample_rate: float | None = None
+) -> Bundle:
     """Validate, check the fit, then write `out/` and `out.tar.gz`."""
     from edgeseq.runtime import load
 
@@ -145,7 +141,7 @@ def build_bundle(model: Path, profile: Profile, out: Path) -> Bundle:
         raise UsageError(f"{model}: no such model file")
     loaded = load(model)
     loaded.stream()  # a model that cannot stream cannot be served: refuse it now
-    fit = check_fit(model, profile)
+    fit = check_fit(model, profile, sample_rate=sample_rate)
     out = out.resolve()
     if out.exists() and not (out / "bundle.env").is_file() and any(out.iterdir()):
         raise UsageError(f"{out} exists and is not an edgeseq bundle; choose an empty folder")
@@ -171,7 +167,7 @@ def build_bundle(model: Path, profile: Profile, out: Path) -> Bundle:
 
 def _write_files(into: Path, model: Path, profile: Profile, fit: Fit, wheel: str,
                  n_features: int, fingerprint: str, name: str) -> list[str]:  # fmt: skip
-    devices = devices_dir()
+    devices = TEMPLATES
     shutil.copy2(model, into / "model.onnx")
     (into / "serve.toml").write_text(_serve_toml(profile))
     (into / "edgeseq.service").write_text(_unit(profile))
@@ -187,7 +183,6 @@ def _write_files(into: Path, model: Path, profile: Profile, fit: Fit, wheel: str
     (into / "bundle.env").write_text(
         f"EDGESEQ_VERSION={wheel.split('-')[1]}\nEDGESEQ_WHEEL={wheel}\n"
         f"EDGESEQ_DEVICE={profile.name}\nEDGESEQ_THREADS={int(profile.daemon.get('threads', 1))}\n"
-        f"SOURCE_EPOCH={_source_epoch()}\n"
     )
     files = sorted(str(p.relative_to(into)) for p in into.rglob("*") if p.is_file())
     digests = [f"{hashlib.sha256((into / f).read_bytes()).hexdigest()}  {f}" for f in files]

@@ -147,10 +147,12 @@ def _numel(dims: Any) -> int:
     return total
 
 
-def check_fit(path: Path, profile: Profile, max_streams: int | None = None) -> Fit:
+def check_fit(path: Path, profile: Profile, max_streams: int | None = None,
+              sample_rate: float | None = None) -> Fit:  # fmt: skip
     """Estimate the daemon's memory and per-sample time for `path` on `profile`; warn with the
-    figures when it does not fit."""
+    figures when it does not fit. `sample_rate` overrides the model metadata's."""
     macs, state, rate, size = model_costs(path)
+    rate = sample_rate or rate
     streams = max_streams or int(profile.daemon.get("max_streams", 1000))
     table_mb = streams * (state * 4 + PER_STREAM_OVERHEAD_BYTES) / 2**20
     memory = BASE_RSS_MB + 4 * size / 2**20 + table_mb  # file, graph, packed plan, verification

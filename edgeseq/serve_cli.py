@@ -122,6 +122,9 @@ def bundle(
     model: Annotated[Path, typer.Argument(help="The .onnx model to deploy.")],
     device: Annotated[str, Opt(help="Board profile (edgeseq devices).")],
     out: Annotated[Path, Opt("-o", "--out", help="Bundle folder to write (and FOLDER.tar.gz).")],
+    sample_rate: Annotated[
+        float | None, Opt(help="Samples per second per stream (default: the model's metadata).")
+    ] = None,
 ) -> None:
     """Write a self-contained folder to copy to a board: model, tuned config, wheel, systemd unit,
     install.sh, README; warns with figures when the model does not fit the board."""
@@ -133,7 +136,7 @@ def bundle(
     console = Console()
     profile = get_profile(device)
     with console.status(f"bundling {model} for {device}..."):
-        result = build_bundle(model, profile, out)
+        result = build_bundle(model, profile, out, sample_rate)
     fit = result.fit
     err = Console(stderr=True)
     for warning in fit.warnings:
