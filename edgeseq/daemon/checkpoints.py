@@ -61,7 +61,7 @@ class Checkpointer:
             return 0
         self.table.restore(snap)
         self.last = time.monotonic()
-        log.info("states restored", extra={"streams": len(snap.ids), "created": snap.created})
+        log.info("states restored", extra={"streams": len(snap.ids), "saved_at": snap.created})
         return len(snap.ids)
 
     def write_now(self) -> None:

@@ -30,6 +30,10 @@ class StreamInfo:
     seq: int | None = None  # last applied seq
     y: list[float] | None = None  # the answer given to it
     seen: float = field(default_factory=time.monotonic)
+    # Restored from a checkpoint, which may be older than the last answer given before a crash:
+    # until seq+1 arrives, a newer seq would skip samples the state never saw, so it is refused
+    # with the seq to resend from (a `reset` or a message without seq also clears this).
+    resync: bool = False
 
 
 @dataclass
@@ -103,6 +107,16 @@ class StreamTable:
                     sample.seq,
                 )
             if sample.seq > info.seq + 1:
+                if info.resync and not sample.reset:
+                    refused = error(
+                        "resend",
+                        f"the daemon restarted from a checkpoint at seq {info.seq} of this "
+                        f"stream; resend from seq {info.seq + 1} (or send reset)",
+                        sid,
+                        sample.seq,
+                    )
+                    refused["error"]["resend_from"] = info.seq + 1
+                    return refused
                 self.counters.gaps += 1
                 self.on_event("gap", "")
         if sample.x is not None and len(sample.x) != self.model.n_features:  # after a reload
@@ -122,7 +136,7 @@ class StreamTable:
                     sample.seq,
                 )
             info = self.info[sid] = StreamInfo(seen=now)
-        info.seen = now
+        info.seen, info.resync = now, False
         if sample.reset:
             self.pool.reset(sid)
         if sample.x is None:
@@ -167,7 +181,9 @@ class StreamTable:
             seq, y = seqs.get(sid), ys.get(sid)
             ok_seq = isinstance(seq, int) and not isinstance(seq, bool) and seq >= 0
             ok_y = isinstance(y, list) and all(isinstance(v, float | int) for v in y)
-            self.info[sid] = StreamInfo(seq if ok_seq else None, y if ok_y else None, now)
+            self.info[sid] = StreamInfo(
+                seq if ok_seq else None, y if ok_y else None, now, resync=ok_seq
+            )
 
     def swap_model(self, model: Model) -> bool:
         """Move every stream onto `model`'s pool; True if states carried over, False if the new

@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import threading
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -26,6 +27,7 @@ from edgeseq.daemon.batcher import Batcher
 from edgeseq.daemon.protocol import BadMessage, sample_from_object
 
 log = logging.getLogger("edgeseq.daemon")
+SUBSCRIBE_WAIT = 10.0  # seconds start() waits for the broker before going on without it
 
 
 class MqttTransport:
@@ -42,11 +44,23 @@ class MqttTransport:
             protocol=mqtt.MQTTv311,
         )
         self.client.manual_ack_set(True)
+        # No cap on answers in flight: with paho's default (20) answers would wait in its queue
+        # while their samples' acknowledgements went out, and a crash would lose both.
+        self.client.max_inflight_messages_set(0)
         self.client.will_set(config.mqtt_status, self._status_payload("offline"), 1, retain=True)
         self.client.reconnect_delay_set(min_delay=1, max_delay=30)
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
         self.client.on_message = self._on_message
+        self.client.on_subscribe = self._on_subscribe
+        self.client.on_publish = self._on_publish
+        self._subscribed = threading.Event()
+        # answer's mid -> (sample's mid, qos): the sample is acknowledged once the broker has
+        # its answer, so after a crash at any point either the answer was delivered or the
+        # sample is redelivered.
+        self._pending_acks: dict[int, tuple[int, int]] = {}
+        self._published_early: set[int] = set()
+        self._acks_lock = threading.Lock()
 
     def _status_payload(self, state: str) -> bytes:
         return json.dumps({"status": state, **self._status}).encode()
@@ -58,9 +72,13 @@ class MqttTransport:
         except (OSError, ValueError) as exc:
             raise ConnectionError(f"mqtt://{self.host}:{self.port}: {exc}") from None
         self.client.loop_start()
-        log.info(
-            "mqtt client started", extra={"transport": "mqtt", "broker": f"{self.host}:{self.port}"}
-        )
+        broker = f"{self.host}:{self.port}"
+        log.info("mqtt client started", extra={"transport": "mqtt", "broker": broker})
+        # Ready means subscribed: a client that publishes on seeing "ready" must not be lost.
+        loop = asyncio.get_running_loop()
+        if not await loop.run_in_executor(None, self._subscribed.wait, SUBSCRIBE_WAIT):
+            log.warning("mqtt broker not reachable yet; retrying in the background",
+                        extra={"broker": broker})  # fmt: skip
 
     async def stop(self) -> None:
         info = self.client.publish(self.config.mqtt_status, self._status_payload("offline"), 1,
@@ -95,7 +113,26 @@ class MqttTransport:
 
     # -- the event loop ------------------------------------------------------------------------
 
+    def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, reasons: Any,
+                      properties: Any) -> None:  # fmt: skip
+        self._subscribed.set()
+
+    def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason: Any,
+                    properties: Any) -> None:  # fmt: skip
+        with self._acks_lock:
+            sample = self._pending_acks.pop(mid, None)
+            if sample is None:  # the broker answered before reply() recorded the mid
+                self._published_early.add(mid)
+        if sample is not None:
+            client.ack(*sample)
+
     def _arrive(self, topic: str, payload: bytes | bytearray, mid: int, qos: int) -> None:
+        if not mqtt.topic_matches_sub(self.config.mqtt_in, topic):
+            # The persistent session may hold a subscription of an earlier configuration.
+            log.warning("message on a topic no longer served; dropped", extra={"topic": topic})
+            if qos > 0:
+                self.client.ack(mid, qos)
+            return
         topic_id = topic[len(self._prefix) : len(topic) - len(self._suffix)]
         reply = self._replier(topic_id, mid, qos)
         try:
@@ -133,8 +170,17 @@ class MqttTransport:
             if answer.get("id") is None:
                 answer = {**answer, "id": topic_id}
             body = json.dumps(answer, separators=(",", ":"), allow_nan=False)
-            self.client.publish(out, body, qos=self.config.mqtt_qos)
-            if qos > 0:
-                self.client.ack(mid, qos)  # only now: a crash before this means redelivery
+            # Never hold our lock across publish(): paho calls _on_publish holding its own.
+            info = self.client.publish(out, body, qos=self.config.mqtt_qos)
+            if qos == 0:
+                return
+            queued = info.rc in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN)
+            with self._acks_lock:
+                early = info.mid in self._published_early
+                self._published_early.discard(info.mid)
+                if queued and not early:
+                    self._pending_acks[info.mid] = (mid, qos)  # acked in _on_publish
+                    return
+            self.client.ack(mid, qos)
 
         return reply
