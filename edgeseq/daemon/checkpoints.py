@@ -29,6 +29,7 @@ class Checkpointer:
         self.last: float | None = None  # monotonic time of the last complete checkpoint
         self.written = 0
         self._lock = asyncio.Lock()
+        self._inflight: asyncio.Future | None = None
 
     def prepare(self) -> None:
         """Create the folder; remove temp files a killed writer left behind (never complete)."""
@@ -76,8 +77,15 @@ class Checkpointer:
             states, extra = self.table.snapshot()
             fingerprint = self.table.model.fingerprint
             loop = asyncio.get_running_loop()
-            await loop.run_in_executor(None, save_snapshot, self.path, fingerprint, states, extra)
+            self._inflight = loop.run_in_executor(
+                None, save_snapshot, self.path, fingerprint, states, extra
+            )
+            await asyncio.shield(self._inflight)
             self._done(len(states))
+
+    async def settle(self) -> None:
+        if self._inflight is not None and not self._inflight.done():
+            await asyncio.wait([self._inflight])
 
     def _done(self, streams: int) -> None:
         self.last = time.monotonic()

@@ -177,12 +177,12 @@ class Daemon:
             await asyncio.sleep(self.notifier.watchdog_interval)
 
     async def _watch_model(self) -> None:
-        def signature() -> tuple[float, int] | None:
+        def signature() -> tuple[int, int, int] | None:
             try:
                 st = os.stat(self.config.model)
             except OSError:
                 return None
-            return st.st_mtime, st.st_size
+            return st.st_ino, st.st_mtime_ns, st.st_size
 
         seen = signature()
         while True:
@@ -238,6 +238,7 @@ class Daemon:
         batcher.drain_all()
         if self.checkpointer is not None:
             try:
+                await self.checkpointer.settle()
                 self.checkpointer.write_now()
             except EdgeseqError as exc:
                 log.error("final checkpoint failed", extra={"detail": str(exc)})

@@ -187,12 +187,16 @@ class StreamTable:
 
     def swap_model(self, model: Model) -> bool:
         """Move every stream onto `model`'s pool; True if states carried over, False if the new
-        model's state shapes differ and every stream was reset (seq bookkeeping is kept)."""
+        model's state shapes differ and every stream was reset (seq bookkeeping is kept).
+        States whose keys were renamed (another exporter, an int8 rebuild) but whose shapes
+        match layer for layer carry over in order."""
         pool = model.pool(self.capacity)
-        kept = True
-        for sid in self.pool.ids:
+        rename = _state_renaming(self.model.stream().state, model.stream().state)
+        kept = rename is not None
+        for sid in self.pool.ids if kept else []:
+            old = self.pool.state(sid)
             try:
-                pool.set_state(sid, self.pool.state(sid))
+                pool.set_state(sid, {rename[key]: value for key, value in old.items()})  # type: ignore[index]
             except EdgeseqError:
                 kept = False
                 break
@@ -202,3 +206,14 @@ class StreamTable:
                 pool.reset(sid)
         self.model, self.pool = model, pool
         return kept
+
+
+def _state_renaming(old: dict[str, Any], new: dict[str, Any]) -> dict[str, str] | None:
+    """old key -> new key when the two models' states have the same shapes in the same order
+    (the same names map to themselves); None when they differ."""
+    if set(old) == set(new):
+        same = all(np.shape(old[k]) == np.shape(new[k]) for k in old)
+        return {k: k for k in old} if same else None
+    shapes_old = [np.shape(v) for v in old.values()]
+    shapes_new = [np.shape(v) for v in new.values()]
+    return dict(zip(old, new, strict=True)) if shapes_old == shapes_new else None

@@ -50,6 +50,8 @@ class TcpTransport:
             await conn.finish()  # EOF: answer everything this client sent before closing
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
+        except asyncio.CancelledError:
+            pass
         finally:
             self.connections.discard(writer)
             writer.close()
