@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 MAX_ID_CHARS = 256
+FLOAT32_MAX = 3.4028234663852886e38
 FIELDS = frozenset({"id", "seq", "x", "reset", "end"})
 
 
@@ -82,9 +83,22 @@ def _check_x(value: object, n_features: int, sid: str, seq: int | None) -> list[
     for i, v in enumerate(value):
         if not isinstance(v, int | float) or isinstance(v, bool):
             raise BadMessage("bad_x", f'"x"[{i}] is {_brief(v)}; expected a number', sid, seq)
-        if not math.isfinite(v):
-            raise BadMessage("not_finite", f'"x"[{i}] is {v}; expected a finite number', sid, seq)
+        # float32 is what the model computes in: 1e39 is finite in JSON but not there, and an
+        # integer of 400 digits is no float at all (float() would raise).
+        if not _finite_float32(v):
+            raise BadMessage(
+                "not_finite",
+                f'"x"[{i}] is {_brief(v)}; expected a finite float32 number (|x| <= 3.4e38)',
+                sid,
+                seq,
+            )
     return [float(v) for v in value]
+
+
+def _finite_float32(v: float) -> bool:
+    if isinstance(v, int):
+        return abs(v) <= FLOAT32_MAX
+    return math.isfinite(v) and abs(v) <= FLOAT32_MAX
 
 
 def _check_flag(message: dict[str, Any], name: str, sid: str, seq: int | None) -> bool:
@@ -122,7 +136,8 @@ def sample_from_object(message: object, n_features: int) -> Sample:
 
 
 def parse_json(line: bytes, n_features: int, max_bytes: int) -> Sample:
-    """One JSON line -> Sample, or BadMessage."""
+    """One JSON line -> Sample, or BadMessage (`max_bytes` counts the line without its end)."""
+    line = line.rstrip(b"\r\n")
     if len(line) > max_bytes:
         raise BadMessage("too_long", f"the line has {len(line)} bytes; the limit is {max_bytes}")
     try:
@@ -134,6 +149,7 @@ def parse_json(line: bytes, n_features: int, max_bytes: int) -> Sample:
 
 def parse_csv(line: bytes, n_features: int, max_bytes: int) -> Sample:
     """One `id,seq,x1,...,xn` line -> Sample, or BadMessage (seq may be empty)."""
+    line = line.rstrip(b"\r\n")
     if len(line) > max_bytes:
         raise BadMessage("too_long", f"the line has {len(line)} bytes; the limit is {max_bytes}")
     try:
@@ -172,6 +188,8 @@ def encode(obj: dict[str, Any]) -> bytes:
 
 
 def _brief(value: object) -> str:
+    if isinstance(value, int) and abs(value) > 10**30:
+        return f"an integer of about {int(value.bit_length() * 0.30103) + 1} digits"
     text = json.dumps(value) if _jsonable(value) else repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
 

@@ -1,20 +1,25 @@
 """Compile every kernel once so the Numba cache holds them for this CPU (`edgeseq warmup`).
 
-The kernels' types do not depend on the model (float32 and int64 arrays), so a tiny LSTM built
-here in memory compiles them all; the cache is keyed to the CPU, which is why a board runs this
-itself after installing rather than receiving a cache built elsewhere.
+The kernels' types do not depend on the model (float32 and int64 arrays), so each compiles for
+one fixed signature; they compile in parallel, one process per core, which on a small board (or
+under emulation) turns minutes into fewer minutes. Then a tiny LSTM built here, and the given
+models, run through every path so that loading, planning and stepping all hit the cache. The
+cache is keyed to the CPU, which is why a board runs this itself after installing rather than
+receiving a cache built elsewhere.
 """
 
 from __future__ import annotations
 
+import multiprocessing
+import os
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from edgeseq.runtime import kernels
 from edgeseq.runtime.model import load
 
 
@@ -34,8 +39,48 @@ def _tiny_lstm(path: Path) -> None:
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
 
 
+def _signatures() -> dict[tuple[str, str], tuple[Any, ...]]:
+    """(module, kernel) -> the one signature every model uses."""
+    from numba import types
+
+    i1, i2 = types.Array(types.int64, 1, "C"), types.Array(types.int64, 2, "C")
+    f1, f2, f3 = (types.Array(types.float32, n, "C") for n in (1, 2, 3))
+    rows = (i2, f1, f2, f2, i1, f3, f2)
+    return {
+        ("kernels", "step"): (i2, f1, f1, f1, f2, f1),
+        ("kernels", "feed"): (i2, f1, f2, f1, f2, f2),
+        ("kernels", "step_rows"): rows,
+        ("kernels", "step_rows_parallel"): rows,
+        ("gemm", "lstm_cells"): (f2, f2, f2),
+        ("gemm", "gru_cells"): (f2, f2, f2),
+        ("gemm", "activate_rows"): (f2, types.int64, types.float32),
+    }
+
+
+def _compile(key: tuple[str, str]) -> str:
+    """In a worker process: compile one kernel into the cache."""
+    import importlib
+
+    module = importlib.import_module(f"edgeseq.runtime.{key[0]}")
+    getattr(module, key[1]).compile(_signatures()[key])
+    return key[1]
+
+
+def compile_all(processes: int | None = None) -> list[str]:
+    """Every kernel compiled (or found in the cache), in parallel processes."""
+    keys = list(_signatures())
+    workers = max(1, min(len(keys), processes or os.cpu_count() or 1))
+    if workers == 1:
+        return [_compile(key) for key in keys]
+    context = multiprocessing.get_context("spawn")  # never fork a process holding LLVM
+    with context.Pool(workers) as pool:
+        return pool.map(_compile, keys, chunksize=1)
+
+
 def warm(models: list[Path]) -> list[str]:
-    """Run every kernel once (and load, plan and verify `models`); returns the kernels' names."""
+    """Compile every kernel, then load, plan, verify and run `models` (and a tiny LSTM) through
+    every path; returns the kernels' names."""
+    names = compile_all()
     with tempfile.TemporaryDirectory() as tmp:
         _tiny_lstm(Path(tmp) / "tiny.onnx")
         paths = [Path(tmp) / "tiny.onnx", *models]
@@ -47,5 +92,5 @@ def warm(models: list[Path]) -> list[str]:
             pool = model.pool(capacity=300)
             ids = [str(i) for i in range(300)]
             pool.step(ids[:2], np.zeros((2, model.n_features), np.float32))
-            pool.step(ids, np.zeros((300, model.n_features), np.float32))  # the threaded kernel
-    return ["step", "feed", "step_rows", "step_rows_parallel"] if kernels else []
+            pool.step(ids, np.zeros((300, model.n_features), np.float32))  # the batched path
+    return names

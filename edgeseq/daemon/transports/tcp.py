@@ -67,9 +67,11 @@ class TcpTransport:
                     await self.batcher.submit(end.partial, conn.expect())
                 return
             except asyncio.LimitOverrunError:
-                await _discard_line(reader)
+                ended = not await _discard_line(reader)
                 bad = BadMessage("too_long", f"the line is longer than {limit} bytes; ignored")
                 self.batcher.reject(bad, conn.expect())
+                if ended:  # the client half-closed in the middle of the long line
+                    return
                 continue
             if line.strip():
                 await self.batcher.submit(line, conn.expect())
@@ -103,11 +105,14 @@ class _Connection:
         await self.writer.drain()
 
 
-async def _discard_line(reader: asyncio.StreamReader) -> None:
-    """Skip the rest of an over-long line, chunk by chunk (never holding it whole)."""
+async def _discard_line(reader: asyncio.StreamReader) -> bool:
+    """Skip the rest of an over-long line, chunk by chunk (never holding it whole); False if
+    the input ended first."""
     while True:
         try:
             await reader.readuntil(b"\n")
-            return
+            return True
         except asyncio.LimitOverrunError as over:
             await reader.readexactly(over.consumed)
+        except asyncio.IncompleteReadError:
+            return False
