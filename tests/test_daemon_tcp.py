@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import signal
 import socket
 import struct
 import subprocess
@@ -59,7 +60,7 @@ def daemon(*args: str, tcp: bool = True, **kwargs: Any) -> Iterator[DaemonProces
         d.wait_for("ready")
         yield d
         code = d.stop()
-        time.sleep(0.1)  # let the collector read the last lines
+        d.close()  # waits for the collector to read stderr to its end
         assert code == 0, "\n".join(d.raw_stderr[-20:])
         assert_no_traceback(d)
     finally:
@@ -67,16 +68,11 @@ def daemon(*args: str, tcp: bool = True, **kwargs: Any) -> Iterator[DaemonProces
 
 
 def release(d: DaemonProcess) -> None:
-    """Kill the daemon if it still runs, let the harness's stderr reader reach the end, and
-    close both pipes (an unclosed pipe is a ResourceWarning, an error under this pytest setup)."""
+    """Kill the daemon if it still runs and close the harness's pipes (an unclosed pipe is a
+    ResourceWarning, an error under this pytest setup)."""
     if d.proc.poll() is None:
         d.kill9()
-    for thread in threading.enumerate():
-        if getattr(thread, "_target", None) == d._collect:
-            thread.join(10)
-    for pipe in (d.proc.stdout, d.proc.stderr):
-        if pipe is not None:
-            pipe.close()
+    d.close()
 
 
 def assert_no_traceback(d: DaemonProcess) -> None:
@@ -549,7 +545,7 @@ def serve_stdin(tmp_path: Path, text: str, *args: str) -> tuple[int, list[dict[s
         assert d.proc.stdout is not None
         out = d.proc.stdout.read()
         code = d.proc.wait(30)
-        time.sleep(0.1)
+        d.close()
         assert_no_traceback(d)
     return code, [json.loads(line) for line in out.decode().splitlines()]
 
@@ -729,6 +725,22 @@ def test_clients_that_disconnect_abruptly_do_not_disturb_the_daemon_or_other_cli
         try:
             got = client.ask(sample("after", 0, xs[0, 0]))
             assert got["y"] == pytest.approx(offline_predictions(MODEL, xs[0, :1])[0], abs=TOL)
+        finally:
+            client.close()
+
+
+def test_sigterm_with_an_idle_client_connected_stops_the_daemon_promptly() -> None:
+    """The daemon must close its clients' connections on the way out, not wait for them (on
+    Python >= 3.12 asyncio's Server.wait_closed() waits for every open connection)."""
+    with daemon() as d:
+        client = LineClient(d.tcp_port, timeout=20)
+        try:
+            assert "y" in client.ask(sample("idle", 0, [0.1, 0.2, 0.3]))
+            start = time.monotonic()
+            d.signal(signal.SIGTERM)
+            assert d.proc.wait(15) == 0
+            assert time.monotonic() - start < 10
+            assert client.file.readline() == b""  # the daemon closed the connection
         finally:
             client.close()
 

@@ -154,9 +154,16 @@ class Batcher:
         try:
             applied = iter(self.table.apply(samples))
         except EdgeseqError as exc:  # not expected: every sample was checked at the edge
-            log.error("batch refused", extra={"detail": str(exc)})
-            applied = iter([error("internal", str(exc), s.stream_id, s.seq) for s in samples])
+            log.error("batch refused; stepping its samples one by one", extra={"detail": str(exc)})
+            applied = iter([self._apply_alone(sample) for sample in samples])
         return [p.refused if p.refused is not None else next(applied) for p in round_]
+
+    def _apply_alone(self, sample: Sample) -> dict[str, Any]:
+        """One sample on its own, so that one bad sample cannot spoil a whole round."""
+        try:
+            return self.table.apply([sample])[0]
+        except EdgeseqError as exc:
+            return error("internal", str(exc), sample.stream_id, sample.seq)
 
 
 def _outcome(answer: dict[str, Any]) -> str:

@@ -242,10 +242,11 @@ class Daemon:
                 self.checkpointer.write_now()
             except EdgeseqError as exc:
                 log.error("final checkpoint failed", extra={"detail": str(exc)})
-        for transport in self.transports:
-            await transport.stop() if hasattr(transport, "stop") else None
-            if hasattr(transport, "close_connections"):
-                transport.close_connections()
+        for transport in self.transports:  # answers are written: close connections first, as
+            if hasattr(transport, "close_connections"):  # Python 3.12's wait_closed() waits
+                transport.close_connections()  # for every open connection
+            if hasattr(transport, "stop"):
+                await transport.stop()
         log.info("stopped", extra={"streams": len(self.table)})
 
 

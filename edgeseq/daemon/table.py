@@ -92,6 +92,13 @@ class StreamTable:
     def _admit(self, sample: Sample, now: float) -> dict[str, Any] | None:
         """Seq, capacity and reset checks for one sample; an answer if it must not be applied."""
         sid, info = sample.stream_id, self.info.get(sample.stream_id)
+        if sample.x is not None and len(sample.x) != self.model.n_features:  # after a reload
+            return error(
+                "wrong_features",
+                f'"x" has {len(sample.x)} values; the model expects {self.model.n_features}',
+                sid,
+                sample.seq,
+            )
         if info is not None and sample.seq is not None and info.seq is not None:
             if sample.seq == info.seq:
                 self.counters.duplicates += 1
@@ -119,13 +126,8 @@ class StreamTable:
                     return refused
                 self.counters.gaps += 1
                 self.on_event("gap", "")
-        if sample.x is not None and len(sample.x) != self.model.n_features:  # after a reload
-            return error(
-                "wrong_features",
-                f'"x" has {len(sample.x)} values; the model expects {self.model.n_features}',
-                sid,
-                sample.seq,
-            )
+        if info is None and sample.x is None and not sample.reset:
+            return {"id": sid, "seq": sample.seq, "ok": True}  # ending a stream never started
         if info is None:
             if len(self.info) >= self.capacity:
                 return error(
@@ -146,8 +148,9 @@ class StreamTable:
         return None
 
     def _drop(self, sid: str, reason: str) -> None:
+        if self.info.pop(sid, None) is None:
+            return
         self.pool.evict(sid)
-        self.info.pop(sid, None)
         self.counters.evictions[reason] = self.counters.evictions.get(reason, 0) + 1
         self.on_event("eviction", reason)
 
