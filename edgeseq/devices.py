@@ -9,12 +9,12 @@ Profiles are untrusted files like any other input: every key is checked.
 from __future__ import annotations
 
 import os
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from edgeseq.errors import UsageError
+from edgeseq.toml_input import read_toml
 
 ROOT = Path(__file__).resolve().parents[1]
 ARCHES = ("aarch64", "x86_64", "armv7l")
@@ -58,12 +58,7 @@ def _expect(table: dict[str, Any], key: str, kind: type | tuple[type, ...], wher
 
 
 def read_profile(path: Path) -> Profile:
-    try:
-        table = tomllib.loads(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise UsageError(f"cannot read device profile {path}: {exc.strerror or exc}") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise UsageError(f"device profile {path} is not valid TOML: {exc}") from None
+    table = read_toml(path, "device profile")
     text = {k: _expect(table, k, str, path) for k in
             ("name", "description", "arch", "numba_cpu", "qemu_cpu", "os", "python")}  # fmt: skip
     if text["arch"] not in ARCHES:

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 from edgeseq.errors import UsageError
+from edgeseq.toml_input import read_toml
 
 DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
 UNIT_SECONDS = {"ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
@@ -136,12 +136,7 @@ def build_config(path: Path | None, overrides: dict[str, Any]) -> DaemonConfig:
     fields = {f.name: str(f.type) for f in dataclasses.fields(DaemonConfig)}
     values: dict[str, Any] = {}
     if path is not None:
-        try:
-            table = tomllib.loads(path.read_text(encoding="utf-8"))
-        except OSError as exc:
-            raise UsageError(f"cannot read config {path}: {exc.strerror or exc}") from None
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-            raise UsageError(f"config {path} is not valid TOML: {exc}") from None
+        table = read_toml(path, "config")
         for key, value in table.items():
             name = key.replace("-", "_")
             if name not in fields:
