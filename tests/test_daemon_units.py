@@ -3,8 +3,10 @@ seq rules and the batcher's rounds. The subprocess tests (test_daemon_*.py) run 
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -173,3 +175,35 @@ def test_the_shipped_unit_file_passes_systemd_analyze_verify():
                           capture_output=True, text=True, timeout=60)  # fmt: skip
     problems = [line for line in proc.stderr.splitlines() if "is not executable" not in line]
     assert problems == [], proc.stderr  # the binary lives on the board, not here
+
+
+def test_addresses_default_to_loopback_and_the_mqtt_port():
+    from edgeseq.daemon.config import parse_address
+
+    assert parse_address("tcp://:7878", "listen", "tcp") == ("127.0.0.1", 7878)
+    assert parse_address("mqtt://broker.local", "mqtt", "mqtt") == ("broker.local", 1883)
+    assert parse_address(":9108", "metrics", None) == ("127.0.0.1", 9108)
+    assert parse_address("tcp://0.0.0.0:1", "listen", "tcp") == ("0.0.0.0", 1)
+    for bad in ("tcp://host", "tcp://host:1/path", "udp://host:1", "tcp://host:port"):
+        with pytest.raises(UsageError, match="HOST:PORT"):
+            parse_address(bad, "listen", "tcp")
+
+
+def test_a_one_feature_model_takes_a_bare_number_and_a_csv_header_is_recognised():
+    from edgeseq.daemon.protocol import is_csv_header
+
+    assert parse_json(b'{"id": "a", "x": 0.5}', 1, 1000).x == [0.5]
+    assert _code(b'{"id": "a", "x": 0.5}', n_features=3) == "bad_x"
+    assert is_csv_header(b"id,seq,x1,x2,x3") and is_csv_header(b"ID, Seq, a")
+    assert not is_csv_header(b"pump-1,1,0.1,0.2,0.3")
+
+
+def test_stdin_csv_skips_a_header_row_and_answers_every_sample():
+    proc = subprocess.run(
+        [sys.executable, "-m", "edgeseq", "serve", str(MODEL), "--format", "csv"],
+        input="id,seq,x1,x2,x3\np1,1,0.1,0.2,0.3\np1,2,0.1,0.2,0.3\n",
+        capture_output=True, text=True, timeout=120, cwd=ROOT,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    answers = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [a["seq"] for a in answers] == [1, 2] and all("y" in a for a in answers)

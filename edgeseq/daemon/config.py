@@ -84,19 +84,24 @@ class DaemonConfig:
         return self
 
 
+DEFAULT_PORTS = {"mqtt": 1883}
+LOOPBACK = "127.0.0.1"  # what a daemon binds unless told otherwise
+
+
 def parse_address(text: str, what: str, scheme: str | None) -> tuple[str, int]:
-    """ "tcp://HOST:PORT" (or "HOST:PORT" where no scheme is needed) -> (host, port)."""
+    """ "tcp://HOST:PORT" (or "HOST:PORT" where no scheme is needed) -> (host, port). An empty
+    host is 127.0.0.1; mqtt:// without a port is 1883."""
     url = urlsplit(text if "://" in text else f"//{text}")
     if scheme is not None and url.scheme != scheme:
         raise UsageError(f"{what} is {text!r}; expected {scheme}://HOST:PORT")
     try:
-        port = url.port
+        port = url.port if url.port is not None else DEFAULT_PORTS.get(scheme or "")
     except ValueError:
         port = None
-    if port is None or not url.hostname:
+    if port is None or url.path or url.query:
         raise UsageError(f"{what} is {text!r}; expected {scheme or ''}{'://' if scheme else ''}"
                          "HOST:PORT with a port number")  # fmt: skip
-    return url.hostname, port
+    return url.hostname or LOOPBACK, port
 
 
 def parse_duration(value: Any, name: str) -> float:

@@ -69,6 +69,8 @@ def _check_seq(value: object, sid: str) -> int | None:
 
 
 def _check_x(value: object, n_features: int, sid: str, seq: int | None) -> list[float]:
+    if n_features == 1 and isinstance(value, int | float) and not isinstance(value, bool):
+        value = [value]  # a one-feature model takes a bare number too
     if not isinstance(value, list):
         raise BadMessage(
             "bad_x", f'"x" is {_brief(value)}; expected a list of {n_features} numbers', sid, seq
@@ -145,6 +147,12 @@ def parse_json(line: bytes, n_features: int, max_bytes: int) -> Sample:
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise BadMessage("bad_json", f"the line is not valid JSON: {_brief(str(exc))}") from None
     return sample_from_object(message, n_features)
+
+
+def is_csv_header(line: bytes) -> bool:
+    """`id,seq,...` as a first line names the columns; it is not a sample."""
+    cells = line.strip().lower().split(b",")
+    return len(cells) >= 2 and cells[0].strip() == b"id" and cells[1].strip() == b"seq"
 
 
 def parse_csv(line: bytes, n_features: int, max_bytes: int) -> Sample:

@@ -16,7 +16,7 @@ import threading
 from typing import Any, BinaryIO
 
 from edgeseq.daemon.batcher import Batcher
-from edgeseq.daemon.protocol import BadMessage, encode
+from edgeseq.daemon.protocol import BadMessage, encode, is_csv_header
 
 log = logging.getLogger("edgeseq.daemon")
 CHUNK = 1 << 16
@@ -60,6 +60,7 @@ class StdinTransport:
         self.sink = sink or sys.stdout.buffer
         self.finished = asyncio.Event()  # end of input, every line queued
         self._split = LineSplitter(batcher.config.max_line_bytes)
+        self._first = True  # no line seen yet (a CSV header may come)
         batcher.after_batch.append(self._flush)
 
     def reply(self, answer: dict[str, Any]) -> None:
@@ -93,6 +94,10 @@ class StdinTransport:
             limit = self.batcher.config.max_line_bytes
             bad = BadMessage("too_long", f"the line is longer than {limit} bytes; ignored")
             self.batcher.reject(bad, self.reply)
+        csv = self.batcher.config.format == "csv"
+        if lines and self._first and csv and is_csv_header(lines[0]):
+            lines = lines[1:]  # a header row, as spreadsheets and pandas write them
+        self._first = self._first and not (lines or skipped)
         for line in lines:
             await self.batcher.submit(line, self.reply)
         self._flush()  # error answers given at the edge do not wait for a batch
