@@ -669,7 +669,6 @@ def test_a_bad_config_file_exits_2_with_one_error_line_naming_the_key(
         "tcp://127.0.0.1",
         "tcp://127.0.0.1:99999",
         "tcp://127.0.0.1:port",
-        "tcp://:7000",
     ],
 )
 def test_a_bad_listen_value_exits_2_with_a_clear_error(listen: str) -> None:
