@@ -26,7 +26,16 @@ from edgeseq.errors import EdgeseqError, UsageError
 
 ROOT = Path(__file__).resolve().parents[1]
 TEMPLATES = ROOT / "devices"  # unit, install.sh, board README, example: one copy, here
-RUNTIME_ROOTS = ("numpy", "numba", "onnx", "typer", "rich", "paho-mqtt", "prometheus_client")
+RUNTIME_ROOTS = (
+    "numpy",
+    "numba",
+    "onnx",
+    "typer",
+    "rich",
+    "paho-mqtt",
+    "prometheus_client",
+    "orjson",
+)
 SERVICE_PORT_EXAMPLE = "7878"
 
 

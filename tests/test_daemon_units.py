@@ -207,3 +207,19 @@ def test_stdin_csv_skips_a_header_row_and_answers_every_sample():
     assert proc.returncode == 0, proc.stderr
     answers = [json.loads(line) for line in proc.stdout.splitlines()]
     assert [a["seq"] for a in answers] == [1, 2] and all("y" in a for a in answers)
+
+
+def test_a_sample_that_overflows_the_model_is_refused_and_its_stream_state_kept():
+    model = edgeseq.load(MODEL)
+    table = StreamTable(model, capacity=4)
+    xs = np.random.default_rng(3).normal(size=(4, 3)).astype(np.float32)
+    expected = model.stream().feed(xs)[:, 0]
+    assert table.apply([Sample("a", 0, xs[0].tolist())])[0]["y"][0] == pytest.approx(expected[0])
+    huge = [3e38, 3e38, 3e38]  # finite in float32, NaN inside the model: would poison the state
+    refused = table.apply([Sample("a", 1, huge), Sample("new", 0, huge)])
+    assert [r["error"]["code"] for r in refused] == ["bad_output", "bad_output"]
+    assert "unchanged" in refused[0]["error"]["message"]
+    got = [table.apply([Sample("a", i, xs[i].tolist())])[0]["y"][0] for i in (1, 2, 3)]
+    np.testing.assert_allclose(got, expected[1:], atol=1e-6)
+    fresh = table.apply([Sample("new", 1, xs[0].tolist())])[0]
+    assert fresh["y"][0] == pytest.approx(expected[0], abs=1e-6)

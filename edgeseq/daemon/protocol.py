@@ -16,6 +16,11 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+try:  # several times faster than the standard library on every message, both ways
+    import orjson
+except ImportError:  # pragma: no cover - the daemon extra installs it; json still works
+    orjson = None  # type: ignore[assignment]
+
 MAX_ID_CHARS = 256
 FLOAT32_MAX = 3.4028234663852886e38
 FIELDS = frozenset({"id", "seq", "x", "reset", "end"})
@@ -142,11 +147,22 @@ def parse_json(line: bytes, n_features: int, max_bytes: int) -> Sample:
     line = line.rstrip(b"\r\n")
     if len(line) > max_bytes:
         raise BadMessage("too_long", f"the line has {len(line)} bytes; the limit is {max_bytes}")
+    return sample_from_object(decode(line, "line"), n_features)
+
+
+def decode(data: bytes | bytearray, what: str) -> Any:
+    """JSON bytes -> object; BadMessage("bad_json") if they are not JSON. orjson first; what it
+    refuses goes through the standard library, which also reads the NaN and Infinity literals
+    that some encoders write, so that those are refused as not_finite, the real reason."""
+    if orjson is not None:
+        try:
+            return orjson.loads(data)
+        except orjson.JSONDecodeError:
+            pass
     try:
-        message = json.loads(line)
+        return json.loads(data)
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise BadMessage("bad_json", f"the line is not valid JSON: {_brief(str(exc))}") from None
-    return sample_from_object(message, n_features)
+        raise BadMessage("bad_json", f"the {what} is not valid JSON: {_brief(str(exc))}") from None
 
 
 def is_csv_header(line: bytes) -> bool:
@@ -192,7 +208,10 @@ def error(code: str, message: str, sid: Any = None, seq: Any = None) -> dict[str
 
 
 def encode(obj: dict[str, Any]) -> bytes:
-    return json.dumps(obj, separators=(",", ":"), allow_nan=False).encode("utf-8") + b"\n"
+    """One answer line (answers never hold NaN: the table refuses non-finite outputs)."""
+    if orjson is not None:
+        return orjson.dumps(obj, option=orjson.OPT_APPEND_NEWLINE)
+    return json.dumps(obj, separators=(",", ":")).encode("utf-8") + b"\n"
 
 
 def _brief(value: object) -> str:

@@ -23,6 +23,7 @@ from edgeseq.runtime import Model, StreamPool
 from edgeseq.runtime.state import Snapshot, pool_snapshot, restore_pool
 
 log = logging.getLogger("edgeseq.daemon")
+EXTREME_INPUT = 1e15  # |x| from which a sample may overflow float32 inside a model
 
 
 @dataclass(slots=True)
@@ -72,22 +73,65 @@ class StreamTable:
             elif sample.x is not None:
                 step_at.append(k)
         if step_at:
-            ids = [round_[k].stream_id for k in step_at]
-            xs = np.array([round_[k].x for k in step_at], np.float32)
-            start = time.perf_counter()
-            ys = self.pool.step(ids, xs).tolist()
-            self.on_step(len(ids), time.perf_counter() - start)
-            for k, y in zip(step_at, ys, strict=True):
-                sample, info = round_[k], self.info[round_[k].stream_id]
-                info.seq, info.y = sample.seq, y
-                answers[k] = answer(sample.stream_id, sample.seq, y)
-            self.counters.applied += len(ids)
+            self._step(round_, step_at, answers)
         for k, sample in enumerate(round_):
             if answers[k] is None:  # a bare reset or end
                 answers[k] = {"id": sample.stream_id, "seq": sample.seq, "ok": True}
             if sample.end and "error" not in answers[k] and "duplicate" not in answers[k]:  # type: ignore[operator]
                 self._drop(sample.stream_id, "end")
         return answers  # type: ignore[return-value]
+
+    def _step(self, round_: list[Sample], step_at: list[int], answers: list[Any]) -> None:
+        """One batched pool step for the samples at `step_at`; their answers filled in."""
+        ids = [round_[k].stream_id for k in step_at]
+        xs = np.array([round_[k].x for k in step_at], np.float32)
+        saved = self._save_if_extreme(ids, xs)
+        start = time.perf_counter()
+        out = self.pool.step(ids, xs)
+        self.on_step(len(ids), time.perf_counter() - start)
+        finite = np.isfinite(out).all(axis=1)
+        for k, y, ok in zip(step_at, out.tolist(), finite.tolist(), strict=True):
+            sample, info = round_[k], self.info[round_[k].stream_id]
+            if ok and not self._poisoned(sample.stream_id, saved):
+                info.seq, info.y = sample.seq, y
+                answers[k] = answer(sample.stream_id, sample.seq, y)
+                self.counters.applied += 1
+                continue
+            kept = self._roll_back(sample.stream_id, saved)
+            if not kept:  # applied after all: a resend must not apply it twice
+                info.seq, info.y = sample.seq, None
+            answers[k] = error(
+                "bad_output",
+                "the model's output or state for this sample is not finite (an input far "
+                "outside the training range?); "
+                + ("the state is unchanged" if kept else "the state was advanced"),
+                sample.stream_id,
+                sample.seq,
+            )
+
+    def _save_if_extreme(self, ids: list[str], xs: np.ndarray) -> dict[str, Any]:
+        """States of the streams whose samples could overflow float32 inside the model (scaled
+        inputs near 1e38 turn into inf and NaN): kept so a poisoned state can be undone.
+        Ordinary samples cost one max() for the whole round."""
+        if not xs.size or float(np.abs(xs).max()) < EXTREME_INPUT:
+            return {}
+        risky = np.abs(xs).max(axis=1) >= EXTREME_INPUT
+        return {sid: self.pool.state(sid) if sid in self.pool else None
+                for sid, bad in zip(ids, risky.tolist(), strict=True) if bad}  # fmt: skip
+
+    def _poisoned(self, sid: str, saved: dict[str, Any]) -> bool:
+        if sid not in saved:
+            return False
+        return not all(np.isfinite(v).all() for v in self.pool.state(sid).values())
+
+    def _roll_back(self, sid: str, saved: dict[str, Any]) -> bool:
+        if sid not in saved:
+            return False
+        if saved[sid] is None:
+            self.pool.reset(sid)  # a stream that this sample started: back to the start
+        else:
+            self.pool.set_state(sid, saved[sid])
+        return True
 
     def _admit(self, sample: Sample, now: float) -> dict[str, Any] | None:
         """Seq, capacity and reset checks for one sample; an answer if it must not be applied."""

@@ -24,7 +24,7 @@ from typing import Any
 import paho.mqtt.client as mqtt
 
 from edgeseq.daemon.batcher import Batcher
-from edgeseq.daemon.protocol import BadMessage, sample_from_object
+from edgeseq.daemon.protocol import BadMessage, decode, encode, sample_from_object
 
 log = logging.getLogger("edgeseq.daemon")
 SUBSCRIBE_WAIT = 10.0  # seconds start() waits for the broker before going on without it
@@ -147,11 +147,9 @@ class MqttTransport:
                 "too_long", f"the payload has {len(payload)} bytes; the limit is {limit}"
             )
         try:
-            message = json.loads(payload)
-        except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-            raise BadMessage(
-                "bad_json", f"the payload is not valid JSON: {exc}", topic_id
-            ) from None
+            message = decode(payload, "payload")
+        except BadMessage as bad:
+            raise BadMessage(bad.code, bad.message, topic_id) from None
         if isinstance(message, dict):
             message.setdefault("id", topic_id)
             if message["id"] != topic_id:
@@ -169,7 +167,7 @@ class MqttTransport:
         def reply(answer: dict[str, Any]) -> None:
             if answer.get("id") is None:
                 answer = {**answer, "id": topic_id}
-            body = json.dumps(answer, separators=(",", ":"), allow_nan=False)
+            body = encode(answer)[:-1]
             # Never hold our lock across publish(): paho calls _on_publish holding its own.
             info = self.client.publish(out, body, qos=self.config.mqtt_qos)
             if qos == 0:
