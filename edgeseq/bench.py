@@ -151,6 +151,17 @@ def start_up(path: Path) -> dict[str, float]:
     return figures
 
 
+def _best_of_alternating(fns: list[Any], samples_per_call: int, rounds: int = 5,
+                         seconds: float = 0.2) -> list[float]:  # fmt: skip
+    """Throughput of each fn, measured in alternating windows (so that a burst of load from
+    other processes hits both sides alike), best window each: noise only ever slows a run."""
+    best = [0.0] * len(fns)
+    for _ in range(rounds):
+        for i, fn in enumerate(fns):
+            best[i] = max(best[i], _throughput(fn, samples_per_call, seconds))
+    return best
+
+
 def _throughput(fn: Any, samples_per_call: int, seconds: float = 0.5) -> float:
     fn()
     calls, start = 0, time.perf_counter()
@@ -198,9 +209,9 @@ def measure(path: str | Path, calls: int = 20_000) -> dict[str, Any]:
     for size in POOL_SIZES:
         pool = model.pool(capacity=size)
         ids, xs = [f"s{i}" for i in range(size)], _inputs(model, size)
-        result["pool"][size] = {
-            "edgeseq_samples_per_s": _throughput(lambda p=pool, i=ids, v=xs: p.step(i, v), size),
-            "onnxruntime_samples_per_s": _throughput(_ort_step(path, model, size), size),
-        }
+        ours, theirs = _best_of_alternating(
+            [lambda p=pool, i=ids, v=xs: p.step(i, v), _ort_step(path, model, size)], size
+        )
+        result["pool"][size] = {"edgeseq_samples_per_s": ours, "onnxruntime_samples_per_s": theirs}
     result.update(start_up(path))
     return result

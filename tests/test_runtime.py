@@ -175,3 +175,23 @@ def test_a_large_pool_step_equals_separate_streams_within_float32_rounding(path)
     for i in (0, 150, 299):
         expected = model.stream().feed(xs[:, i])
         np.testing.assert_allclose(pooled[i], expected, rtol=0, atol=GEMM_TOLERANCE)
+
+
+@pytest.mark.parametrize("path", CELL_MODELS, ids=lambda p: p.stem)
+def test_a_large_pool_step_in_shuffled_order_equals_separate_streams(path):
+    """Streams stepped in another order than their rows: gathered by index, not by slice."""
+    model = edgeseq.load(path)
+    rng = np.random.default_rng(4)
+    zeros = np.zeros((200, model.n_features), np.float32)
+    xs = rng.standard_normal((4, 200, model.n_features)).astype(np.float32)
+    pool = model.pool(capacity=200)
+    ids = [f"s{i}" for i in range(200)]
+    pool.step(ids, zeros)  # rows 0..199, in this order
+    order = rng.permutation(200)
+    outs = [pool.step([ids[j] for j in order], xs[t][order]) for t in range(4)]
+    for i in (0, 77, 199):
+        stream = model.stream()
+        stream.step(zeros[0])
+        position = int(np.flatnonzero(order == i)[0])
+        got = np.stack([out[position] for out in outs])
+        np.testing.assert_allclose(got, stream.feed(xs[:, i]), rtol=0, atol=GEMM_TOLERANCE)

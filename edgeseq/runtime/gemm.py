@@ -47,6 +47,25 @@ def activate_rows(v: np.ndarray, kind: int, alpha: float) -> None:
             row[j] = k._activate(kind, alpha, row[j])
 
 
+Rows = np.ndarray | slice  # the table rows of a batch: an index array, or a contiguous range
+CELL_SLOT = 1 << 20  # buffer slots of LSTM cell states, apart from the 3-per-layer slots
+
+
+def _as_slice(rows: np.ndarray) -> slice | None:
+    """rows as a slice when they are consecutive and increasing (the common case: a pool that
+    steps the same streams every time), else None."""
+    n = len(rows)
+    if n == 0 or rows[-1] - rows[0] != n - 1:
+        return None
+    if n > 1 and not bool((np.diff(rows) == 1).all()):
+        return None
+    return slice(int(rows[0]), int(rows[0]) + n)
+
+
+def _count(rows: Rows) -> int:
+    return rows.stop - rows.start if isinstance(rows, slice) else len(rows)
+
+
 class BatchRunner:
     """Runs a plan's program on a batch of streams with BLAS for the matrix products.
 
@@ -83,22 +102,27 @@ class BatchRunner:
         g += bias
         return g
 
+    def _gather(self, slot: int, table: np.ndarray, rows: Rows, off: int, width: int) -> np.ndarray:
+        """table[rows, off:off+width] into a reused buffer (a plain copy when rows is a slice)."""
+        out = self._buf(slot, _count(rows), width)
+        if isinstance(rows, slice):
+            np.copyto(out, table[rows, off : off + width])
+            return out
+        return np.take(table[:, off : off + width], rows, axis=0, out=out)
+
     def _recurrent(
-        self, i: int, row: np.ndarray, cur: np.ndarray, table: np.ndarray, rows: np.ndarray
+        self, i: int, row: np.ndarray, cur: np.ndarray, table: np.ndarray, rows: Rows
     ) -> np.ndarray:
         op, n_in, hid = int(row[0]), int(row[1]), int(row[2])
         p = self.plan.params
         off_h = int(row[7] if op == k.OP_GRU else row[5])
-        h = np.take(
-            table[:, off_h : off_h + hid], rows, axis=0, out=self._buf(3 * i + 2, len(rows), hid)
-        )
+        h = self._gather(3 * i + 2, table, rows, off_h, hid)
+        batch = len(h)
         if op == k.OP_GRU:
             g3 = 3 * hid
-            gx = np.matmul(cur, self._w(int(row[3]), n_in, g3), out=self._buf(3 * i, len(rows), g3))
+            gx = np.matmul(cur, self._w(int(row[3]), n_in, g3), out=self._buf(3 * i, batch, g3))
             gx += p[row[5] : row[5] + g3]
-            gh = np.matmul(
-                h, self._w(int(row[4]), hid, g3), out=self._buf(3 * i + 1, len(rows), g3)
-            )
+            gh = np.matmul(h, self._w(int(row[4]), hid, g3), out=self._buf(3 * i + 1, batch, g3))
             gh += p[row[6] : row[6] + g3]
             gru_cells(gx, gh, h)
         else:
@@ -107,7 +131,7 @@ class BatchRunner:
             g = self._gates(i, cur, h, wt[:n_in], wt[n_in:], p[row[4] : row[4] + gates])
             if op == k.OP_LSTM:
                 off_c = int(row[6])
-                c = table[rows, off_c : off_c + hid]
+                c = self._gather(CELL_SLOT + i, table, rows, off_c, hid)
                 lstm_cells(g, c, h)
                 table[rows, off_c : off_c + hid] = c
             else:
@@ -119,10 +143,11 @@ class BatchRunner:
     def step(self, xs: np.ndarray, table: np.ndarray, rows: np.ndarray) -> np.ndarray:
         """(B, F) samples for streams table[rows] -> (B, n_outputs); the table is updated."""
         p, cur = self.plan.params, xs
+        span = _as_slice(rows)  # a pool stepping the same streams in order: no fancy indexing
         for i, row in enumerate(self.plan.code):
             op, n = int(row[0]), int(row[1])
             if op in (k.OP_LSTM, k.OP_GRU, k.OP_RNN):
-                cur = self._recurrent(i, row, cur, table, rows)
+                cur = self._recurrent(i, row, cur, table, span if span is not None else rows)
             elif op == k.OP_DENSE:
                 out = self._buf(3 * i, len(xs), int(row[2]))
                 cur = np.matmul(cur, self._w(int(row[3]), n, int(row[2])), out=out)
