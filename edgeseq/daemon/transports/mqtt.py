@@ -19,6 +19,7 @@ import contextlib
 import json
 import logging
 import threading
+import time
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -27,6 +28,7 @@ from edgeseq.daemon.batcher import Batcher
 from edgeseq.daemon.protocol import BadMessage, decode, encode, sample_from_object
 
 log = logging.getLogger("edgeseq.daemon")
+EARLY_TTL, EARLY_PRUNE_AT = 10.0, 64  # seconds an unclaimed early ack is kept; when to prune
 SUBSCRIBE_WAIT = 10.0  # seconds start() waits for the broker before going on without it
 
 
@@ -59,7 +61,10 @@ class MqttTransport:
         # its answer, so after a crash at any point either the answer was delivered or the
         # sample is redelivered.
         self._pending_acks: dict[int, tuple[int, int]] = {}
-        self._published_early: set[int] = set()
+        # mids the broker acknowledged before reply() recorded them -> when. Status messages
+        # land here too and are never claimed, so entries expire: mids wrap at 65,535, and a
+        # stale one must not match a later answer.
+        self._published_early: dict[int, float] = {}
         self._acks_lock = threading.Lock()
 
     def _status_payload(self, state: str) -> bytes:
@@ -122,7 +127,11 @@ class MqttTransport:
         with self._acks_lock:
             sample = self._pending_acks.pop(mid, None)
             if sample is None:  # the broker answered before reply() recorded the mid
-                self._published_early.add(mid)
+                now = time.monotonic()
+                self._published_early[mid] = now
+                if len(self._published_early) > EARLY_PRUNE_AT:
+                    self._published_early = {m: t for m, t in self._published_early.items()
+                                             if now - t < EARLY_TTL}  # fmt: skip
         if sample is not None:
             client.ack(*sample)
 
@@ -174,8 +183,8 @@ class MqttTransport:
                 return
             queued = info.rc in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN)
             with self._acks_lock:
-                early = info.mid in self._published_early
-                self._published_early.discard(info.mid)
+                acked_at = self._published_early.pop(info.mid, None)
+                early = acked_at is not None and time.monotonic() - acked_at < EARLY_TTL
                 if queued and not early:
                     self._pending_acks[info.mid] = (mid, qos)  # acked in _on_publish
                     return
