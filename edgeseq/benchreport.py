@@ -8,6 +8,8 @@ import subprocess
 from datetime import UTC, datetime
 from typing import Any
 
+C_LABEL = "-O3 -march=native and the kernels' fast-math flags"
+
 
 def _cpu() -> str:
     try:
@@ -92,9 +94,7 @@ def markdown(results: list[dict[str, Any]], command: str) -> str:
             f"| {k} | {v['median_us']:.2f} | {v['p99_us']:.2f} |" for k, v in r["step"].items()
         ]
         if r["c_step_us"]:
-            lines.append(
-                f"| C step (benchmarks/step.c, -O3 -march=native) | {r['c_step_us']:.2f} | |"
-            )
+            lines.append(f"| C step (benchmarks/step.c, {C_LABEL}) | {r['c_step_us']:.2f} | |")
         lines += [
             "",
             f"`feed` over {10_000:,} samples: {r['feed_us_per_sample']:.2f} us per sample "

@@ -70,6 +70,27 @@ def test_stepping_resetting_and_restoring_state_agree_with_feeding(path):
     np.testing.assert_array_equal(stream.step(xs[0]), fed[0])
 
 
+def test_the_bundled_models_own_kernel_equals_the_interpreter_on_this_cpu():
+    """The per-model kernel (specialize.py) of the model a bundle ships, which install.sh's
+    warmup compiled; the other models stream through it too unless EDGESEQ_SPECIALIZE=0
+    (the emulated run sets it: compiling a dozen kernels under QEMU takes far too long)."""
+    from edgeseq.runtime import kernels
+    from edgeseq.runtime.specialize import compile_kernel, work_size
+
+    plan = _load(ROOT / "export" / "pump-lstm.onnx").plan
+    assert plan is not None
+    xs = _samples(_load(ROOT / "export" / "pump-lstm.onnx"), 200, 3)
+    state, scratch = plan.initial_state.copy(), np.zeros((3, plan.width), np.float32)
+    expected = np.zeros((len(xs), plan.n_outputs), np.float32)
+    assert kernels.feed(plan.code, plan.params, xs, state, scratch, expected) == -1
+    work = np.zeros(work_size(plan), np.float32)
+    work[: plan.state_size] = plan.initial_state
+    got = np.zeros(expected.size, np.float32)
+    assert compile_kernel(plan)(plan.params, xs.reshape(-1), work, got) == -1
+    np.testing.assert_array_equal(got.reshape(expected.shape), expected)
+    np.testing.assert_array_equal(work[: plan.state_size], state)
+
+
 @pytest.mark.parametrize("path", CELL_MODELS, ids=lambda p: p.stem)
 def test_a_pool_of_streams_equals_separate_streams(path):
     model = _load(path)

@@ -13,7 +13,8 @@ float32 arrays.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import os
+from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 import numpy as np
@@ -24,6 +25,8 @@ from edgeseq.runtime.plan import Plan
 from edgeseq.runtime.stepper import step_graph, stream_time_nodes, streamable
 
 StateDict = dict[str, np.ndarray]
+Kernel = Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray], int]
+SHAPE_MISMATCH = -2  # a specialized kernel's answer to arrays of the wrong length
 PARALLEL_BATCH = 256  # below this many streams per call, one thread beats the fork/join cost
 GEMM_BATCH = 128  # from this many streams per call, BLAS matrix products beat per-stream kernels
 
@@ -61,7 +64,7 @@ class KernelEngine:
         self.plan, self.kernels = plan, kernels
         self.n_outputs = plan.n_outputs
         self.scratch = np.zeros((3, plan.width), np.float32)  # (3, width), reused every step
-        self._step, self._code, self._params = kernels.step, plan.code, plan.params
+        self._specialized: Kernel | None = None
         from numba import get_num_threads
 
         self.threads = get_num_threads()
@@ -75,9 +78,22 @@ class KernelEngine:
     def new_state(self) -> np.ndarray:
         return self.plan.initial_state.copy()
 
-    def direct_step(self, x: np.ndarray, state: np.ndarray, out: np.ndarray) -> int:
-        """step() with nothing between the caller and the kernel (Stream.step's fast path)."""
-        return self._step(self._code, self._params, x, state, self.scratch, out)
+    def stream_kernel(self) -> tuple[Kernel, np.ndarray] | None:
+        """This model's own compiled kernel and its parameters, for Stream's fast path (None
+        when EDGESEQ_SPECIALIZE=0: streams then use the interpreter like pools do)."""
+        if os.environ.get("EDGESEQ_SPECIALIZE", "1") == "0":
+            return None
+        if self._specialized is None:
+            from edgeseq.runtime.specialize import compile_kernel
+
+            self._specialized = compile_kernel(self.plan)
+        return self._specialized, self.plan.params
+
+    def new_work(self) -> np.ndarray:
+        """One stream's state followed by its own scratch rows (the specialized kernel's work)."""
+        work = np.zeros(self.plan.state_size + 3 * self.plan.width, np.float32)
+        work[: self.plan.state_size] = self.plan.initial_state
+        return work
 
     def step(self, x: np.ndarray, state: np.ndarray, out: np.ndarray) -> int:
         return int(self.kernels.step(self.plan.code, self.plan.params, x, state, self.scratch, out))

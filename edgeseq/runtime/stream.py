@@ -13,20 +13,30 @@ from typing import Any
 import numpy as np
 
 from edgeseq.errors import ShapeError, UsageError
-from edgeseq.runtime.engines import Engine, StateDict
+from edgeseq.runtime.engines import SHAPE_MISMATCH, Engine, Kernel, KernelEngine, StateDict
 
 
 def _sample(x: Any, n_features: int, what: str = "sample") -> np.ndarray:
-    arr = np.ascontiguousarray(x, dtype=np.float32)
+    """x as a fresh float32 vector of the model's width (a copy: the kernels may keep no view
+    of the caller's memory, and read-only or foreign-order arrays become plain ones)."""
+    try:
+        arr = np.array(x, dtype=np.float32, order="C")
+    except (TypeError, ValueError) as exc:
+        raise ShapeError(f"{what} is not numeric: {exc}") from None
     if arr.shape != (n_features,):
         raise ShapeError(f"{what} has shape {np.shape(x)}; the model expects ({n_features},)")
     return arr
 
 
 def _block(xs: Any, n_features: int, what: str = "samples") -> np.ndarray:
-    arr = np.ascontiguousarray(xs, dtype=np.float32)
+    try:
+        arr = np.ascontiguousarray(xs, dtype=np.float32)
+    except (TypeError, ValueError) as exc:
+        raise ShapeError(f"{what} are not numeric: {exc}") from None
     if arr.ndim != 2 or arr.shape[1] != n_features:
         raise ShapeError(f"{what} have shape {np.shape(xs)}; the model expects (T, {n_features})")
+    if not arr.flags.writeable or arr.dtype.byteorder not in "=|":
+        arr = np.array(arr, np.float32)  # the kernels' signature takes plain writeable arrays
     return arr
 
 
@@ -41,46 +51,65 @@ def _refuse(bad: int, arr: np.ndarray, what: str) -> None:
 
 
 class Stream:
-    """One sensor's state: one sample in, one prediction out."""
+    """One sensor's state: one sample in, one prediction out.
+
+    With the Numba engine the stream runs its model's own compiled kernel (specialize.py) on
+    one `work` vector holding its state and its scratch; `step` hands the caller's array to
+    the kernel as is, and only a sample the kernel's signature refuses (a list, float64, a
+    read-only or strided array) takes the slower path through a converted copy.
+    """
 
     def __init__(self, engine: Engine, n_features: int) -> None:
         self._engine, self.n_features = engine, n_features
-        self._state = engine.new_state()
-        self._shape = (n_features,)
-        # The kernel engine's step, bound once: every attribute lookup costs on the hot path.
-        self._direct = getattr(engine, "direct_step", None)
+        self._n_out = engine.n_outputs
+        fast = engine.stream_kernel() if isinstance(engine, KernelEngine) else None
+        if fast is not None and isinstance(engine, KernelEngine):
+            self._kernel: Kernel | None = fast[0]
+            self._params = fast[1]
+            self._work = engine.new_work()
+            self._state = self._work[: engine.plan.state_size]  # a view: the kernel's state
+        else:
+            self._kernel = None
+            self._state = engine.new_state()
 
     def step(self, x: Any) -> np.ndarray:
         """Feed one sample; return the model's output for it."""
-        if (
-            type(x) is np.ndarray
-            and x.dtype == np.float32
-            and x.shape == self._shape
-            and x.flags.c_contiguous
-        ):
-            arr = x  # the kernels copy it in; they never write to it
-        else:
+        out = np.empty(self._n_out, np.float32)
+        if self._kernel is None:
             arr = _sample(x, self.n_features)
-        out = np.empty(self._engine.n_outputs, np.float32)
-        bad = (
-            self._direct(arr, self._state, out)
-            if self._direct is not None
-            else self._engine.step(arr, self._state, out)
-        )
-        if bad >= 0:
-            _refuse(bad, arr, "sample")
+            _refuse(self._engine.step(arr, self._state, out), arr, "sample")
+            return out
+        try:
+            bad = self._kernel(self._params, x, self._work, out)
+        except TypeError:  # not a plain float32 vector: convert a copy, then check it
+            x = _sample(x, self.n_features)
+            bad = self._kernel(self._params, x, self._work, out)
+        if bad != -1:
+            if bad == SHAPE_MISMATCH:
+                _sample(x, self.n_features)  # raises, naming the shape found
+            _refuse(bad, x, "sample")
         return out
 
     def feed(self, xs: Any) -> np.ndarray:
         """Feed (T, F) samples in order; (T, n_outputs) outputs, exactly as T calls to step."""
         block = _block(xs, self.n_features)
-        out = np.empty((block.shape[0], self._engine.n_outputs), np.float32)
-        _refuse(self._engine.feed(block, self._state, out), block, "samples")
+        out = np.empty((block.shape[0], self._n_out), np.float32)
+        if self._kernel is not None:
+            bad = self._kernel(self._params, block.reshape(-1), self._work, out.reshape(-1))
+        else:
+            bad = self._engine.feed(block, self._state, out)
+        _refuse(bad, block, "samples")
         return out
+
+    def _load(self, state: Any) -> None:
+        if self._kernel is not None:
+            self._state[:] = state
+        else:
+            self._state = state
 
     def reset(self) -> None:
         """Back to the model's initial state."""
-        self._state = self._engine.new_state()
+        self._load(self._engine.new_state())
 
     @property
     def state(self) -> StateDict:
@@ -89,7 +118,7 @@ class Stream:
 
     @state.setter
     def state(self, saved: StateDict) -> None:
-        self._state = self._engine.restore(saved)
+        self._load(self._engine.restore(saved))
 
 
 class StreamPool:

@@ -1,0 +1,183 @@
+"""The per-layer steps the kernels are built from: one recurrent cell, dense or elementwise op
+advancing one sample. Every size and offset is an explicit argument.
+
+Two drivers call them: the generic interpreter in kernels.py (sizes read from a plan's `code`
+rows at run time, one compiled kernel for every model) and the per-model kernels that
+specialize.py generates (sizes written into the source as literals, so LLVM sees constant trip
+counts and unrolls and vectorises for the exact shapes). Both inline these functions, so the
+arithmetic, and therefore every result, is the same.
+
+All of them are pure and allocate nothing: `p` is the flat float32 parameter array, `x` the
+layer's input, `y` its output, `state` the stream's flat state vector (updated in place) and
+`gates` scratch. Weights are stored transposed, [inputs + hidden, gates * hidden], so each input
+element adds a contiguous row to all gates at once; tanh/sigmoid are polynomials, not libm calls.
+Gate orders are ONNX's (plan.py converts): LSTM i, o, f, c; GRU z, r, h.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from edgeseq.runtime.fastmath import inline_kernel, sigmoid, tanh
+
+ACT_RELU, ACT_TANH, ACT_SIGMOID, ACT_LEAKY_RELU, ACT_IDENTITY = range(5)
+ONE = np.float32(1.0)
+ZERO = np.float32(0.0)
+
+
+@inline_kernel
+def matvec_into(acc, p, off_wt, n_in, n_out, v):
+    """acc[:n_out] += v[:n_in] @ W, W stored row-major (n_in, n_out) at p[off_wt:].
+
+    Four input rows per pass over `acc` (one load and store of the sums per four FMAs, not
+    per one), and every access through a slice indexed from 0: signed offset arithmetic inside
+    the loop would make Numba emit negative-index wraparound checks and LLVM give up vectorising.
+    """
+    acc = acc[:n_out]
+    k = 0
+    while k + 4 <= n_in:
+        v0, v1, v2, v3 = v[k], v[k + 1], v[k + 2], v[k + 3]
+        base = off_wt + k * n_out
+        w0 = p[base : base + n_out]
+        w1 = p[base + n_out : base + 2 * n_out]
+        w2 = p[base + 2 * n_out : base + 3 * n_out]
+        w3 = p[base + 3 * n_out : base + 4 * n_out]
+        for j in range(n_out):
+            acc[j] += w0[j] * v0 + w1[j] * v1 + w2[j] * v2 + w3[j] * v3
+        k += 4
+    while k < n_in:
+        vk = v[k]
+        w = p[off_wt + k * n_out : off_wt + (k + 1) * n_out]
+        for j in range(n_out):
+            acc[j] += w[j] * vk
+        k += 1
+
+
+@inline_kernel
+def copy(dst, src, n):
+    for j in range(n):
+        dst[j] = src[j]
+
+
+@inline_kernel
+def activate(kind, alpha, v):
+    if kind == ACT_TANH:
+        return tanh(v)
+    if kind == ACT_SIGMOID:
+        return sigmoid(v)
+    if kind == ACT_RELU:
+        return max(v, ZERO)
+    if kind == ACT_LEAKY_RELU:
+        return v if v >= ZERO else alpha * v
+    return v
+
+
+@inline_kernel
+def rnn(p, x, y, state, gates, n_in, hid, off_wt, off_b, off_h, act, off_alpha):
+    """h = f(W x + R h + Wb + Rb), W and R stacked at off_wt as (I + H, H); y = h."""
+    alpha = p[off_alpha]
+    h = state[off_h : off_h + hid]
+    copy(gates, p[off_b : off_b + hid], hid)
+    matvec_into(gates, p, off_wt, n_in, hid, x)
+    matvec_into(gates, p, off_wt + n_in * hid, hid, hid, h)
+    for j in range(hid):
+        h[j] = activate(act, alpha, gates[j])
+    copy(y, h, hid)
+
+
+@inline_kernel
+def lstm(p, x, y, state, gates, n_in, hid, off_wt, off_b, off_h, off_c):
+    """ONNX LSTM step, gates i, o, f, c; W and R stacked at off_wt as (I + H, 4H); y = h."""
+    g4 = 4 * hid
+    h = state[off_h : off_h + hid]
+    c = state[off_c : off_c + hid]
+    copy(gates, p[off_b : off_b + g4], g4)
+    matvec_into(gates, p, off_wt, n_in, g4, x)
+    matvec_into(gates, p, off_wt + n_in * g4, hid, g4, h)
+    gi, go = gates[:hid], gates[hid : 2 * hid]
+    gf, gc = gates[2 * hid : 3 * hid], gates[3 * hid : g4]
+    for j in range(hid):
+        c[j] = sigmoid(gf[j]) * c[j] + sigmoid(gi[j]) * tanh(gc[j])
+        h[j] = sigmoid(go[j]) * tanh(c[j])
+    copy(y, h, hid)
+
+
+@inline_kernel
+def gru(p, x, y, state, gates, n_in, hid, off_wx, off_rh, off_wb, off_rb, off_h, lbr):
+    """ONNX GRU step, gates z, r, h; W (I, 3H) at off_wx, R (H, 3H) at off_rh; y = h.
+
+    linear_before_reset=1 (PyTorch's form) applies r after R h + Rb; 0 applies it to h first,
+    so the candidate's R term waits for r."""
+    g3 = 3 * hid
+    h = state[off_h : off_h + hid]
+    gx, gh, rh = gates[:g3], gates[g3 : 2 * g3], gates[2 * g3 : 2 * g3 + hid]
+    copy(gx, p[off_wb : off_wb + g3], g3)
+    copy(gh, p[off_rb : off_rb + g3], g3)
+    matvec_into(gx, p, off_wx, n_in, g3, x)
+    if lbr:
+        matvec_into(gh, p, off_rh, hid, g3, h)
+    else:  # z, r columns first; the candidate's needs r
+        for k in range(hid):
+            w = p[off_rh + k * g3 : off_rh + k * g3 + 2 * hid]
+            for j in range(2 * hid):
+                gh[j] += w[j] * h[k]
+    z, r = gx[:hid], gx[hid : 2 * hid]
+    for j in range(hid):
+        z[j] = sigmoid(z[j] + gh[j])
+        r[j] = sigmoid(r[j] + gh[hid + j])
+        rh[j] = r[j] * h[j]
+    cand = gh[2 * hid : g3]
+    if not lbr:  # R_h (r * h) + Rb_h
+        for k in range(hid):
+            w = p[off_rh + k * g3 + 2 * hid : off_rh + (k + 1) * g3]
+            for j in range(hid):
+                cand[j] += w[j] * rh[k]
+    xh = gx[2 * hid : g3]
+    for j in range(hid):
+        n = tanh(xh[j] + r[j] * cand[j]) if lbr else tanh(xh[j] + cand[j])
+        h[j] = (ONE - z[j]) * n + z[j] * h[j]
+    copy(y, h, hid)
+
+
+@inline_kernel
+def dense(p, x, y, n_in, n_out, off_w, off_b):
+    """y = x @ W + b, W (n_in, n_out) at off_w."""
+    copy(y, p[off_b : off_b + n_out], n_out)
+    matvec_into(y, p, off_w, n_in, n_out, x)
+
+
+@inline_kernel
+def affine(p, x, y, n, off_scale, off_shift):
+    """y = x * scale + shift (feature scaling, folded Add/Sub/Mul/Div)."""
+    scale, shift = p[off_scale : off_scale + n], p[off_shift : off_shift + n]
+    for j in range(n):
+        y[j] = x[j] * scale[j] + shift[j]
+
+
+@inline_kernel
+def act(p, x, y, n, kind, off_alpha):
+    alpha = p[off_alpha]
+    for j in range(n):
+        y[j] = activate(kind, alpha, x[j])
+
+
+@inline_kernel
+def softmax(x, y, n):
+    peak = x[0]
+    for j in range(n):
+        peak = max(peak, x[j])
+    total = ZERO
+    for j in range(n):
+        y[j] = np.exp(x[j] - peak)
+        total += y[j]
+    for j in range(n):
+        y[j] /= total
+
+
+@inline_kernel
+def first_bad(x):
+    """Index of the first NaN or infinity in a flat array, or -1."""
+    for j in range(x.shape[0]):
+        if not np.isfinite(x[j]):
+            return j
+    return -1

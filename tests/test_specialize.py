@@ -1,0 +1,162 @@
+"""Per-model kernels (runtime/specialize.py): the same results as the interpreter, bit for bit,
+on every reference model with a fused plan; safe source files; every kind of sample accepted
+or refused as before."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import edgeseq
+from edgeseq.errors import ShapeError
+from edgeseq.runtime import kernels
+from edgeseq.runtime.specialize import compile_kernel, kernel_dir, source
+
+ROOT = Path(__file__).resolve().parents[1]
+PLANNED = [p for p in sorted((ROOT / "export").glob("*.onnx")) if "seq2seq" not in p.stem]
+LSTM = ROOT / "export" / "pump-lstm.onnx"
+
+
+def _inputs(model, rng, steps: int) -> np.ndarray:
+    return (rng.standard_normal((steps, model.n_features)) * 2).astype(np.float32)
+
+
+@pytest.mark.parametrize("path", PLANNED, ids=lambda p: p.stem)
+def test_the_models_own_kernel_equals_the_interpreter_bit_for_bit(path, rng):
+    model = edgeseq.load(path)
+    plan = model.plan
+    assert plan is not None, model.plan_note
+    xs = _inputs(model, rng, 300)
+    state, scratch = plan.initial_state.copy(), np.zeros((3, plan.width), np.float32)
+    expected = np.zeros((len(xs), plan.n_outputs), np.float32)
+    assert kernels.feed(plan.code, plan.params, xs, state, scratch, expected) == -1
+    stream = model.stream()
+    stepped = np.stack([stream.step(x) for x in xs])
+    np.testing.assert_array_equal(stepped, expected)
+    ended = stream.state  # and the state it ends in
+    for layer in plan.layers:
+        h = state[layer.h_offset : layer.h_offset + layer.hidden]
+        np.testing.assert_array_equal(ended[f"{layer.node}.h"], h)
+        if layer.c_offset >= 0:
+            c = state[layer.c_offset : layer.c_offset + layer.hidden]
+            np.testing.assert_array_equal(ended[f"{layer.node}.c"], c)
+    stream.reset()
+    np.testing.assert_array_equal(stream.feed(xs), expected)
+
+
+def test_the_source_is_the_same_text_for_the_same_plan_and_names_every_size():
+    plan = edgeseq.load(LSTM).plan
+    assert plan is not None
+    text = source(plan)
+    assert text == source(edgeseq.load(LSTM).plan)  # type: ignore[arg-type]
+    assert "cells.lstm(p, " in text and "cells.dense(p, " in text
+    assert "work.shape[0] != " in text  # the kernel refuses buffers of another model
+
+
+def test_a_tampered_kernel_file_is_rewritten_before_it_is_imported(tmp_path, monkeypatch):
+    monkeypatch.setenv("EDGESEQ_KERNEL_DIR", str(tmp_path))
+    plan = edgeseq.load(LSTM).plan
+    assert plan is not None
+    compile_kernel(plan)
+    (written,) = tmp_path.glob("edgeseq_kernel_*.py")
+    assert written.read_text() == source(plan)
+    written.write_text("raise SystemExit('tampered')\n")
+    from edgeseq.runtime import specialize
+
+    specialize._loaded.clear()
+    kernel = compile_kernel(plan)
+    assert written.read_text() == source(plan)
+    work = np.zeros(plan.state_size + 3 * plan.width, np.float32)
+    work[: plan.state_size] = plan.initial_state
+    out = np.zeros(plan.n_outputs, np.float32)
+    assert kernel(plan.params, np.zeros(plan.n_features, np.float32), work, out) == -1
+
+
+def test_kernels_go_beside_numba_s_cache_when_a_service_sets_one(monkeypatch, tmp_path):
+    monkeypatch.delenv("EDGESEQ_KERNEL_DIR", raising=False)
+    monkeypatch.setenv("NUMBA_CACHE_DIR", str(tmp_path))
+    assert kernel_dir() == tmp_path / "edgeseq-kernels"
+
+
+def test_a_kernel_refuses_arrays_of_another_length_instead_of_reading_past_them():
+    plan = edgeseq.load(LSTM).plan
+    assert plan is not None
+    kernel = compile_kernel(plan)
+    work = np.zeros(plan.state_size + 3 * plan.width, np.float32)
+    x, out = np.zeros(plan.n_features, np.float32), np.zeros(plan.n_outputs, np.float32)
+    assert kernel(plan.params, x[:-1], work, out) == -2
+    assert kernel(plan.params, x, work[:-1], out) == -2
+    assert kernel(plan.params[:-1], x, work, out) == -2
+
+
+SAMPLES = {
+    "list": lambda x: [float(v) for v in x],
+    "float64": lambda x: x.astype(np.float64),
+    "read-only": lambda x: np.frombuffer(x.tobytes(), np.float32),
+    "big-endian": lambda x: x.astype(">f4"),
+    "strided": lambda x: np.repeat(x, 2)[::2],
+    "int": lambda x: np.round(x).astype(np.int64),
+}
+
+
+@pytest.mark.parametrize("kind", SAMPLES)
+def test_every_kind_of_sample_gives_what_a_float32_vector_gives(kind, rng):
+    model = edgeseq.load(LSTM)
+    xs = _inputs(model, rng, 20)
+    if kind == "int":
+        xs = np.round(xs)
+    plain, other = model.stream(), model.stream()
+    for x in xs:
+        np.testing.assert_array_equal(other.step(SAMPLES[kind](x)), plain.step(x))
+
+
+@pytest.mark.parametrize(
+    "bad", [np.zeros(3, np.float32), np.zeros((1, 3), np.float32), "abc", [[1.0, 2.0]], None]
+)
+def test_a_sample_of_the_wrong_shape_or_type_is_refused_and_the_state_kept(bad):
+    stream = edgeseq.load(LSTM).stream()
+    before = stream.state
+    with pytest.raises(ShapeError, match="sample"):
+        stream.step(bad)
+    for key, value in stream.state.items():
+        np.testing.assert_array_equal(value, before[key])
+
+
+def test_streams_of_one_model_stepped_from_two_threads_stay_exact(rng):
+    model = edgeseq.load(LSTM)
+    xs = _inputs(model, rng, 2000)
+    expected = model.stream().feed(xs)
+    results: dict[int, np.ndarray] = {}
+
+    def run(i: int) -> None:
+        stream = model.stream()
+        results[i] = np.stack([stream.step(x) for x in xs])
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i in range(2):
+        np.testing.assert_array_equal(results[i], expected)
+
+
+def test_specialization_can_be_switched_off_and_gives_the_same_outputs(rng, tmp_path):
+    xs = _inputs(edgeseq.load(LSTM), rng, 50)
+    np.save(tmp_path / "xs.npy", xs)
+    script = (
+        "import sys, numpy as np, edgeseq\n"
+        f"s = edgeseq.load({str(LSTM)!r}).stream()\n"
+        "assert s._kernel is None\n"
+        f"np.save({str(tmp_path / 'ys.npy')!r}, s.feed(np.load({str(tmp_path / 'xs.npy')!r})))\n"
+    )
+    env = dict(os.environ, EDGESEQ_SPECIALIZE="0")
+    subprocess.run([sys.executable, "-c", script], env=env, check=True, timeout=300)
+    expected = edgeseq.load(LSTM).stream().feed(xs)
+    np.testing.assert_array_equal(np.load(tmp_path / "ys.npy"), expected)
