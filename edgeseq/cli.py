@@ -281,7 +281,9 @@ def bench(
     report = markdown(results, "edgeseq bench " + " ".join(map(str, models)))
     console.print(Markdown(report))
     if write is not None:
-        write.write_text(report)
+        from edgeseq.loadtest import keep_load_section
+
+        write.write_text(keep_load_section(write, report))
         console.print(f"wrote {write}")
 
 

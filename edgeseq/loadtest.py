@@ -200,7 +200,7 @@ def markdown(report: LoadReport) -> str:
     first, last = report.rss_mib[0], report.rss_mib[-1]
     return "\n".join(
         [
-            "## edgeseq serve under load",
+            LOAD_HEADING,
             "",
             f"`edgeseq loadtest {report.model}`: the daemon and this load generator are separate "
             "processes on one machine, over loopback TCP (JSON lines); latency is from writing a "
@@ -219,10 +219,22 @@ def markdown(report: LoadReport) -> str:
     )
 
 
+LOAD_HEADING = "## edgeseq serve under load"
+
+
+def keep_load_section(path: Path, report: str) -> str:
+    """`report` followed by the load section already in `path` (if any): `edgeseq bench`
+    rewrites the speed report without losing the figures `edgeseq loadtest` wrote."""
+    text = path.read_text() if path.exists() else ""
+    if LOAD_HEADING not in text:
+        return report
+    return report.rstrip() + "\n\n" + LOAD_HEADING + text.split(LOAD_HEADING, 1)[1]
+
+
 def write_section(path: Path, section: str) -> None:
     """Replace (or append) the load section of BENCHMARKS.md, leaving the rest as it is."""
     text = path.read_text() if path.exists() else ""
-    head = text.split("## edgeseq serve under load")[0].rstrip()
+    head = text.split(LOAD_HEADING)[0].rstrip()
     path.write_text((head + "\n\n" if head else "") + section)
 
 

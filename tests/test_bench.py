@@ -50,3 +50,16 @@ def test_the_report_shows_every_figure_and_verdict():
     assert "| numba | 4.00 | 8.00 |" in report
     assert "| step / C step | 1.33 | <= 1.5x | yes |" in report
     assert "edgeseq bench m.onnx" in report
+
+
+def test_rewriting_the_speed_report_keeps_the_daemon_load_section(tmp_path):
+    from edgeseq.loadtest import LOAD_HEADING, keep_load_section
+
+    path = tmp_path / "BENCHMARKS.md"
+    path.write_text(f"# old speed report\n\n{LOAD_HEADING}\n\n| 1 | 4,581 |\n")
+    merged = keep_load_section(path, markdown([_figures(4.0)], "edgeseq bench m.onnx"))
+    assert "old speed report" not in merged
+    assert "| numba | 4.00 | 8.00 |" in merged and merged.endswith(
+        f"{LOAD_HEADING}\n\n| 1 | 4,581 |\n"
+    )
+    assert keep_load_section(tmp_path / "missing.md", "# report\n") == "# report\n"

@@ -20,6 +20,9 @@ TOLERANCE = 1e-5  # float32 parity with ONNX Runtime and PyTorch (issue 4)
 # ONNX Runtime quantizes activations per call in int8 graphs; streamed and whole-sequence runs
 # (and edgeseq, which dequantizes weights) therefore differ by int8 rounding noise.
 INT8_TOLERANCE = 3e-2
+# Two compilations of the same float32 arithmetic (the pools' interpreter kernel and a stream's
+# own kernel, specialize.py) may round a few sums differently under fast-math reassociation.
+ROUNDING = 2e-6
 BACKENDS = ["numba", "numpy", "onnxruntime"]
 CELL_MODELS = [ROOT / "export" / f"pump-{c}.onnx" for c in ("rnn", "lstm", "gru")]
 
@@ -115,8 +118,9 @@ def test_a_pool_of_n_streams_equals_n_separate_streams(model):
     pool = model.pool(capacity=8)
     ids = [f"s{i}" for i in range(5)]
     pooled = np.stack([pool.step(ids, xs[t]) for t in range(xs.shape[0])], axis=1)
-    for i in range(5):
-        np.testing.assert_array_equal(pooled[i], model.stream().feed(xs[:, i]))
+    for i in range(5):  # the pool's interpreter vs the stream's own kernel: float32 rounding
+        expected = model.stream().feed(xs[:, i])
+        np.testing.assert_allclose(pooled[i], expected, rtol=ROUNDING, atol=ROUNDING)
 
 
 def test_step_does_not_modify_its_input(model):

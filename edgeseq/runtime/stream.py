@@ -16,6 +16,10 @@ from edgeseq.errors import ShapeError, UsageError
 from edgeseq.runtime.engines import SHAPE_MISMATCH, Engine, Kernel, KernelEngine, StateDict
 
 
+_F32 = np.dtype(np.float32)  # a dtype object, not the type: np.empty resolves it 2x faster
+_empty = np.empty
+
+
 def _sample(x: Any, n_features: int, what: str = "sample") -> np.ndarray:
     """x as a fresh float32 vector of the model's width (a copy: the kernels may keep no view
     of the caller's memory, and read-only or foreign-order arrays become plain ones)."""
@@ -74,7 +78,7 @@ class Stream:
 
     def step(self, x: Any) -> np.ndarray:
         """Feed one sample; return the model's output for it."""
-        out = np.empty(self._n_out, np.float32)
+        out = _empty(self._n_out, _F32)
         if self._kernel is None:
             arr = _sample(x, self.n_features)
             _refuse(self._engine.step(arr, self._state, out), arr, "sample")
