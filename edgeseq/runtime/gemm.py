@@ -1,8 +1,9 @@
-"""Large pool steps as matrix products: for a batch of streams, each layer's gates are two
-GEMMs ([B, I] @ [I, G*H] and [B, H] @ [H, G*H], BLAS, weights read once for the whole batch)
-and one Numba pass for the gate nonlinearities. Same program and state table as the kernels;
-the sums run in another order, so results agree with one-stream-at-a-time stepping to float32
-rounding rather than bit for bit.
+"""Large pool steps as matrix products: for a batch of streams, each layer's gates come from
+BLAS GEMMs (weights read once for the whole batch: one [B, I + H] @ [I + H, 4H] for an LSTM,
+separate x and h products where a GRU needs them apart) and one Numba pass for the gate
+nonlinearities, which for an LSTM also reads and writes the state table in place. Same program
+and state table as the kernels; the sums run in another order, so results agree with
+one-stream-at-a-time stepping to float32 rounding rather than bit for bit.
 """
 
 from __future__ import annotations
@@ -16,14 +17,28 @@ from edgeseq.runtime.plan import Plan
 
 
 @njit(cache=True, nogil=True, fastmath=FASTMATH, error_model="numpy")
-def lstm_cells(gates: np.ndarray, c: np.ndarray, h: np.ndarray) -> None:
-    """In place: c, h (B, H) from gate sums (B, 4H) in ONNX order i, o, f, c."""
-    hid = h.shape[1]
-    for b in range(h.shape[0]):
-        g, cb, hb = gates[b], c[b], h[b]
+def lstm_rows(
+    gates: np.ndarray, bias: np.ndarray, table: np.ndarray, rows: np.ndarray, off_h: int,
+    off_c: int, h_out: np.ndarray,
+) -> None:  # fmt: skip
+    """The LSTM cell for a batch, reading and writing the state table directly.
+
+    gates (B, 4H): [x, h] @ [W; R] for each stream, bias not yet added (ONNX order i, o, f,
+    c); stream b's c and h live in table[rows[b]] at off_c and off_h; the new h is also written
+    to h_out (B, H), the next layer's input. One pass instead of separate bias, gather and
+    scatter passes over megabytes of batch."""
+    hid = h_out.shape[1]
+    bi, bo, bf, bc = bias[:hid], bias[hid : 2 * hid], bias[2 * hid : 3 * hid], bias[3 * hid :]
+    for b in range(gates.shape[0]):
+        g, row, ho = gates[b], table[rows[b]], h_out[b]
+        gi, go, gf, gc = g[:hid], g[hid : 2 * hid], g[2 * hid : 3 * hid], g[3 * hid : 4 * hid]
+        c, h = row[off_c : off_c + hid], row[off_h : off_h + hid]
         for j in range(hid):
-            cb[j] = sigmoid(g[2 * hid + j]) * cb[j] + sigmoid(g[j]) * tanh(g[3 * hid + j])
-            hb[j] = sigmoid(g[hid + j]) * tanh(cb[j])
+            cj = sigmoid(gf[j] + bf[j]) * c[j] + sigmoid(gi[j] + bi[j]) * tanh(gc[j] + bc[j])
+            c[j] = cj
+            hj = sigmoid(go[j] + bo[j]) * tanh(cj)
+            h[j] = hj
+            ho[j] = hj
 
 
 @njit(cache=True, nogil=True, fastmath=FASTMATH, error_model="numpy")
@@ -48,7 +63,6 @@ def activate_rows(v: np.ndarray, kind: int, alpha: float) -> None:
 
 
 Rows = np.ndarray | slice  # the table rows of a batch: an index array, or a contiguous range
-CELL_SLOT = 1 << 20  # buffer slots of LSTM cell states, apart from the 3-per-layer slots
 
 
 def _as_slice(rows: np.ndarray) -> slice | None:
@@ -110,14 +124,32 @@ class BatchRunner:
             return out
         return np.take(table[:, off : off + width], rows, axis=0, out=out)
 
+    def _stacked_input(self, i: int, cur: np.ndarray, table: np.ndarray, rows: Rows,
+                       off_h: int, hid: int) -> np.ndarray:  # fmt: skip
+        """[x, h] (B, I + H) for one layer: one GEMM against the stacked [W; R] weights."""
+        n_in = cur.shape[1]
+        xh = self._buf(3 * i + 2, len(cur), n_in + hid)
+        xh[:, :n_in] = cur
+        xh[:, n_in:] = table[rows, off_h : off_h + hid]
+        return xh
+
     def _recurrent(
-        self, i: int, row: np.ndarray, cur: np.ndarray, table: np.ndarray, rows: Rows
-    ) -> np.ndarray:
+        self, i: int, row: np.ndarray, cur: np.ndarray, table: np.ndarray, rows: Rows,
+        index: np.ndarray,
+    ) -> np.ndarray:  # fmt: skip
         op, n_in, hid = int(row[0]), int(row[1]), int(row[2])
         p = self.plan.params
+        batch = len(cur)
+        if op == k.OP_LSTM:
+            off_wt, off_b, off_h, off_c = (int(v) for v in row[3:7])
+            xh = self._stacked_input(i, cur, table, rows, off_h, hid)
+            g = np.matmul(xh, self._w(off_wt, n_in + hid, 4 * hid),
+                          out=self._buf(3 * i, batch, 4 * hid))  # fmt: skip
+            h = self._buf(3 * i + 1, batch, hid)
+            lstm_rows(g, p[off_b : off_b + 4 * hid], table, index, off_h, off_c, h)
+            return h
         off_h = int(row[7] if op == k.OP_GRU else row[5])
         h = self._gather(3 * i + 2, table, rows, off_h, hid)
-        batch = len(h)
         if op == k.OP_GRU:
             g3 = 3 * hid
             gx = np.matmul(cur, self._w(int(row[3]), n_in, g3), out=self._buf(3 * i, batch, g3))
@@ -126,17 +158,10 @@ class BatchRunner:
             gh += p[row[6] : row[6] + g3]
             gru_cells(gx, gh, h)
         else:
-            gates = 4 * hid if op == k.OP_LSTM else hid
-            wt = self._w(int(row[3]), n_in + hid, gates)
-            g = self._gates(i, cur, h, wt[:n_in], wt[n_in:], p[row[4] : row[4] + gates])
-            if op == k.OP_LSTM:
-                off_c = int(row[6])
-                c = self._gather(CELL_SLOT + i, table, rows, off_c, hid)
-                lstm_cells(g, c, h)
-                table[rows, off_c : off_c + hid] = c
-            else:
-                activate_rows(g, int(row[6]), p[row[7]])
-                h[:] = g
+            wt = self._w(int(row[3]), n_in + hid, hid)
+            g = self._gates(i, cur, h, wt[:n_in], wt[n_in:], p[row[4] : row[4] + hid])
+            activate_rows(g, int(row[6]), p[row[7]])
+            h[:] = g
         table[rows, off_h : off_h + hid] = h
         return h
 
@@ -147,7 +172,7 @@ class BatchRunner:
         for i, row in enumerate(self.plan.code):
             op, n = int(row[0]), int(row[1])
             if op in (k.OP_LSTM, k.OP_GRU, k.OP_RNN):
-                cur = self._recurrent(i, row, cur, table, span if span is not None else rows)
+                cur = self._recurrent(i, row, cur, table, rows if span is None else span, rows)
             elif op == k.OP_DENSE:
                 out = self._buf(3 * i, len(xs), int(row[2]))
                 cur = np.matmul(cur, self._w(int(row[3]), n, int(row[2])), out=out)

@@ -15,7 +15,6 @@ import numpy as np
 from edgeseq.errors import ShapeError, UsageError
 from edgeseq.runtime.engines import SHAPE_MISMATCH, Engine, Kernel, KernelEngine, StateDict
 
-
 _F32 = np.dtype(np.float32)  # a dtype object, not the type: np.empty resolves it 2x faster
 _empty = np.empty
 

@@ -51,7 +51,7 @@ def _signatures() -> dict[tuple[str, str], tuple[Any, ...]]:
         ("kernels", "feed"): (i2, f1, f2, f1, f2, f2),
         ("kernels", "step_rows"): rows,
         ("kernels", "step_rows_parallel"): rows,
-        ("gemm", "lstm_cells"): (f2, f2, f2),
+        ("gemm", "lstm_rows"): (f2, f1, f2, i1, types.int64, types.int64, f2),
         ("gemm", "gru_cells"): (f2, f2, f2),
         ("gemm", "activate_rows"): (f2, types.int64, types.float32),
     }
