@@ -166,7 +166,7 @@ def compile_kernel(plan: Plan) -> Kernel:
         return _loaded[text]
     try:
         path = _write(kernel_dir(), text)
-    except OSError:  # a read-only home: compile from a private folder (no reuse across runs)
+    except (OSError, RuntimeError):  # no or a read-only home: a private folder, no reuse
         path = _write(Path(tempfile.mkdtemp(prefix="edgeseq-kernels-")), text)
     spec = importlib.util.spec_from_file_location(path.stem, path)
     assert spec is not None and spec.loader is not None
