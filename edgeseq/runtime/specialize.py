@@ -70,24 +70,26 @@ def _digest() -> str:
     return hashlib.sha256(text + Path(__file__).read_bytes()).hexdigest()[:16]
 
 
-def _call(row: np.ndarray, src: str, dst: str) -> tuple[str, int]:
-    """One program row as a call of its cell with literal arguments; (line, output width)."""
-    op, a = int(row[0]), [int(v) for v in row[1:]]
-    if op == k.OP_LSTM:
-        return f"cells.lstm(p, {src}, {dst}, state, g, {', '.join(map(str, a[:6]))})", a[1]
-    if op == k.OP_GRU:
-        return f"cells.gru(p, {src}, {dst}, state, g, {', '.join(map(str, a[:8]))})", a[1]
-    if op == k.OP_RNN:
-        return f"cells.rnn(p, {src}, {dst}, state, g, {', '.join(map(str, a[:7]))})", a[1]
-    if op == k.OP_DENSE:
-        return f"cells.dense(p, {src}, {dst}, {', '.join(map(str, a[:4]))})", a[1]
-    if op == k.OP_AFFINE:
-        return f"cells.affine(p, {src}, {dst}, {a[0]}, {a[1]}, {a[2]})", a[0]
-    if op == k.OP_ACT:
-        return f"cells.act(p, {src}, {dst}, {a[0]}, {a[1]}, {a[2]})", a[0]
+# opcode -> (cell, whether it takes the state and gate scratch, how many row values it reads)
+_CELLS = {
+    k.OP_LSTM: ("lstm", True, 6),
+    k.OP_GRU: ("gru", True, 8),
+    k.OP_RNN: ("rnn", True, 7),
+    k.OP_DENSE: ("dense", False, 4),
+    k.OP_AFFINE: ("affine", False, 3),
+    k.OP_ACT: ("act", False, 3),
+}
+
+
+def _call(row: np.ndarray, src: str, dst: str) -> str:
+    """One program row as a call of its cell, every size and offset a literal."""
+    op = int(row[0])
     if op == k.OP_SOFTMAX:
-        return f"cells.softmax({src}, {dst}, {a[0]})", a[0]
-    raise AssertionError(f"unknown opcode {op}")  # plan.py emits only the ones above
+        return f"cells.softmax({src}, {dst}, {int(row[1])})"
+    name, stateful, count = _CELLS[op]  # plan.py emits no other opcode
+    args = ["p", src, dst, *(["state", "g"] if stateful else [])]
+    args += [str(int(v)) for v in row[1 : 1 + count]]
+    return f"cells.{name}({', '.join(args)})"
 
 
 def work_size(plan: Plan) -> int:
@@ -119,8 +121,7 @@ def source(plan: Plan) -> str:
     src = "x"
     for row in plan.code:
         dst = "b" if src == "a" else "a"
-        call, _ = _call(row, src, dst)
-        lines.append(f"        {call}")
+        lines.append(f"        {_call(row, src, dst)}")
         src = dst
     n = plan.n_outputs
     lines.append(f"        cells.copy(ys[t * {n} : t * {n} + {n}], {src}, {n})")
