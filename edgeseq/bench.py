@@ -248,7 +248,7 @@ def _interleaved(path: Path, model: Model, calls: int, rounds: int) -> dict[str,
     return {"step": best, "feed_us_per_sample": feed_us, "c_step_us": c_us}
 
 
-def measure(path: str | Path, calls: int = 20_000, rounds: int = 5) -> dict[str, Any]:
+def measure(path: str | Path, calls: int = 20_000, rounds: int = 9) -> dict[str, Any]:
     """Every figure for one model (see the module docstring)."""
     path = Path(path)
     model = load(path)
