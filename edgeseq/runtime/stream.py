@@ -20,8 +20,8 @@ _empty = np.empty
 
 
 def _sample(x: Any, n_features: int, what: str = "sample") -> np.ndarray:
-    """x as a fresh float32 vector of the model's width (a copy: the kernels may keep no view
-    of the caller's memory, and read-only or foreign-order arrays become plain ones)."""
+    """x as a fresh float32 vector of the model's width: the slow path's copy, so read-only,
+    strided or foreign-order arrays and lists reach the kernels as plain float32 vectors."""
     try:
         arr = np.array(x, dtype=np.float32, order="C")
     except (TypeError, ValueError) as exc:
@@ -38,8 +38,8 @@ def _block(xs: Any, n_features: int, what: str = "samples") -> np.ndarray:
         raise ShapeError(f"{what} are not numeric: {exc}") from None
     if arr.ndim != 2 or arr.shape[1] != n_features:
         raise ShapeError(f"{what} have shape {np.shape(xs)}; the model expects (T, {n_features})")
-    if not arr.flags.writeable or arr.dtype.byteorder not in "=|":
-        arr = np.array(arr, np.float32)  # the kernels' signature takes plain writeable arrays
+    if not arr.flags.writeable:  # the kernels' signature takes writeable arrays only
+        arr = arr.copy()
     return arr
 
 
@@ -66,7 +66,8 @@ class Stream:
         self._engine, self.n_features = engine, n_features
         self._n_out = engine.n_outputs
         fast = engine.stream_kernel() if isinstance(engine, KernelEngine) else None
-        if fast is not None and isinstance(engine, KernelEngine):
+        if fast is not None:
+            assert isinstance(engine, KernelEngine)
             self._kernel: Kernel | None = fast[0]
             self._params = fast[1]
             self._work = engine.new_work()
