@@ -19,8 +19,8 @@ demo: install
 	$(BIN)/edgeseq demo --out $(RUN)
 
 lint: install
-	$(BIN)/ruff check edgeseq tests
-	$(BIN)/ruff format --check edgeseq tests
+	$(BIN)/ruff check edgeseq tests devices/*.py devices/aarch64
+	$(BIN)/ruff format --check edgeseq tests devices/*.py devices/aarch64
 
 typecheck: install
 	$(BIN)/mypy

@@ -150,6 +150,16 @@ static void step(const int64_t *code, int64_t n_ops, const float *p, const float
   buf0[0] = cur[0];
 }
 
+/* n zeroed floats starting on a 64-byte cache line, as edgeseq aligns its parameters and
+ * scratch (edgeseq/runtime/aligned.py), so both walk the same rows the same way. */
+static float *lines(int64_t n) {
+  size_t bytes = ((size_t)n * sizeof(float) + 63) / 64 * 64;
+  float *p = aligned_alloc(64, bytes ? bytes : 64);
+  if (!p) { perror("aligned_alloc"); exit(2); }
+  memset(p, 0, bytes);
+  return p;
+}
+
 int main(int argc, char **argv) {
   if (argc != 3) { fprintf(stderr, "usage: %s PROGRAM.bin STEPS\n", argv[0]); return 2; }
   FILE *f = fopen(argv[1], "rb");
@@ -158,16 +168,15 @@ int main(int argc, char **argv) {
   if (fread(head, sizeof head, 1, f) != 1) return 2;
   int64_t n_ops = head[0], width = head[1], n_features = head[2], n_params = head[3];
   int64_t *code = malloc(n_ops * W * sizeof(int64_t));
-  float *params = malloc(n_params * sizeof(float));
+  float *params = lines(n_params);
   if (fread(code, sizeof(int64_t), n_ops * W, f) != (size_t)(n_ops * W)) return 2;
   if (fread(params, sizeof(float), n_params, f) != (size_t)n_params) return 2;
   if (fread(&state_size, sizeof state_size, 1, f) != 1) return 2;
-  float *state = malloc(state_size * sizeof(float));
+  float *state = lines(state_size);
   if (fread(state, sizeof(float), state_size, f) != (size_t)state_size) return 2;
   fclose(f);
   long steps = atol(argv[2]);
-  float *b0 = calloc(width, sizeof(float)), *b1 = calloc(width, sizeof(float));
-  float *g = calloc(3 * width, sizeof(float));
+  float *b0 = lines(width), *b1 = lines(width), *g = lines(3 * width);
   float *xs = malloc(1024 * n_features * sizeof(float)); /* inputs made before timing */
   for (int64_t i = 0; i < 1024 * n_features; i++) xs[i] = (float)sin(0.01 * i);
   double checksum = 0;

@@ -20,7 +20,9 @@ import edgeseq
 def read_sensor(t: int, n_features: int) -> np.ndarray:
     """A stand-in for a real sensor: slow waves plus a little noise."""
     base = np.array([math.sin(0.05 * t + k) for k in range(n_features)], np.float32)
-    return base + np.float32(0.01) * np.random.default_rng(t).standard_normal(n_features, np.float32)
+    return base + np.float32(0.01) * np.random.default_rng(t).standard_normal(
+        n_features, np.float32
+    )
 
 
 def main(model_path: str, samples: int = 200, period_s: float = 0.0) -> None:
@@ -36,7 +38,10 @@ def main(model_path: str, samples: int = 200, period_s: float = 0.0) -> None:
         if period_s:
             time.sleep(period_s)
     stream.state = saved  # back to the middle of the run, exactly
-    print("state restored; next prediction:", np.round(stream.step(read_sensor(0, model.n_features)), 4).tolist())
+    print(
+        "state restored; next prediction:",
+        np.round(stream.step(read_sensor(0, model.n_features)), 4).tolist(),
+    )
 
 
 if __name__ == "__main__":

@@ -152,6 +152,32 @@ def test_a_full_pool_refuses_new_streams_and_keeps_the_old_ones():
     assert pool.ids == ["a", "b"]
 
 
+def test_an_evicted_id_stepped_again_starts_fresh_though_the_ids_are_as_before(model):
+    """step() remembers the last call's rows; eviction must forget them, or the id would
+    resume its old row's state (or share a row another id has taken)."""
+    xs = np.stack([_samples(model, 4, seed) for seed in range(2)], axis=1)  # (T, 2, F)
+    pool = model.pool(capacity=3)
+    for t in range(3):
+        pool.step(["a", "b"], xs[t])
+    pool.evict("a")
+    again = pool.step(["a", "b"], xs[3])  # the very ids of the last call
+    fresh = model.stream().step(xs[3][0])
+    np.testing.assert_allclose(again[0], fresh, rtol=ROUNDING, atol=ROUNDING)
+    c = pool.step(["c"], xs[0][:1])  # a row of its own, not a's
+    np.testing.assert_allclose(c[0], model.stream().step(xs[0][0]), rtol=ROUNDING, atol=ROUNDING)
+    b_alone = model.stream().feed(xs[:, 1])[-1]
+    np.testing.assert_allclose(again[1], b_alone, rtol=ROUNDING, atol=ROUNDING)
+
+
+def test_repeated_ids_are_refused_on_every_call():
+    pool = edgeseq.load(CELL_MODELS[0]).pool(capacity=4)
+    pool.step(["a", "b"], np.ones((2, 3), np.float32))
+    with pytest.raises(ShapeError, match=r"distinct: 1"):
+        pool.step(["a", "a"], np.ones((2, 3), np.float32))
+    with pytest.raises(ShapeError, match=r"2 ids .* for 3 rows"):
+        pool.step(["a", "b"], np.ones((3, 3), np.float32))  # the remembered ids, too few rows
+
+
 def test_the_runtime_works_where_torch_cannot_be_imported():
     code = (
         "import sys; sys.modules['torch'] = None\n"

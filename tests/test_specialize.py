@@ -170,3 +170,23 @@ def test_specialization_can_be_switched_off_and_gives_the_same_outputs(rng, tmp_
     subprocess.run([sys.executable, "-c", script], env=env, check=True, timeout=300)
     expected = edgeseq.load(LSTM).stream().feed(xs)
     np.testing.assert_array_equal(np.load(tmp_path / "ys.npy"), expected)
+
+
+@pytest.mark.parametrize("path", PLANNED[:4], ids=lambda p: p.stem)
+def test_weights_and_scratch_start_on_cache_lines(path):
+    """Every weight block of 16 floats or more, the parameter vector and a stream's work vector
+    start on a 64-byte line (runtime/aligned.py), in every process, whatever numpy's allocator
+    returned."""
+    model = edgeseq.load(path)
+    plan = model.plan
+    assert plan.params.ctypes.data % 64 == 0
+    assert plan.width % 16 == 0
+    for row in plan.code:
+        if row[0] in (kernels.OP_LSTM, kernels.OP_RNN):
+            assert row[3] % 16 == 0, row  # the stacked [W; R]
+        if row[0] == kernels.OP_GRU:
+            assert row[3] % 16 == 0 and row[4] % 16 == 0, row
+        if row[0] == kernels.OP_DENSE and row[1] * row[2] >= 16:
+            assert row[3] % 16 == 0, row
+    work = model.stream()._work
+    assert work.ctypes.data % 64 == 0

@@ -20,6 +20,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from edgeseq.errors import ShapeError
+from edgeseq.runtime import aligned
 from edgeseq.runtime.graph import Graph
 from edgeseq.runtime.plan import Plan
 from edgeseq.runtime.stepper import step_graph, stream_time_nodes, streamable
@@ -63,7 +64,7 @@ class KernelEngine:
 
         self.plan, self.kernels = plan, kernels
         self.n_outputs = plan.n_outputs
-        self.scratch = np.zeros((3, plan.width), np.float32)  # (3, width), reused every step
+        self.scratch = aligned.zeros(3 * plan.width).reshape(3, plan.width)  # reused every step
         self._specialized: Kernel | None = None
         from numba import get_num_threads
 
@@ -91,7 +92,9 @@ class KernelEngine:
 
     def new_work(self) -> np.ndarray:
         """One stream's state followed by its own scratch rows (the specialized kernel's work)."""
-        work = np.zeros(self.plan.state_size + 3 * self.plan.width, np.float32)
+        from edgeseq.runtime.specialize import work_size
+
+        work = aligned.zeros(work_size(self.plan))
         work[: self.plan.state_size] = self.plan.initial_state
         return work
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from edgeseq.runtime import aligned
 from edgeseq.runtime import kernels as k
 from edgeseq.runtime.graph import Graph, Node, fold_constants
 
@@ -74,7 +75,12 @@ class _Builder:
     shift: np.ndarray | None = None
 
     def put(self, values: np.ndarray) -> int:
+        """Append a block of parameters; blocks longer than a cache line start on one."""
         arr = np.ascontiguousarray(values, np.float32).ravel()
+        if arr.size >= aligned.LINE_FLOATS and self.size % aligned.LINE_FLOATS:
+            pad = aligned.align_up(self.size) - self.size
+            self.params.append(np.zeros(pad, np.float32))
+            self.size += pad
         offset = self.size
         self.params.append(arr)
         self.size += arr.size
@@ -303,10 +309,10 @@ def build_plan(graph: Graph, n_features: int) -> Plan:
     state = np.concatenate(b.state).astype(np.float32)
     return Plan(
         code,
-        np.concatenate(b.params).astype(np.float32),
+        aligned.copy(np.concatenate(b.params)),
         n_features,
         n,
-        max(b.width, n),
+        aligned.align_up(max(b.width, n)),
         layers,
         state,
         target,

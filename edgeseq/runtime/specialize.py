@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgeseq.runtime import cells, fastmath
+from edgeseq.runtime import aligned, cells, fastmath
 from edgeseq.runtime import kernels as k
 from edgeseq.runtime.engines import SHAPE_MISMATCH, Kernel
 from edgeseq.runtime.plan import Plan
@@ -66,7 +66,8 @@ def advance(p, xs, work, ys):
 @functools.cache
 def _digest() -> str:
     """The source the generated kernels inline: a change to it must change their file name."""
-    text = b"".join(Path(m.__file__).read_bytes() for m in (cells, fastmath, k) if m.__file__)
+    inlined = (aligned, cells, fastmath, k)
+    text = b"".join(Path(m.__file__).read_bytes() for m in inlined if m.__file__)
     return hashlib.sha256(text + Path(__file__).read_bytes()).hexdigest()[:16]
 
 
@@ -93,13 +94,14 @@ def _call(row: np.ndarray, src: str, dst: str) -> str:
 
 
 def work_size(plan: Plan) -> int:
-    """Floats in one stream's work vector: its state, then 3 scratch rows."""
-    return plan.state_size + 3 * plan.width
+    """Floats in one stream's work vector: its state, then 3 scratch rows, each starting a
+    cache line when the vector does (plan.width is a whole number of lines)."""
+    return aligned.align_up(plan.state_size) + 3 * plan.width
 
 
 def source(plan: Plan) -> str:
     """The kernel's Python source for this plan (deterministic: same plan, same text)."""
-    s, w = plan.state_size, plan.width
+    s, w = aligned.align_up(plan.state_size), plan.width
     lines = [
         _HEADER.format(
             digest=_digest(),
@@ -109,7 +111,7 @@ def source(plan: Plan) -> str:
             n_params=plan.params.size,
             n_work=work_size(plan),
             mismatch=SHAPE_MISMATCH,
-            n_state=s,
+            n_state=plan.state_size,
             a0=s,
             a1=s + w,
             b0=s + w,
