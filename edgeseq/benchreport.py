@@ -80,6 +80,13 @@ def markdown(results: list[dict[str, Any]], command: str) -> str:
         f"Measured {when} on {_cpu()} ({platform.machine()}), by `{command}`. Ratios from one "
         "run on one machine are what count; absolute times on a shared machine are noisy.",
         "",
+        "How: the step latencies of every contender, `feed` and the C step are measured in "
+        "alternating rounds, and pools against ONNX Runtime's batch in alternating 0.2 s "
+        "windows; each figure is its best round, since noise only ever slows a run. Each "
+        "contender is timed after a quarter second idle, so that worker threads another "
+        "library leaves spinning (OpenBLAS, ONNX Runtime, OpenMP) do not take a core from it. "
+        "Latencies are single calls, less the stopwatch's own cost (an empty call, ~0.1 us).",
+        "",
     ]
     for r in results:
         lines += [
