@@ -363,3 +363,78 @@ def test_graphs_that_need_the_whole_sequence_run_but_refuse_to_stream(spec, caus
     _assert_outputs(loaded.run(feeds), _ort(model, feeds))
     with pytest.raises(ModelFormatError, match=cause):
         loaded.stream()
+
+
+# --- graphs the differential fuzzing of session 4 found mishandled ------------------------------
+
+
+def _rnn_graph(head: list[onnx.NodeProto], out_dims: list, opset: int = 17, h0_dims=None,
+               extra: list[onnx.TensorProto] = ()) -> onnx.ModelProto:  # fmt: skip
+    """X ['time', 'batch', F] -> RNN (Y as "Y") -> head nodes -> "out"; opset as given."""
+    rng = np.random.default_rng(11)
+    h = SPEC_HIDDEN
+    shapes = {"W": (1, h, FEATURES), "R": (1, h, h), "B": (1, 2 * h)}
+    inits = [numpy_helper.from_array(rng.standard_normal(s).astype(np.float32), n)
+             for n, s in shapes.items()]  # fmt: skip
+    inputs = [_info("X", ["time", "batch", FEATURES])]
+    names = ["X", "W", "R", "B"]
+    if h0_dims is not None:
+        inputs.append(_info("h0", h0_dims))
+        names += ["", "h0"]
+    rnn = helper.make_node("RNN", names, ["Y"], hidden_size=h)
+    graph = helper.make_graph([rnn, *head], "g", inputs, [_info("out", out_dims)],
+                              [*inits, *extra])  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+@pytest.mark.parametrize("opset", [11, 12])
+def test_an_opset_11_softmax_without_axis_normalises_over_every_axis_from_1(opset, tmp_path):
+    """Before opset 13 Softmax defaults to axis 1 and flattens [1:]: across the batch here."""
+    squeeze = helper.make_node("Squeeze", ["Y"], ["s"], axes=[1])
+    model = _rnn_graph([squeeze, helper.make_node("Softmax", ["s"], ["out"])],
+                       ["time", "batch", SPEC_HIDDEN], opset=opset)  # fmt: skip
+    onnx.save(model, tmp_path / "m.onnx")
+    x = np.random.default_rng(0).standard_normal((SPEC_STEPS, 3, FEATURES)).astype(np.float32)
+    loaded = edgeseq.load(tmp_path / "m.onnx")
+    _assert_outputs(loaded.run({"X": x}), _ort(model, {"X": x}))
+    stream = loaded.stream()  # one sample: the softmax covers its H values only
+    got = np.stack([stream.step(v) for v in x[:, 0]])
+    np.testing.assert_allclose(got, _ort(model, {"X": x[:, :1]})[0][:, 0], rtol=0, atol=TOLERANCE)
+
+
+def test_an_initial_state_input_with_every_dim_symbolic_is_accepted(tmp_path):
+    squeeze = helper.make_node("Squeeze", ["Y", "one"], ["out"])
+    one = numpy_helper.from_array(np.array([1], np.int64), "one")
+    model = _rnn_graph([squeeze], ["time", "batch", SPEC_HIDDEN], h0_dims=["D", "B", "H"],
+                       extra=[one])  # fmt: skip
+    onnx.save(model, tmp_path / "m.onnx")
+    rng = np.random.default_rng(1)
+    feeds = {"X": rng.standard_normal((SPEC_STEPS, 3, FEATURES)).astype(np.float32),
+             "h0": rng.standard_normal((1, 3, SPEC_HIDDEN)).astype(np.float32)}  # fmt: skip
+    loaded = edgeseq.load(tmp_path / "m.onnx")
+    _assert_outputs(loaded.run(feeds), _ort(model, feeds))
+    assert loaded.stream().step(feeds["X"][0, 0]).shape == (SPEC_HIDDEN,)
+
+
+def test_a_graph_that_fixes_its_length_inside_runs_at_that_length_and_refuses_to_stream(tmp_path):
+    """x declares a dynamic time axis, a Reshape to a constant fixes 4 steps (as dynamo may)."""
+    shape = numpy_helper.from_array(np.array([4, -1, SPEC_HIDDEN], np.int64), "shape")
+    reshape = helper.make_node("Reshape", ["Y", "shape"], ["out"])
+    model = _rnn_graph([reshape], [4, "batch", SPEC_HIDDEN], extra=[shape])
+    onnx.save(model, tmp_path / "m.onnx")
+    x = np.random.default_rng(2).standard_normal((4, 3, FEATURES)).astype(np.float32)
+    loaded = edgeseq.load(tmp_path / "m.onnx")
+    _assert_outputs(loaded.run({"X": x}), _ort(model, {"X": x}))
+    with pytest.raises(ModelFormatError, match=r"exactly 4 steps .*fixes it"):
+        loaded.stream()
+
+
+def test_the_onnxruntime_backend_refuses_what_onnx_runtime_cannot_run_with_an_edgeseq_error(
+    tmp_path,
+):
+    _, path = _saved({"op": "LSTM", "layout": 1}, tmp_path)  # ORT has no layout 1
+    with pytest.raises(ModelFormatError, match=r"ONNX Runtime cannot run .*'numba'"):
+        edgeseq.load(path, backend="onnxruntime")
+    assert edgeseq.load(path).stream() is not None  # the other backends can

@@ -149,9 +149,14 @@ def _dynamic_quantize_lstm(
 
 
 def _softmax(attrs: Attrs, x: A) -> list[A]:
-    z = x - x.max(axis=attrs.get("axis", -1), keepdims=True)
+    axis = attrs.get("axis", -1)
+    if attrs.get("flatten_from_axis"):  # opset < 13: over every axis from `axis` on
+        axis = axis % max(x.ndim, 1)
+        flat = x.reshape(int(np.prod(x.shape[:axis])), -1)
+        return [_softmax({"axis": 1}, flat)[0].reshape(x.shape)]
+    z = x - x.max(axis=axis, keepdims=True)
     e = np.exp(z)
-    return [(e / e.sum(axis=attrs.get("axis", -1), keepdims=True)).astype(x.dtype)]
+    return [(e / e.sum(axis=axis, keepdims=True)).astype(x.dtype)]
 
 
 def _f32(fn: Any) -> Any:

@@ -46,6 +46,16 @@ def _attrs(node: onnx.NodeProto) -> dict[str, Any]:
     return out
 
 
+def _versioned(op: str, attrs: dict[str, Any], opset: int) -> dict[str, Any]:
+    """Attributes with the defaults of the model's opset made explicit, where they changed.
+
+    Softmax before opset 13 defaults to axis 1 and normalises over the input flattened to 2-D
+    at that axis (every axis from it on together), not over the one axis."""
+    if op == "Softmax" and opset < 13:
+        return {**attrs, "axis": attrs.get("axis", 1), "flatten_from_axis": True}
+    return attrs
+
+
 def _recurrent(node: Node, args: list[np.ndarray | None]) -> list[np.ndarray]:
     keys = (
         "hidden_size",
@@ -80,9 +90,16 @@ class Graph:
         }
         self.inputs = [i.name for i in graph.input if i.name not in self.constants]
         self.outputs = [o.name for o in graph.output]
+        opset = max(
+            (o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0
+        )
         self.nodes = [
             Node(
-                n.name or f"{n.op_type}_{i}", n.op_type, tuple(n.input), tuple(n.output), _attrs(n)
+                n.name or f"{n.op_type}_{i}",
+                n.op_type,
+                tuple(n.input),
+                tuple(n.output),
+                _versioned(n.op_type, _attrs(n), opset),
             )
             for i, n in enumerate(graph.node)
         ]

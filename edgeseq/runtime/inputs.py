@@ -14,6 +14,7 @@ from edgeseq.runtime.graph import Graph
 from edgeseq.runtime.verify import batch_time_axes
 
 MAX_FEATURES = 1 << 20
+MAX_STEPS_PROBED = 4096  # the longest fixed length find_baked_steps tries
 
 
 @dataclass
@@ -23,6 +24,7 @@ class Inputs:
     dtypes: dict[str, np.dtype]
     n_features: int
     time_first: bool = False
+    baked_steps: bool = False  # fixed_steps comes from the graph's insides, not x's declaration
 
     @property
     def fixed_steps(self) -> int | None:
@@ -71,9 +73,35 @@ def read_inputs(proto: onnx.ModelProto, graph: Graph, where: str) -> Inputs:
     if not 1 <= x_dims[2] <= MAX_FEATURES:
         raise ModelFormatError(f"{where}: input {x!r} declares {x_dims[2]} features; at most "
                                f"{MAX_FEATURES} are supported")  # fmt: skip
+    _state_dims(dims, graph)
     inputs = Inputs(x, dims, dtypes, int(x_dims[2]))
     inputs.time_first = _time_first(inputs, graph)
     return inputs
+
+
+def _state_dims(dims: dict[str, list[int | str]], graph: Graph) -> None:
+    """Initial-state inputs declared with symbolic dims get their sizes from the node they
+    feed: [directions, batch, hidden] (layout 1: [batch, directions, hidden]). Only the batch
+    axis stays symbolic, so probes feed the shapes the node will accept."""
+    for node in graph.recurrent_nodes:
+        hidden = node.attrs.get("hidden_size")
+        r = graph.constants.get(node.inputs[2]) if len(node.inputs) > 2 else None
+        if hidden is None and r is not None and r.ndim == 3:
+            hidden = int(r.shape[-1])
+        if hidden is None:
+            continue
+        directions = 2 if node.attrs.get("direction") == "bidirectional" else 1
+        sizes = (
+            [directions, None, hidden]
+            if node.attrs.get("layout", 0) == 0
+            else [None, directions, hidden]
+        )
+        for name in node.inputs[5:7]:
+            if name in dims and len(dims[name]) == 3:
+                dims[name] = [
+                    size if (size is not None and not isinstance(d, int)) else d
+                    for d, size in zip(dims[name], sizes, strict=True)
+                ]
 
 
 def _time_first(inputs: Inputs, graph: Graph) -> bool:
@@ -95,3 +123,28 @@ def _time_first(inputs: Inputs, graph: Graph) -> bool:
         if steps == expected_steps:
             return time_first
     return named_batch_axis == 1
+
+
+def find_baked_steps(proto: onnx.ModelProto, graph: Graph, inputs: Inputs) -> bool:
+    """A graph whose x declares a dynamic time axis but which runs at one length only (a
+    Reshape to a constant that holds the example's length, as torch.onnx.export(dynamo=True)
+    can write): find that length among the sizes its outputs and values declare, and fix x's
+    time axis to it. False, and x unchanged, when no declared size makes the graph run."""
+    axis = 0 if inputs.time_first else 1
+    declared = {
+        d for v in (*proto.graph.output, *proto.graph.value_info) for d in _dims(v)
+        if isinstance(d, int) and 1 < d <= MAX_STEPS_PROBED
+    }  # fmt: skip
+    original = list(inputs.dims[inputs.x])
+    for steps in sorted(declared):
+        inputs.dims[inputs.x] = [*original[:axis], steps, *original[axis + 1 :]]
+        x = np.zeros((steps, 1, inputs.n_features) if axis == 0 else (1, steps, inputs.n_features),
+                     np.float32)  # fmt: skip
+        try:
+            graph.evaluate(inputs.feeds(x))
+        except EdgeseqError:
+            continue
+        inputs.baked_steps = True
+        return True
+    inputs.dims[inputs.x] = original
+    return False

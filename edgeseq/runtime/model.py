@@ -16,7 +16,7 @@ from edgeseq.artifact import METADATA_KEY, ArtifactInfo, read_metadata
 from edgeseq.errors import EdgeseqError, ModelFormatError, ShapeError, UsageError
 from edgeseq.runtime.engines import Engine, GraphEngine, KernelEngine, OrtEngine
 from edgeseq.runtime.graph import Graph
-from edgeseq.runtime.inputs import read_inputs
+from edgeseq.runtime.inputs import find_baked_steps, read_inputs
 from edgeseq.runtime.loader import read_model
 from edgeseq.runtime.plan import NoPlan, Plan, build_plan
 from edgeseq.runtime.stream import Stream, StreamPool
@@ -63,9 +63,12 @@ class Model:
                         "(use Model.run on whole sequences)")  # fmt: skip
         steps = self.inputs.fixed_steps
         if steps is not None and steps != 1:
-            return (f"{self.path}: the graph was exported for sequences of exactly {steps} steps, "
-                    "so it cannot take one sample at a time; use Model.run, or re-export it with "
-                    "a dynamic time axis")  # fmt: skip
+            inside = (" (a shape inside the graph fixes it, though the input declares a dynamic "
+                      "time axis: torch.onnx.export may freeze the example's length)"
+                      if self.inputs.baked_steps else "")  # fmt: skip
+            return (f"{self.path}: the graph was exported for sequences of exactly {steps} "
+                    f"steps{inside}, so it cannot take one sample at a time; use Model.run, or "
+                    "re-export it with a dynamic time axis")  # fmt: skip
         return None
 
     def _x(self, batch: int, steps: int, rng: np.random.Generator) -> np.ndarray:
@@ -110,17 +113,36 @@ class Model:
                            self.n_outputs, self.time_first)  # fmt: skip
 
     def _count_outputs(self) -> int:
+        try:
+            return self._outputs_per_step()
+        except EdgeseqError:
+            if self.inputs.fixed_steps is not None or not find_baked_steps(
+                self._proto, self.graph, self.inputs
+            ):
+                raise
+            return self._outputs_per_step()
+
+    def _outputs_per_step(self) -> int:
+        """Numbers in the first output for one sample (one step of one sequence)."""
         steps = self.inputs.fixed_steps or 1
         x = self.inputs.layout(np.zeros((1, steps, self.n_features), np.float32))
-        return int(self.graph.evaluate(self.inputs.feeds(x))[self.graph.outputs[0]].size) // steps
+        y = self.graph.evaluate(self.inputs.feeds(x))[self.graph.outputs[0]]
+        return int(y.size) // steps if y.ndim >= 3 else int(y.size)  # all steps, or the last
 
     def _ort_session(self) -> Any:
         import onnxruntime as ort
 
         options = ort.SessionOptions()
         options.log_severity_level = 3
-        return ort.InferenceSession(self._proto.SerializeToString(), options,
-                                    providers=["CPUExecutionProvider"])  # fmt: skip
+        try:
+            return ort.InferenceSession(self._proto.SerializeToString(), options,
+                                        providers=["CPUExecutionProvider"])  # fmt: skip
+        except Exception as exc:  # ORT raises its own classes (Fail, NotImplemented, ...)
+            reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+            raise ModelFormatError(
+                f"{self.path}: ONNX Runtime cannot run this graph ({reason}); the 'numba' and "
+                "'numpy' backends can"
+            ) from None
 
     def _ort_engine(self) -> Engine:
         pairs = self.info.state_pairs if self.info else []
