@@ -9,7 +9,9 @@
  * i.e. the kernels' own fast-math licence; without -fno-trapping-math (which LLVM, and so
  * Numba, always assumes) GCC leaves the clamps in tanh scalar and the step runs 1.7x slower.
  *
- * Usage: step PROGRAM.bin STEPS  ->  prints "ns_per_step checksum"
+ * Usage: step PROGRAM.bin STEPS  ->  prints "median_ns mean_ns checksum": after 500 warm-up
+ * steps, STEPS single steps each timed on its own, median less the clock's own cost (the same
+ * protocol as edgeseq.bench times stream.step from Python), and the mean over the whole loop.
  * PROGRAM.bin: int64 n_ops, width, n_features, n_params; int64 code[n_ops][10];
  *              float params[n_params]; int64 state_size; float initial_state[state_size]
  */
@@ -160,6 +162,22 @@ static float *lines(int64_t n) {
   return p;
 }
 
+static double now_ns(void) {
+  struct timespec t;
+  clock_gettime(CLOCK_MONOTONIC, &t);
+  return t.tv_sec * 1e9 + t.tv_nsec;
+}
+
+static int by_value(const void *a, const void *b) {
+  double x = *(const double *)a, y = *(const double *)b;
+  return (x > y) - (x < y);
+}
+
+static double median(double *v, long n) {
+  qsort(v, n, sizeof *v, by_value);
+  return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
+}
+
 int main(int argc, char **argv) {
   if (argc != 3) { fprintf(stderr, "usage: %s PROGRAM.bin STEPS\n", argv[0]); return 2; }
   FILE *f = fopen(argv[1], "rb");
@@ -179,17 +197,27 @@ int main(int argc, char **argv) {
   float *b0 = lines(width), *b1 = lines(width), *g = lines(3 * width);
   float *xs = malloc(1024 * n_features * sizeof(float)); /* inputs made before timing */
   for (int64_t i = 0; i < 1024 * n_features; i++) xs[i] = (float)sin(0.01 * i);
-  double checksum = 0;
-  struct timespec t0, t1;
-  for (int warm = 0; warm < 2; warm++) {
-    clock_gettime(CLOCK_MONOTONIC, &t0);
-    for (long t = 0; t < steps; t++) {
-      step(code, n_ops, params, xs + (t & 1023) * n_features, n_features, state, b0, b1, g);
-      checksum += b0[0];
-    }
-    clock_gettime(CLOCK_MONOTONIC, &t1);
+  if (steps < 1) { fprintf(stderr, "STEPS must be >= 1\n"); return 2; }
+  double checksum = 0, *lap = malloc(steps * sizeof(double));
+  long n_empty = steps < 5000 ? steps : 5000;
+  double *empty = malloc(n_empty * sizeof(double));
+  for (long t = 0; t < (steps < 500 ? steps : 500); t++) {
+    step(code, n_ops, params, xs + (t & 1023) * n_features, n_features, state, b0, b1, g);
+    checksum += b0[0];
   }
-  double ns = (t1.tv_sec - t0.tv_sec) * 1e9 + (t1.tv_nsec - t0.tv_nsec);
-  printf("%.1f %.6f\n", ns / steps, checksum);
+  double start = now_ns();
+  for (long t = 0; t < steps; t++) {
+    double t0 = now_ns();
+    step(code, n_ops, params, xs + (t & 1023) * n_features, n_features, state, b0, b1, g);
+    lap[t] = now_ns() - t0;
+    checksum += b0[0];
+  }
+  double mean = (now_ns() - start) / steps;
+  for (long i = 0; i < n_empty; i++) {
+    double t0 = now_ns();
+    empty[i] = now_ns() - t0;
+  }
+  double ns = median(lap, steps) - median(empty, n_empty);
+  printf("%.1f %.1f %.6f\n", ns > 0 ? ns : 0.0, mean, checksum);
   return 0;
 }

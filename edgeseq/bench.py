@@ -11,12 +11,14 @@ start to first prediction with a cold and a warm Numba cache; resident memory.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -155,6 +157,8 @@ class CReference:
             plan.initial_state.astype(np.float32).tofile(fh)
 
     def ns_per_step(self, steps: int) -> float:
+        """Median ns of single steps, after the same warm-up and less the same clock cost as
+        the Python latencies (_latencies), so both sides are timed the same way."""
         out = subprocess.run([str(self.binary), str(self.program), str(steps)], check=True,
                              capture_output=True, text=True).stdout  # fmt: skip
         return float(out.split()[0])
@@ -249,12 +253,36 @@ def _step_contenders(path: Path, model: Model, calls: int) -> dict[str, tuple[An
     return fns
 
 
+@contextlib.contextmanager
+def _one_core() -> Iterator[None]:
+    """Run this process, and the C reference it starts, on one CPU for a while.
+
+    Single-stream figures are one-core figures (DESIGN.md's reference points are). Left free,
+    the C subprocess could run on the other core than the Python contenders, and on a shared
+    machine one core can be busier than the other for seconds: the two sides of a ratio would
+    see different machines. Linux only; elsewhere this does nothing."""
+    if not hasattr(os, "sched_setaffinity"):
+        yield
+        return
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {min(before)})
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
+
+
 def _interleaved(path: Path, model: Model, calls: int, rounds: int) -> dict[str, Any]:
     """Step latencies, feed throughput and the C step, measured in alternating rounds.
 
     A shared machine's noise comes in bursts; alternating short rounds lets a burst hit every
     contender alike, and the best round of each is its figure (noise only ever slows a run).
     """
+    with _one_core():
+        return _alternate_rounds(path, model, calls, rounds)
+
+
+def _alternate_rounds(path: Path, model: Model, calls: int, rounds: int) -> dict[str, Any]:
     fns = _step_contenders(path, model, calls)
     stream, block = model.stream(), _inputs(model, FEED_STEPS)
     best: dict[str, dict[str, float]] = {}
@@ -275,7 +303,7 @@ def _interleaved(path: Path, model: Model, calls: int, rounds: int) -> dict[str,
             feed_us = min(feed_us, 1e6 / rate)
             if c_ref is not None:
                 _quiesce()
-                us = c_ref.ns_per_step(calls * 2) / 1e3
+                us = c_ref.ns_per_step(calls) / 1e3
                 c_us = us if c_us is None else min(c_us, us)
     return {"step": best, "feed_us_per_sample": feed_us, "c_step_us": c_us}
 
