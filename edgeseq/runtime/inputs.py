@@ -15,6 +15,7 @@ from edgeseq.runtime.verify import batch_time_axes
 
 MAX_FEATURES = 1 << 20
 MAX_STEPS_PROBED = 4096  # the longest fixed length find_baked_steps tries
+MAX_LENGTHS_TRIED = 8  # and how many (each is a whole evaluation of the graph)
 
 
 @dataclass
@@ -136,7 +137,7 @@ def find_baked_steps(proto: onnx.ModelProto, graph: Graph, inputs: Inputs) -> bo
         if isinstance(d, int) and 1 < d <= MAX_STEPS_PROBED
     }  # fmt: skip
     original = list(inputs.dims[inputs.x])
-    for steps in sorted(declared):
+    for steps in sorted(declared)[:MAX_LENGTHS_TRIED]:
         inputs.dims[inputs.x] = [*original[:axis], steps, *original[axis + 1 :]]
         x = np.zeros((steps, 1, inputs.n_features) if axis == 0 else (1, steps, inputs.n_features),
                      np.float32)  # fmt: skip
