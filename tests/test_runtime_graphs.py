@@ -369,7 +369,7 @@ def test_graphs_that_need_the_whole_sequence_run_but_refuse_to_stream(spec, caus
 
 
 def _rnn_graph(head: list[onnx.NodeProto], out_dims: list, opset: int = 17, h0_dims=None,
-               extra: list[onnx.TensorProto] = ()) -> onnx.ModelProto:  # fmt: skip
+               extra: list[onnx.TensorProto] = (), h0_first=False) -> onnx.ModelProto:  # fmt: skip
     """X ['time', 'batch', F] -> RNN (Y as "Y") -> head nodes -> "out"; opset as given."""
     rng = np.random.default_rng(11)
     h = SPEC_HIDDEN
@@ -379,7 +379,7 @@ def _rnn_graph(head: list[onnx.NodeProto], out_dims: list, opset: int = 17, h0_d
     inputs = [_info("X", ["time", "batch", FEATURES])]
     names = ["X", "W", "R", "B"]
     if h0_dims is not None:
-        inputs.append(_info("h0", h0_dims))
+        inputs.insert(0 if h0_first else 1, _info("h0", h0_dims))
         names += ["", "h0"]
     rnn = helper.make_node("RNN", names, ["Y"], hidden_size=h)
     graph = helper.make_graph([rnn, *head], "g", inputs, [_info("out", out_dims)],
@@ -438,3 +438,21 @@ def test_the_onnxruntime_backend_refuses_what_onnx_runtime_cannot_run_with_an_ed
     with pytest.raises(ModelFormatError, match=r"ONNX Runtime cannot run .*'numba'"):
         edgeseq.load(path, backend="onnxruntime")
     assert edgeseq.load(path).stream() is not None  # the other backends can
+
+
+def test_a_graph_that_lists_its_state_input_before_x_streams_x(tmp_path):
+    """ONNX does not order inputs; the data input is the one the recurrent node's X comes from."""
+    squeeze = helper.make_node("Squeeze", ["Y", "one"], ["out"])
+    one = numpy_helper.from_array(np.array([1], np.int64), "one")
+    model = _rnn_graph([squeeze], ["time", "batch", SPEC_HIDDEN], h0_dims=[1, "batch", SPEC_HIDDEN],
+                       extra=[one], h0_first=True)  # fmt: skip
+    assert model.graph.input[0].name == "h0"
+    onnx.save(model, tmp_path / "m.onnx")
+    loaded = edgeseq.load(tmp_path / "m.onnx")
+    assert loaded.n_features == FEATURES
+    x = np.random.default_rng(5).standard_normal((SPEC_STEPS, 1, FEATURES)).astype(np.float32)
+    zeros = np.zeros((1, 1, SPEC_HIDDEN), np.float32)
+    expected = _ort(model, {"h0": zeros, "X": x})[0][:, 0]
+    stream = loaded.stream()
+    got = np.stack([stream.step(v) for v in x[:, 0]])
+    np.testing.assert_allclose(got, expected, rtol=0, atol=TOLERANCE)

@@ -56,6 +56,30 @@ def _versioned(op: str, attrs: dict[str, Any], opset: int) -> dict[str, Any]:
     return attrs
 
 
+def _data_input_first(inputs: list[str], nodes: list[Node]) -> list[str]:
+    """The graph's inputs with the data input x first, wherever the graph declares it.
+
+    Everything downstream takes inputs[0] as x, but ONNX does not order inputs: a graph may
+    list an initial state or sequence_lens first. x is the input that the first recurrent node's
+    X is computed from (initial states reach it only through its state slots)."""
+    first = next((n for n in nodes if n.op in STATEFUL), None)
+    if first is None or not first.inputs:
+        return inputs
+    producer = {out: n for n in nodes for out in n.outputs}
+    reached, todo, seen = set(), [first.inputs[0]], set()
+    while todo:
+        value = todo.pop()
+        if value in seen:
+            continue
+        seen.add(value)
+        if value in inputs:
+            reached.add(value)
+        elif value in producer:
+            todo.extend(v for v in producer[value].inputs if v)
+    data = next((name for name in inputs if name in reached), None)
+    return inputs if data is None else [data, *(n for n in inputs if n != data)]
+
+
 def _recurrent(node: Node, args: list[np.ndarray | None]) -> list[np.ndarray]:
     keys = (
         "hidden_size",
@@ -103,6 +127,7 @@ class Graph:
             )
             for i, n in enumerate(graph.node)
         ]
+        self.inputs = _data_input_first(self.inputs, self.nodes)
         for node in self.nodes:
             if node.op not in RECURRENT and node.op not in elementwise.OPS:
                 raise ModelFormatError(
