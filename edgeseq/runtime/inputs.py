@@ -10,6 +10,7 @@ import onnx
 from onnx import helper
 
 from edgeseq.errors import EdgeseqError, ModelFormatError
+from edgeseq.runtime import recurrent_ops
 from edgeseq.runtime.graph import Graph
 from edgeseq.runtime.verify import batch_time_axes
 
@@ -91,7 +92,7 @@ def _state_dims(dims: dict[str, list[int | str]], graph: Graph) -> None:
             hidden = int(r.shape[-1])
         if hidden is None:
             continue
-        directions = 2 if node.attrs.get("direction") == "bidirectional" else 1
+        directions = recurrent_ops.DIRECTIONS.get(node.attrs.get("direction", "forward"), 1)
         sizes = (
             [directions, None, hidden]
             if node.attrs.get("layout", 0) == 0

@@ -48,7 +48,7 @@ _PARAMETERS: dict[str, dict[str, float | None]] = {
     "elu": {"alpha": 1.0},
 }
 
-_DIRECTIONS = {"forward": 1, "reverse": 1, "bidirectional": 2}
+DIRECTIONS = {"forward": 1, "reverse": 1, "bidirectional": 2}
 
 
 def _key(name: str) -> str:
@@ -118,9 +118,9 @@ def _weights(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """w, r and b's halves Wb, Rb in float64, checked against the attributes; absent b is 0."""
     w, r = np.asarray(w, np.float64), np.asarray(r, np.float64)
-    n, hidden = _DIRECTIONS.get(direction), r.shape[-1]
+    n, hidden = DIRECTIONS.get(direction), r.shape[-1]
     if n is None:
-        raise ModelFormatError(f"direction {direction!r}; expected one of {list(_DIRECTIONS)}")
+        raise ModelFormatError(f"direction {direction!r}; expected one of {list(DIRECTIONS)}")
     if hidden_size is not None and hidden_size != hidden:
         raise ModelFormatError(f"hidden_size={hidden_size} but R has shape {r.shape}")
     if w.ndim != 3 or w.shape[:2] != (n, gates * hidden) or r.shape != (n, gates * hidden, hidden):
