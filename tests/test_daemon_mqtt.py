@@ -368,7 +368,7 @@ def test_after_kill_9_redelivery_and_resending_from_the_checkpoint_apply_every_s
     args = (
         "--mqtt-client-id", unique("edgeseq-crash"),
         "--state-dir", str(state_dir),
-        "--checkpoint-interval", "200ms",
+        "--checkpoint-interval", "1s",
     )  # fmt: skip
 
     def send(client: Mqtt, sid: str, seqs: range) -> list[mqtt.MQTTMessageInfo]:
@@ -415,7 +415,14 @@ def test_after_kill_9_redelivery_and_resending_from_the_checkpoint_apply_every_s
             while _file_id(checkpoint) == seen and time.monotonic() < deadline:
                 time.sleep(0.002)
             assert _file_id(checkpoint) != seen, "no checkpoint within 5 s"
-            time.sleep(0.05)
+            # Kill only once answers beyond that checkpoint have reached us (the next one is
+            # a whole interval away; a fixed sleep was too short on a slow CI host).
+            checkpointed = _checkpoint_seqs(checkpoint)[busy]
+            client.wait(
+                lambda m: max(answered_seqs(m, busy)) >= checkpointed + 3,
+                10,
+                f"busy's answers beyond the checkpoint's seq {checkpointed}",
+            )
             first.kill9()
             killed.set()
 
