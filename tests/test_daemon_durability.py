@@ -742,7 +742,7 @@ class NotifySocket:
 
 def test_systemd_gets_ready_when_serving_watchdog_pings_reloading_and_stopping() -> None:
     notify = NotifySocket()
-    env = {"NOTIFY_SOCKET": notify.path, "WATCHDOG_USEC": "200000"}
+    env = {"NOTIFY_SOCKET": notify.path, "WATCHDOG_USEC": "1000000"}
     try:
         with Daemon(str(LSTM), *LISTEN, env=env) as daemon:
             ready = notify.wait_for("READY")
@@ -752,12 +752,12 @@ def test_systemd_gets_ready_when_serving_watchdog_pings_reloading_and_stopping()
             client = daemon.connect(timeout=5)  # listening by the time of READY
             assert "y" in client.ask({"id": "pump-1", "seq": 0, "x": [0.1, 0.2, 0.3]})
 
-            time.sleep(1.0)
+            time.sleep(3.0)  # a pinging loop is what is tested; a 1 s timeout spares slow hosts
             with notify._lock:
                 pings = [t for t, f in notify.messages if f.get("WATCHDOG") == "1"]
             gaps = np.diff(pings)
-            assert len(pings) >= 6, f"{len(pings)} WATCHDOG=1 in 1 s with WATCHDOG_USEC=200000"
-            assert gaps.max() < 0.2, f"a watchdog gap of {gaps.max():.3f}s exceeds the timeout"
+            assert len(pings) >= 5, f"{len(pings)} WATCHDOG=1 in 3 s with WATCHDOG_USEC=1000000"
+            assert gaps.max() < 1.0, f"a watchdog gap of {gaps.max():.3f}s exceeds the timeout"
 
             mark = len(notify.messages)
             daemon.signal(signal.SIGHUP)
