@@ -6,6 +6,8 @@ on the same file, and streaming one sample at a time equals the whole-sequence f
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -188,6 +190,125 @@ def test_a_dynamo_export_with_a_fixed_time_axis_runs_at_its_length_and_refuses_t
     _assert_outputs(model.run(feeds), _ort(path, feeds))
     with pytest.raises(ModelFormatError, match=r"(?i)time|step|stream"):
         model.stream()
+
+
+# --- many-to-one: the head reads the last step (y[:, -1]) or the final state (hn[-1]) -----------
+
+SELECTIONS = {  # how a many-to-one model picks what its head reads
+    "last_step": lambda y, h, bf: y[:, -1] if bf else y[-1],  # Gather(-1) on the time axis
+    "last_step_kept": lambda y, h, bf: y[:, -1:] if bf else y[-1:],  # Slice(-1:)
+    "final_state": lambda y, h, bf: h[-1],  # Y_h; with layers, Concat of each layer's, Gather(-1)
+}
+OFF_PATTERN = {  # the same ops on another axis, or before the recurrent layer: not per-sample
+    "last_sequence_of_batch": lambda y, h, bf: y[-1:] if bf else y[:, -1:],  # other shapes
+    "newest_sample_only": lambda y, h, bf: y,  # x[:, -1:] in forward: same shapes, other values
+}
+
+
+class ManyToOne(nn.Module):
+    def __init__(self, cell: str, layers: int, batch_first: bool, select: str) -> None:
+        super().__init__()
+        self.rnn = getattr(nn, cell)(FEATURES, HIDDEN, layers, batch_first=batch_first)
+        self.head = nn.Linear(HIDDEN, OUTPUTS)
+        self.batch_first, self.select = batch_first, {**SELECTIONS, **OFF_PATTERN}[select]
+
+        self.newest_only = select == "newest_sample_only"
+
+    def forward(self, x):
+        if self.newest_only:  # the recurrent layer sees one sample: no memory at all
+            x = x[:, -1:] if self.batch_first else x[-1:]
+        y, h = self.rnn(x)
+        return self.head(self.select(y, h[0] if isinstance(h, tuple) else h, self.batch_first))
+
+
+def _export_many_to_one(module: ManyToOne, folder: Path) -> Path:
+    bf, path = module.batch_first, folder / "model.onnx"
+    x = torch.zeros((BATCH, STEPS, FEATURES) if bf else (STEPS, BATCH, FEATURES))
+    axes = {0: "batch", 1: "time"} if bf else {0: "time", 1: "batch"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, (x,), path, dynamo=False, input_names=["x"],
+                          dynamic_axes={"x": axes}, opset_version=17)  # fmt: skip
+    return path
+
+
+_DYNAMO_EXPORT = """
+import sys, torch
+from tests.test_runtime_graphs import BATCH, FEATURES, STEPS, ManyToOne
+cell, layers, folder = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+module = ManyToOne(cell, layers, True, "last_step").eval()
+module.load_state_dict(torch.load(folder + "/weights.pt"))
+batch, time = torch.export.Dim("batch", max=64), torch.export.Dim("time", max=4096)
+torch.onnx.export(module, (torch.zeros(BATCH, STEPS, FEATURES),), folder + "/model.onnx",
+                  dynamo=True, dynamic_shapes=({0: batch, 1: time},))
+"""
+
+
+def _dynamo_export_many_to_one(module: ManyToOne, cell: str, layers: int, folder: Path) -> Path:
+    """torch.onnx.export(dynamo=True) in a fresh process: torch 2.13 freezes the time axis of
+    the second export of an nn.LSTM (or GRU) in a process to the example's length."""
+    torch.save(module.state_dict(), folder / "weights.pt")
+    root = Path(__file__).resolve().parent.parent
+    subprocess.run([sys.executable, "-c", _DYNAMO_EXPORT, cell, str(layers), str(folder)],
+                   cwd=root, check=True, capture_output=True, timeout=300)  # fmt: skip
+    return folder / "model.onnx"
+
+
+def _windows_like_torch(model: edgeseq.Model, module: ManyToOne) -> None:
+    """Sample t's answer is the model's output for the window x[:t+1] (at its last step, for a
+    model that answers every step), whatever the plan."""
+    x = np.random.default_rng(3).standard_normal((STEPS, FEATURES)).astype(np.float32)
+    stream = model.stream()
+    got = np.stack([stream.step(sample) for sample in x]).reshape(STEPS, -1)
+    with torch.no_grad():
+        expected = [module(torch.from_numpy(x[None, : t + 1] if module.batch_first
+                                            else x[: t + 1, None])).numpy().reshape(-1)
+                    [-model.n_outputs :] for t in range(STEPS)]  # fmt: skip
+    np.testing.assert_allclose(got, np.stack(expected), rtol=0, atol=TOLERANCE)
+
+
+MANY_TO_ONE = [("LSTM", 2, True, "last_step"), ("GRU", 1, False, "last_step"),
+               ("RNN", 2, False, "last_step_kept"), ("LSTM", 1, True, "final_state"),
+               ("GRU", 2, False, "final_state"), ("RNN", 1, True, "final_state")]  # fmt: skip
+
+
+@pytest.mark.parametrize("cell, layers, batch_first, select", MANY_TO_ONE)
+def test_a_many_to_one_export_gets_the_fused_plan_and_answers_each_window(
+    cell, layers, batch_first, select, tmp_path
+):
+    torch.manual_seed(1)
+    module = ManyToOne(cell, layers, batch_first, select).eval()
+    path = _export_many_to_one(module, tmp_path)
+    model = edgeseq.load(path)
+    assert model.plan is not None, model.plan_note
+    assert model.n_outputs == OUTPUTS
+    _windows_like_torch(model, module)
+    feeds = {
+        "x": np.random.default_rng(4)
+        .standard_normal((BATCH, STEPS, FEATURES) if batch_first else (STEPS, BATCH, FEATURES))
+        .astype(np.float32)
+    }
+    _assert_outputs(model.run(feeds), _ort(path, feeds))
+
+
+def test_a_dynamo_many_to_one_export_gets_the_fused_plan(tmp_path):
+    torch.manual_seed(2)
+    module = ManyToOne("LSTM", 1, True, "last_step").eval()
+    model = edgeseq.load(_dynamo_export_many_to_one(module, "LSTM", 1, tmp_path))
+    assert model.plan is not None, model.plan_note
+    _windows_like_torch(model, module)
+
+
+@pytest.mark.parametrize("select", OFF_PATTERN)
+def test_selecting_on_another_axis_is_refused_by_the_plan_and_still_streams_right(select, tmp_path):
+    torch.manual_seed(3)
+    module = ManyToOne("LSTM", 1, True, select).eval()
+    model = edgeseq.load(_export_many_to_one(module, tmp_path))
+    assert model.plan is None, model.plan_note
+    cause = {"last_sequence_of_batch": "holds neither", "newest_sample_only": "differs"}[select]
+    assert cause in model.plan_note
+    if select == "newest_sample_only":  # the graph path streams it as exported
+        _windows_like_torch(model, module)
 
 
 # --- graphs written against the ONNX operator spec ---------------------------------------------

@@ -7,9 +7,11 @@ transposed and stacked, [inputs + H, gates * H], so one pass over [x; h] updates
 
 The plan follows the per-sample data path from the input `x` to the first output: affine
 scaling, recurrent layers, dense heads and activations, with shape glue (Transpose, Squeeze,
-Reshape, ...) passed through. Graphs outside that pattern (reverse or bidirectional layers,
-peepholes, clip, custom activations, seq2seq decoders) get no plan; `verify` proves a plan
-against the graph's straightforward evaluation before it is used.
+Reshape, ...) passed through, and so is a many-to-one model's pick of the last step or the
+final state (y[:, -1], hn[-1]): streaming, the newest step is the sample itself. Graphs outside
+that pattern (reverse or bidirectional layers, peepholes, clip, custom activations, seq2seq
+decoders) get no plan; `verify` proves a plan against the graph's straightforward evaluation
+before it is used.
 """
 
 from __future__ import annotations
@@ -262,6 +264,58 @@ def _fold_bias_into_dense(b: _Builder, const: np.ndarray, n: int) -> bool:
     return True
 
 
+LAST = -1  # the index PyTorch's y[:, -1] and hn[-1] export: the newest step, the last layer
+LONG = 2**30  # a Slice end at least this big runs to the end of its axis (torch writes 2**63-1)
+
+
+def _const_ints(node: Node, slot: int, consts: dict[str, np.ndarray]) -> list[int] | None:
+    name = node.inputs[slot] if len(node.inputs) > slot else ""
+    if name not in consts or consts[name].size > 8:
+        return None
+    return [int(v) for v in np.asarray(consts[name]).ravel()]
+
+
+def _takes_last(node: Node, consts: dict[str, np.ndarray]) -> bool:
+    """Gather(index -1) or Slice(-1:) of the data path: a many-to-one model's "last step"
+    (y[:, -1]) or "last layer's final state" (hn[-1]). Streaming one sample at a time, the
+    newest step *is* the one sample, so the op passes the sample's value through; `verify`
+    proves that on sequences of two lengths (an index on another axis gives other shapes or
+    values there, and the plan is refused)."""
+    if node.op == "Gather":
+        return _const_ints(node, 1, consts) == [LAST]
+    if node.op == "Slice" and len(node.inputs) >= 3:
+        starts, ends = _const_ints(node, 1, consts), _const_ints(node, 2, consts)
+        steps = _const_ints(node, 4, consts) if len(node.inputs) > 4 and node.inputs[4] else None
+        return (
+            starts is not None and ends is not None and set(starts) == {LAST}
+            and all(e >= LONG for e in ends) and (steps is None or set(steps) == {1})
+        )  # fmt: skip
+    return False
+
+
+def _last_of_concat(node: Node, cur: str, users: dict[str, list[Node]],
+                    consts: dict[str, np.ndarray]) -> Node | None:  # fmt: skip
+    """For Concat([..., cur]) followed only by Gather(-1) on the same axis (the way torch
+    exports hn[-1] of a multi-layer RNN: every layer's Y_h stacked, the last one taken), the
+    Gather: together they pass cur's value through when cur is one entry thick there."""
+    nexts = users.get(node.outputs[0], [])
+    if node.inputs[-1] != cur or len(nexts) != 1 or not _takes_last(nexts[0], consts):
+        return None
+    gather = nexts[0]
+    axis = node.attrs.get("axis")
+    return gather if gather.op == "Gather" and gather.attrs.get("axis", 0) == axis else None
+
+
+def _next_output(node: Node, users: dict[str, list[Node]], target: str) -> str:
+    """Where the data path leaves a recurrent node: Y (every step's h), or Y_h (the last step's
+    h) when only that is used, as in `fc(hn[-1])`. Streaming, both are the sample's new h."""
+    y = node.outputs[0] if node.outputs else ""
+    y_h = node.outputs[1] if len(node.outputs) > 1 else ""
+    if (y and (y == target or users.get(y))) or not y_h:
+        return y
+    return y_h if y_h == target or users.get(y_h) else y
+
+
 def build_plan(graph: Graph, n_features: int) -> Plan:
     """Follow the data path from the first input to the first output; raise NoPlan off it."""
     consts = fold_constants(graph)
@@ -279,8 +333,11 @@ def build_plan(graph: Graph, n_features: int) -> Plan:
         if len(nexts) != 1:
             raise NoPlan(f"value {cur!r} feeds {len(nexts)} nodes; a fused plan follows one path")
         node = nexts[0]
-        if node.op in GLUE:
+        after = node.outputs[0]
+        if node.op in GLUE or _takes_last(node, consts):
             pass
+        elif node.op == "Concat" and (gather := _last_of_concat(node, cur, users, consts)):
+            after = gather.outputs[0]
         elif node.op in ("Add", "Sub", "Mul", "Div"):
             const, first = _other(node, cur, consts)
             if not (node.op == "Add" and _fold_bias_into_dense(b, const, n)):
@@ -292,6 +349,7 @@ def build_plan(graph: Graph, n_features: int) -> Plan:
                     raise NoPlan(f"node {node.name!r} takes the data path as a weight or state")
                 n, layer = _recurrent(b, node, consts, n)
                 layers.append(layer)
+                after = _next_output(node, users, target)
             elif node.op in ("MatMul", "Gemm"):
                 n = _dense(b, node, cur, consts, n)
             elif node.op in ACTIVATIONS:
@@ -301,7 +359,7 @@ def build_plan(graph: Graph, n_features: int) -> Plan:
                 b.emit(k.OP_SOFTMAX, n)
             else:
                 raise NoPlan(f"node {node.name!r} ({node.op}) is off the fused plan's patterns")
-        cur = node.outputs[0]
+        cur = after
     b.flush_affine(n)
     if not layers:
         raise NoPlan("the data path has no recurrent layer")

@@ -31,19 +31,41 @@ def to_btf(y: np.ndarray, batch: int, steps: int, time_first: bool) -> np.ndarra
     return y.reshape(batch, steps, -1)
 
 
+def last_step(y: np.ndarray, batch: int) -> np.ndarray:
+    """A many-to-one output (batch axis after leading 1s, no time axis) as (batch, 1, features)."""
+    axis = next((i for i in range(y.ndim) if y.shape[i] == batch and y.size and
+                 all(d == 1 for d in y.shape[:i])), None)  # fmt: skip
+    if axis is None:
+        raise NoPlan(f"the output {y.shape} has no batch axis of size {batch}")
+    return np.moveaxis(y, axis, 0).reshape(batch, 1, -1)
+
+
+def _expected(y: np.ndarray, plan: Plan, batch: int, steps: int, time_first: bool) -> np.ndarray:
+    """The graph's output as (batch, steps or 1, n_outputs): every step's, or only the last's."""
+    if y.size == batch * steps * plan.n_outputs:
+        return to_btf(y, batch, steps, time_first)
+    if y.size == batch * plan.n_outputs:
+        return last_step(y, batch)
+    raise NoPlan(f"the output {y.shape} holds neither every step's {plan.n_outputs} values "
+                 f"nor the last step's, for {batch} sequences of {steps} steps")  # fmt: skip
+
+
 def verify(plan: Plan, graph: Graph, feeds: list[dict[str, np.ndarray]], time_first: bool) -> float:
     """Largest relative gap between the plan streaming each batch row and the graph evaluated
-    on whole sequences, over the given feeds (the loader uses two lengths x two batch sizes)."""
+    on whole sequences, over the given feeds (the loader uses two lengths x two batch sizes).
+    A graph whose output is the last step only (many-to-one) is compared at the last step."""
     worst = 0.0
     for feed in feeds:
         x = feed[graph.inputs[0]]
         xs = np.moveaxis(x, 1, 0) if time_first else x  # (B, T, F)
-        expected = to_btf(graph.evaluate(feed)[plan.output], xs.shape[0], xs.shape[1], time_first)
+        y = graph.evaluate(feed)[plan.output]
+        expected = _expected(y, plan, xs.shape[0], xs.shape[1], time_first)
         scratch = np.zeros((3, plan.width), np.float32)
         for b in range(xs.shape[0]):
             state = plan.initial_state.copy()
             ys = np.zeros((xs.shape[1], plan.n_outputs), np.float32)
             k.feed(plan.code, plan.params, np.ascontiguousarray(xs[b]), state, scratch, ys)
+            ys = ys[-expected.shape[1] :]
             gap = np.abs(ys - expected[b]) / (1.0 + np.abs(expected[b]))
             worst = max(worst, float(gap.max()))
     return worst
