@@ -89,8 +89,8 @@ def warm(models: list[Path]) -> list[str]:
             stream = model.stream()
             stream.step(np.zeros(model.n_features, np.float32))
             stream.feed(np.zeros((2, model.n_features), np.float32))
-            pool = model.pool(capacity=300)
-            ids = [str(i) for i in range(300)]
-            pool.step(ids[:2], np.zeros((2, model.n_features), np.float32))
-            pool.step(ids, np.zeros((300, model.n_features), np.float32))  # the batched path
+            pool = model.pool(capacity=600)
+            ids = [str(i) for i in range(600)]
+            for batch in (2, 300, 600):  # one thread, every thread, matrix products
+                pool.step(ids[:batch], np.zeros((batch, model.n_features), np.float32))
     return names
