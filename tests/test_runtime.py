@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,7 @@ import pytest
 
 import edgeseq
 from edgeseq.errors import ShapeError, UsageError
+from edgeseq.runtime.engines import SHAPE_MISMATCH
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = sorted((ROOT / "export").glob("*.onnx"))
@@ -128,15 +130,17 @@ def test_a_pool_of_n_streams_equals_n_separate_streams(model):
 
 @pytest.mark.parametrize("path", CELL_MODELS, ids=lambda p: p.stem)
 def test_a_pool_on_every_thread_gives_each_stream_what_it_gives_alone(path):
-    """64 streams in a shuffled order: the model's own kernel, the batch cut over threads."""
-    model = edgeseq.load(path)
+    """67 streams in a shuffled order: the model's own kernel, the batch cut over threads
+    (an odd count, so the spans differ in length)."""
+    model, n = edgeseq.load(path), 67
+    assert model._engine.threads > 1, "Numba has one thread here: the threaded path is not run"
     rng = np.random.default_rng(5)
-    xs = rng.standard_normal((4, 64, model.n_features)).astype(np.float32)
-    pool, ids = model.pool(capacity=64), [f"s{i}" for i in range(64)]
-    pool.step(ids, np.zeros((64, model.n_features), np.float32))  # rows 0..63, in this order
-    order = rng.permutation(64)
+    xs = rng.standard_normal((4, n, model.n_features)).astype(np.float32)
+    pool, ids = model.pool(capacity=n), [f"s{i}" for i in range(n)]
+    pool.step(ids, np.zeros((n, model.n_features), np.float32))  # rows 0..66, in this order
+    order = rng.permutation(n)
     outs = [pool.step([ids[j] for j in order], xs[t][order]) for t in range(4)]
-    for i in (0, 31, 63):
+    for i in (0, 33, 34, n - 1):
         stream = model.stream()
         stream.step(np.zeros(model.n_features, np.float32))
         position = int(np.flatnonzero(order == i)[0])
@@ -154,6 +158,38 @@ def test_a_nan_anywhere_in_a_pool_kernel_call_advances_no_stream(batch):
     before, out = table.copy(), np.zeros((batch, engine.n_outputs), np.float32)
     assert engine.step_rows(xs, table, np.arange(batch), out) == (batch - 2) * 3 + 1
     np.testing.assert_array_equal(table, before)
+
+
+def test_the_pool_kernels_refuse_rows_that_do_not_match_the_samples():
+    engine = edgeseq.load(CELL_MODELS[1])._engine
+    table = np.stack([engine.new_state()] * 4)
+    xs, out = np.ones((3, 3), np.float32), np.zeros((3, engine.n_outputs), np.float32)
+    for rows in (np.arange(4), np.array([0, 1, 4])):  # one row too many; a row off the table
+        assert engine.step_rows(xs, table, rows, out) == SHAPE_MISMATCH
+
+
+def test_two_pools_of_one_model_step_at_once_in_two_threads():
+    """The kernels release the GIL; each pool has its own work vectors."""
+    model = edgeseq.load(CELL_MODELS[1])
+    rng = np.random.default_rng(6)
+    xs = rng.standard_normal((2, 200, 40, model.n_features)).astype(np.float32)
+    ids = [f"s{i}" for i in range(40)]
+    alone = []
+    for k in range(2):
+        pool = model.pool(capacity=40)
+        alone.append(np.stack([pool.step(ids, x) for x in xs[k]]))
+    pools, got = [model.pool(capacity=40) for _ in range(2)], [None, None]
+
+    def run(k: int) -> None:
+        got[k] = np.stack([pools[k].step(ids, x) for x in xs[k]])
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for k in range(2):
+        np.testing.assert_array_equal(got[k], alone[k])
 
 
 def test_step_does_not_modify_its_input(model):

@@ -75,7 +75,6 @@ class KernelEngine:
         self._specialized: Kernel | None = None
         self._rows: tuple[Any, Any] | None = None  # per-model pool kernels (serial, parallel)
         self._rows_sought = False
-        self.works = np.empty((0, 0), np.float32)  # their work vectors, one per thread
         from numba import get_num_threads
 
         self.threads = get_num_threads()
@@ -125,17 +124,25 @@ class KernelEngine:
         if not self._rows_sought:
             self._rows_sought = True
             if self.stream_kernel():
-                from edgeseq.runtime.specialize import compile_rows, work_size
+                from edgeseq.runtime.specialize import compile_rows
 
                 self._rows = compile_rows(self.plan)
-                spans = max(1, self.threads)
-                self.works = aligned.zeros(spans * work_size(self.plan)).reshape(spans, -1)
         return self._rows
 
+    def new_works(self) -> np.ndarray:
+        """Work vectors for the pool kernels, one per thread: each pool has its own, so pools
+        of one model can step in different threads (the kernels release the GIL)."""
+        from edgeseq.runtime.specialize import work_size
+
+        spans = max(1, self.threads)
+        return aligned.zeros(spans * work_size(self.plan)).reshape(spans, -1)
+
     def step_rows(
-        self, xs: np.ndarray, table: np.ndarray, rows: np.ndarray, out: np.ndarray
-    ) -> int:
-        """One batched kernel call for many streams; threads only pay off for large batches."""
+        self, xs: np.ndarray, table: np.ndarray, rows: np.ndarray, out: np.ndarray,
+        works: np.ndarray | None = None,
+    ) -> int:  # fmt: skip
+        """One batched kernel call for many (distinct) streams; threads only pay off for large
+        batches. `works`: the caller's from new_works() (else made for this call)."""
         plan, k = self.plan, self.kernels
         cached = plan.params.nbytes <= CACHED_BYTES
         if xs.shape[0] >= (GEMM_BATCH_CACHED if cached else GEMM_BATCH) and self.gemm.supported:
@@ -143,9 +150,9 @@ class KernelEngine:
             return -1
         own = self._rows_kernels()
         if own is not None:
-            if xs.shape[0] >= PARALLEL_ROWS and self.threads > 1:
-                return int(own[1](plan.params, xs, table, rows, self.works, out))
-            return int(own[0](plan.params, xs, table, rows, self.works[:1], out))
+            works = self.new_works() if works is None else works
+            parallel = xs.shape[0] >= PARALLEL_ROWS and self.threads > 1
+            return int(own[parallel](plan.params, xs, table, rows, works, out))
         if xs.shape[0] >= PARALLEL_BATCH and self.threads > 1:
             return int(
                 k.step_rows_parallel(

@@ -311,9 +311,11 @@ def _next_output(node: Node, users: dict[str, list[Node]], target: str) -> str:
     h) when only that is used, as in `fc(hn[-1])`. Streaming, both are the sample's new h."""
     y = node.outputs[0] if node.outputs else ""
     y_h = node.outputs[1] if len(node.outputs) > 1 else ""
+    if y_h and y_h == target:
+        return y_h
     if (y and (y == target or users.get(y))) or not y_h:
         return y
-    return y_h if y_h == target or users.get(y_h) else y
+    return y_h if users.get(y_h) else y
 
 
 def build_plan(graph: Graph, n_features: int) -> Plan:

@@ -117,11 +117,25 @@ def _span(p, xs, table, rows, work, ys, start, stop):
 
 
 @njit(cache=True, nogil=True, fastmath=FASTMATH, error_model="numpy")
+def _check_rows(p, xs, table, rows, works, ys):
+    batch = rows.shape[0]
+    if (xs.shape[0] != batch or ys.shape[0] != batch or xs.shape[1] != {n_in}
+            or ys.shape[1] != {n_out} or table.shape[1] != {n_state} or p.shape[0] != {n_params}
+            or works.shape[0] < 1 or works.shape[1] != {n_work}):
+        return {mismatch}
+    for b in range(batch):
+        if rows[b] < 0 or rows[b] >= table.shape[0]:
+            return {mismatch}
+    return cells.first_bad(xs.ravel())
+
+
+@njit(cache=True, nogil=True, fastmath=FASTMATH, error_model="numpy")
 def advance_rows(p, xs, table, rows, works, ys):
-    """One sample for each stream rows[b], state in table[rows[b]]: xs (B, F), ys (B, n_out);
-    works (1, n_work). -1, or the flat index of the first NaN or infinity (nothing advanced)."""
-    bad = cells.first_bad(xs.ravel())
-    if bad < 0:
+    """One sample for each stream rows[b] (distinct), state in table[rows[b]]: xs (B, F), ys
+    (B, n_out), works (>= 1, n_work). -1, SHAPE_MISMATCH, or the flat index of the first NaN or
+    infinity in xs (then nothing is advanced)."""
+    bad = _check_rows(p, xs, table, rows, works, ys)
+    if bad == -1:
         _span(p, xs, table, rows, works[0], ys, 0, rows.shape[0])
     return bad
 
@@ -129,8 +143,8 @@ def advance_rows(p, xs, table, rows, works, ys):
 @njit(cache=True, nogil=True, parallel=True, fastmath=FASTMATH, error_model="numpy")
 def advance_rows_parallel(p, xs, table, rows, works, ys):
     """advance_rows with the batch cut into len(works) spans, one per thread."""
-    bad = cells.first_bad(xs.ravel())
-    if bad >= 0:
+    bad = _check_rows(p, xs, table, rows, works, ys)
+    if bad != -1:
         return bad
     spans, batch = works.shape[0], rows.shape[0]
     per = (batch + spans - 1) // spans
@@ -175,7 +189,9 @@ def source(plan: Plan) -> str:
     n = plan.n_outputs
     lines.append(f"        cells.copy(ys[t * {n} : t * {n} + {n}], {src}, {n})")
     lines.append("    return -1\n")
-    lines.append(_ROWS.format(n_state=plan.state_size))
+    lines.append(_ROWS.format(n_state=plan.state_size, n_in=plan.n_features,
+                              n_out=plan.n_outputs, n_params=plan.params.size,
+                              n_work=work_size(plan), mismatch=SHAPE_MISMATCH))  # fmt: skip
     return "\n".join(lines)
 
 

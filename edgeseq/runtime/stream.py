@@ -138,6 +138,7 @@ class StreamPool:
         self._engine, self.n_features, self.capacity = engine, n_features, capacity
         self.fingerprint = ""  # the model file's sha256, set by Model.pool
         self._table = engine.new_table(capacity) if hasattr(engine, "new_table") else None
+        self._works = engine.new_works() if hasattr(engine, "new_works") else None  # own scratch
         self._rows: dict[str, int] = {}
         self._free = list(range(capacity - 1, -1, -1))
         self._states: list[Any] = [None] * capacity
@@ -183,7 +184,8 @@ class StreamPool:
             self._last = (key, index)
         out = np.empty((block.shape[0], self._engine.n_outputs), np.float32)
         if self._table is not None:
-            bad = self._engine.step_rows(block, self._table, index, out)  # type: ignore[attr-defined]
+            step_rows = self._engine.step_rows  # type: ignore[attr-defined]
+            bad = step_rows(block, self._table, index, out, self._works)
             _refuse(bad, block, "X")
         else:
             for b, row in enumerate(index.tolist()):

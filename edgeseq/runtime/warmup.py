@@ -1,9 +1,11 @@
 """Compile every kernel once so the Numba cache holds them for this CPU (`edgeseq warmup`).
 
-The kernels' types do not depend on the model (float32 and int64 arrays), so each compiles for
-one fixed signature; they compile in parallel, one process per core, which on a small board (or
-under emulation) turns minutes into fewer minutes. Then a tiny LSTM built here, and the given
-models, run through every path so that loading, planning and stepping all hit the cache. The
+The generic kernels' types do not depend on the model (float32 and int64 arrays), so each
+compiles for one fixed signature; they compile in parallel, one process per core, which on a
+small board (or under emulation) turns minutes into fewer minutes. Then a tiny LSTM built here,
+and the given models, run through every path (a stream, and pools on one thread, on every
+thread and through BLAS) so that loading, planning, each model's own kernels and stepping all
+hit the cache. The
 cache is keyed to the CPU, which is why a board runs this itself after installing rather than
 receiving a cache built elsewhere.
 """
@@ -20,6 +22,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from edgeseq.runtime.engines import GEMM_BATCH, GEMM_BATCH_CACHED, PARALLEL_ROWS
 from edgeseq.runtime.model import load
 
 
@@ -89,8 +92,8 @@ def warm(models: list[Path]) -> list[str]:
             stream = model.stream()
             stream.step(np.zeros(model.n_features, np.float32))
             stream.feed(np.zeros((2, model.n_features), np.float32))
-            pool = model.pool(capacity=600)
-            ids = [str(i) for i in range(600)]
-            for batch in (2, 300, 600):  # one thread, every thread, matrix products
+            sizes = (2, PARALLEL_ROWS, GEMM_BATCH, GEMM_BATCH_CACHED)  # each path a pool takes
+            pool, ids = model.pool(capacity=sizes[-1]), [str(i) for i in range(sizes[-1])]
+            for batch in sizes:
                 pool.step(ids[:batch], np.zeros((batch, model.n_features), np.float32))
     return names
