@@ -14,6 +14,7 @@ float32 arrays.
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
@@ -37,6 +38,10 @@ PARALLEL_ROWS = 32  # the same for the model's own kernel (specialize.py), which
 # samples/s per stream against 250k; with 1,024, 480k against 600k. A 455 KB LSTM with 1,024:
 # 4.8 ms per stream against 3.8 ms.
 GEMM_BATCH, GEMM_BATCH_CACHED, CACHED_BYTES = 128, 512, 256 * 1024
+# Pool steps that use every core, or buffers an engine keeps (BLAS, the interpreter's scratch),
+# take turns across threads: each already keeps every core busy, and Numba's workqueue layer
+# (used where neither OpenMP nor TBB is installed) aborts the process on concurrent launches.
+_TAKE_TURNS = threading.Lock()
 
 
 class Engine(Protocol):
@@ -143,16 +148,26 @@ class KernelEngine:
     ) -> int:  # fmt: skip
         """One batched kernel call for many (distinct) streams; threads only pay off for large
         batches. `works`: the caller's from new_works() (else made for this call)."""
-        plan, k = self.plan, self.kernels
+        plan = self.plan
         cached = plan.params.nbytes <= CACHED_BYTES
-        if xs.shape[0] >= (GEMM_BATCH_CACHED if cached else GEMM_BATCH) and self.gemm.supported:
-            out[:] = self.gemm.step(xs, table, rows)  # the pool checked xs for NaN already
-            return -1
-        own = self._rows_kernels()
-        if own is not None:
+        gemm = xs.shape[0] >= (GEMM_BATCH_CACHED if cached else GEMM_BATCH) and self.gemm.supported
+        own = None if gemm else self._rows_kernels()
+        if own is not None and (xs.shape[0] < PARALLEL_ROWS or self.threads < 2):
             works = self.new_works() if works is None else works
-            parallel = xs.shape[0] >= PARALLEL_ROWS and self.threads > 1
-            return int(own[parallel](plan.params, xs, table, rows, works, out))
+            return int(own[0](plan.params, xs, table, rows, works, out))  # nothing shared
+        with _TAKE_TURNS:
+            if gemm:
+                out[:] = self.gemm.step(xs, table, rows)  # the pool checked xs for NaN already
+                return -1
+            if own is not None:
+                works = self.new_works() if works is None else works
+                return int(own[1](plan.params, xs, table, rows, works, out))
+            return self._interpreted_rows(xs, table, rows, out)
+
+    def _interpreted_rows(
+        self, xs: np.ndarray, table: np.ndarray, rows: np.ndarray, out: np.ndarray
+    ) -> int:
+        plan, k = self.plan, self.kernels
         if xs.shape[0] >= PARALLEL_BATCH and self.threads > 1:
             return int(
                 k.step_rows_parallel(
