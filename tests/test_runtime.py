@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -178,16 +178,13 @@ def test_two_pools_of_one_model_step_at_once_in_two_threads():
     for k in range(2):
         pool = model.pool(capacity=40)
         alone.append(np.stack([pool.step(ids, x) for x in xs[k]]))
-    pools, got = [model.pool(capacity=40) for _ in range(2)], [None, None]
+    pools = [model.pool(capacity=40) for _ in range(2)]
 
-    def run(k: int) -> None:
-        got[k] = np.stack([pools[k].step(ids, x) for x in xs[k]])
+    def run(k: int) -> np.ndarray:
+        return np.stack([pools[k].step(ids, x) for x in xs[k]])
 
-    threads = [threading.Thread(target=run, args=(k,)) for k in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    with ThreadPoolExecutor(2) as both:
+        got = list(both.map(run, range(2)))
     for k in range(2):
         np.testing.assert_array_equal(got[k], alone[k])
 

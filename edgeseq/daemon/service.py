@@ -18,8 +18,6 @@ import time
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
-import numpy as np
-
 from edgeseq.daemon.batcher import Batcher
 from edgeseq.daemon.checkpoints import Checkpointer
 from edgeseq.daemon.config import DaemonConfig, parse_address
@@ -28,12 +26,10 @@ from edgeseq.daemon.systemd import Notifier
 from edgeseq.daemon.table import StreamTable
 from edgeseq.errors import EdgeseqError
 from edgeseq.runtime import Model, load
-from edgeseq.runtime.engines import GEMM_BATCH_CACHED, PARALLEL_ROWS
 from edgeseq.runtime.memory import release_compiler_pages
+from edgeseq.runtime.warmup import step_every_pool_path
 
 log = logging.getLogger("edgeseq.daemon")
-
-WARM_BATCHES = (1, PARALLEL_ROWS, GEMM_BATCH_CACHED)  # one pool path each: one thread, all, BLAS
 
 
 class Daemon:
@@ -58,11 +54,7 @@ class Daemon:
         start = time.perf_counter()
         model = load(self.config.model, self.config.backend)
         model.stream()  # refuses a model that cannot stream (bidirectional...) now, not later
-        # Load (or compile) every batched kernel now, not inside a client's request.
-        sizes = WARM_BATCHES if model.backend == "numba" else WARM_BATCHES[:1]
-        warm, ids = model.pool(sizes[-1]), [f"warm-up-{i}" for i in range(sizes[-1])]
-        for n in sizes:
-            warm.step(ids[:n], np.zeros((n, model.n_features), np.float32))
+        step_every_pool_path(model)  # batched kernels ready now, not in a client's request
         release_compiler_pages()  # LLVM's pages are not needed again until the next compile
         seconds = round(time.perf_counter() - start, 3)
         fields = {"path": self.config.model, "fingerprint": model.fingerprint[:12]}

@@ -152,15 +152,15 @@ class KernelEngine:
         cached = plan.params.nbytes <= CACHED_BYTES
         gemm = xs.shape[0] >= (GEMM_BATCH_CACHED if cached else GEMM_BATCH) and self.gemm.supported
         own = None if gemm else self._rows_kernels()
-        if own is not None and (xs.shape[0] < PARALLEL_ROWS or self.threads < 2):
+        if own is not None:
             works = self.new_works() if works is None else works
-            return int(own[0](plan.params, xs, table, rows, works, out))  # nothing shared
+            if xs.shape[0] < PARALLEL_ROWS or self.threads < 2:
+                return int(own[0](plan.params, xs, table, rows, works, out))  # nothing shared
         with _TAKE_TURNS:
             if gemm:
                 out[:] = self.gemm.step(xs, table, rows)  # the pool checked xs for NaN already
                 return -1
             if own is not None:
-                works = self.new_works() if works is None else works
                 return int(own[1](plan.params, xs, table, rows, works, out))
             return self._interpreted_rows(xs, table, rows, out)
 

@@ -309,13 +309,11 @@ def _last_of_concat(node: Node, cur: str, users: dict[str, list[Node]],
 def _next_output(node: Node, users: dict[str, list[Node]], target: str) -> str:
     """Where the data path leaves a recurrent node: Y (every step's h), or Y_h (the last step's
     h) when only that is used, as in `fc(hn[-1])`. Streaming, both are the sample's new h."""
-    y = node.outputs[0] if node.outputs else ""
-    y_h = node.outputs[1] if len(node.outputs) > 1 else ""
-    if y_h and y_h == target:
-        return y_h
-    if (y and (y == target or users.get(y))) or not y_h:
-        return y
-    return y_h if users.get(y_h) else y
+    y_and_y_h = [name for name in node.outputs[:2] if name]
+    if target in y_and_y_h:
+        return target
+    used = (name for name in y_and_y_h if users.get(name))
+    return next(used, node.outputs[0] if node.outputs else "")
 
 
 def build_plan(graph: Graph, n_features: int) -> Plan:

@@ -5,9 +5,8 @@ compiles for one fixed signature; they compile in parallel, one process per core
 small board (or under emulation) turns minutes into fewer minutes. Then a tiny LSTM built here,
 and the given models, run through every path (a stream, and pools on one thread, on every
 thread and through BLAS) so that loading, planning, each model's own kernels and stepping all
-hit the cache. The
-cache is keyed to the CPU, which is why a board runs this itself after installing rather than
-receiving a cache built elsewhere.
+hit the cache. The cache is keyed to the CPU, which is why a board runs this itself after
+installing rather than receiving a cache built elsewhere.
 """
 
 from __future__ import annotations
@@ -23,7 +22,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from edgeseq.runtime.engines import GEMM_BATCH, GEMM_BATCH_CACHED, PARALLEL_ROWS
-from edgeseq.runtime.model import load
+from edgeseq.runtime.model import Model, load
 
 
 def _tiny_lstm(path: Path) -> None:
@@ -92,8 +91,17 @@ def warm(models: list[Path]) -> list[str]:
             stream = model.stream()
             stream.step(np.zeros(model.n_features, np.float32))
             stream.feed(np.zeros((2, model.n_features), np.float32))
-            sizes = (2, PARALLEL_ROWS, GEMM_BATCH, GEMM_BATCH_CACHED)  # each path a pool takes
-            pool, ids = model.pool(capacity=sizes[-1]), [str(i) for i in range(sizes[-1])]
-            for batch in sizes:
-                pool.step(ids[:batch], np.zeros((batch, model.n_features), np.float32))
+            step_every_pool_path(model)
     return names
+
+
+POOL_PATHS = (1, PARALLEL_ROWS, GEMM_BATCH, GEMM_BATCH_CACHED)  # one thread, all, BLAS (x2)
+
+
+def step_every_pool_path(model: Model) -> None:
+    """Step a throwaway pool at a batch size of each path StreamPool.step can take, so their
+    kernels are compiled or loaded from the cache now, not inside someone's first request."""
+    sizes = POOL_PATHS if model.backend == "numba" else POOL_PATHS[:1]
+    pool, ids = model.pool(capacity=sizes[-1]), [f"warm-up-{i}" for i in range(sizes[-1])]
+    for batch in sizes:
+        pool.step(ids[:batch], np.zeros((batch, model.n_features), np.float32))
