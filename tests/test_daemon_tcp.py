@@ -255,13 +255,16 @@ def test_bad_messages_get_their_error_code_and_leave_every_stream_untouched() ->
         30: [
             (b'{"id": 3, "seq": 30, "x": [1, 2, 3]}', "bad_id", None, 30),
             (b'{"id": ["g3"], "seq": 30, "x": [1, 2, 3]}', "bad_id", None, 30),
+            # a lone surrogate: valid JSON, but no answer naming it could be written as UTF-8
+            (b'{"id": "g3\\ud800", "seq": 30, "x": [1, 2, 3]}', "bad_id", None, 30),
         ],
         35: [
             (sample(victim, 35, [1, 2, 3], reset="yes"), "bad_control", victim, 35),
             (sample(victim, 35, [1, 2, 3], end=1), "bad_control", victim, 35),
         ],
         40: [
-            (sample(victim, 40, [1, 2, 3], reset=True, colour="red"), "unknown_field", victim, 40)
+            (sample(victim, 40, [1, 2, 3], reset=True, colour="red"), "unknown_field", victim, 40),
+            (b'{"id": "g3", "seq": 40, "x": [1, 2, 3], "\\udc80": 1}', "unknown_field", victim, 40),
         ],
         45: [(sample(victim, -1, [1, 2, 3], reset=True), "bad_seq", victim, None)],
     }

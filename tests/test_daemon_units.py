@@ -15,7 +15,7 @@ import pytest
 import edgeseq
 from edgeseq.daemon.batcher import Pending, _rounds
 from edgeseq.daemon.config import build_config, parse_duration
-from edgeseq.daemon.protocol import BadMessage, Sample, parse_csv, parse_json
+from edgeseq.daemon.protocol import BadMessage, Sample, encode, parse_csv, parse_json
 from edgeseq.daemon.table import StreamTable
 from edgeseq.daemon.transports.stdin import LineSplitter
 from edgeseq.errors import UsageError
@@ -223,3 +223,11 @@ def test_a_sample_that_overflows_the_model_is_refused_and_its_stream_state_kept(
     np.testing.assert_allclose(got, expected[1:], atol=1e-6)
     fresh = table.apply([Sample("new", 1, xs[0].tolist())])[0]
     assert fresh["y"][0] == pytest.approx(expected[0], abs=1e-6)
+
+
+def test_an_answer_holding_a_lone_surrogate_is_written_as_escaped_json():
+    """orjson refuses to write one; the answer must still go out, as valid ASCII JSON."""
+    answer = {"id": None, "error": {"code": "bad_x", "message": "found '\ud800'"}}
+    line = encode(answer)
+    assert line.endswith(b"\n") and line.isascii()
+    assert json.loads(line) == answer

@@ -389,6 +389,17 @@ STREAMABLE = {
     "lstm-input-forget": {"op": "LSTM", "input_forget": 1},
     "lstm-alpha-beta-activations": {"op": "LSTM", **ALPHA_BETA},
     "lstm-clip-peepholes-no-bias": {"op": "LSTM", "clip": 0.4, "peepholes": True, "bias": False},
+    "lstm-input-forget-peepholes-clip": {"op": "LSTM", "input_forget": 1, "peepholes": True,
+                                         "clip": 0.7},
+    "lstm-affine-thresholdedrelu": {"op": "LSTM", "activations": ["Sigmoid", "Affine",
+                                    "ThresholdedRelu"], "activation_alpha": [0.8, 0.1],
+                                    "activation_beta": [0.2]},
+    "gru-hardsigmoid-elu-clip": {"op": "GRU", "activations": ["HardSigmoid", "Elu"],
+                                 "activation_alpha": [0.25, 0.7], "activation_beta": [0.45],
+                                 "clip": 2.0},
+    "rnn-softplus-clip": {"op": "RNN", "activations": ["Softplus"], "clip": 1.0},
+    "rnn-scaledtanh": {"op": "RNN", "activations": ["ScaledTanh"], "activation_alpha": [1.5],
+                       "activation_beta": [0.6]},
     "lstm-initial-state-inputs": {"op": "LSTM", "init": "input"},
     "lstm-learned-initial-state": {"op": "LSTM", "init": "const"},
     "gru-learned-initial-state": {"op": "GRU", "init": "const"},
@@ -404,6 +415,7 @@ STREAMABLE = {
 } | {f"rnn-matmul-add-{a.lower()}": {"op": "RNN", "head": "matmul", "act": a}
      for a in ("Relu", "Tanh", "Sigmoid", "Softmax", "LeakyRelu")}  # fmt: skip
 RUN_ONLY = {"gru-sequence-lens": {"op": "GRU", "seq_lens": True}}
+UNFUSED = {"lstm-only-Y_c", "gru-gemm-head-on-flattened-Y"}  # stream on the graph path
 
 
 def _params(cases: dict) -> list:
@@ -460,6 +472,24 @@ def test_streaming_a_spec_graph_equals_onnx_runtime_on_the_whole_sequence(spec, 
         prefix = xs[: t + 1, None] if spec.get("layout", 0) == 0 else xs[None, : t + 1]
         expected.append(_reference(spec, {"X": prefix, **states})[0].ravel()[-got.shape[1] :])
     np.testing.assert_allclose(got, np.stack(expected), rtol=0, atol=TOLERANCE)
+
+
+@pytest.mark.parametrize("spec", _params({k: v for k, v in STREAMABLE.items() if k not in UNFUSED}))
+def test_every_option_of_the_recurrent_operators_streams_on_the_fused_plan(spec, tmp_path):
+    """clip, every activation with its alpha and beta, peepholes and input_forget run in the
+    *_ANY cells (microseconds a step), not the graph evaluator (hundreds); the streaming test
+    above checks their values against ONNX Runtime, this one that they are fused at all, and
+    that a pooled stream answers as one alone (the loader's check ran the interpreter)."""
+    _, path = _saved(spec, tmp_path)
+    model = edgeseq.load(path)
+    assert model.plan is not None, model.plan_note
+    xs = np.random.default_rng(5).standard_normal((SPEC_STEPS, FEATURES)).astype(np.float32)
+    own = model.stream().feed(xs)
+    pool = model.pool(2)
+    pooled = np.stack([pool.step(["a", "b"], np.stack([x, x]))[1] for x in xs])
+    np.testing.assert_array_equal(pooled, own)
+    reference = edgeseq.load(path, backend="numpy").stream().feed(xs)
+    np.testing.assert_allclose(own, reference, rtol=0, atol=TOLERANCE)
 
 
 # A graph with a sequence_lens input streams too: each one-sample call has length 1.
@@ -577,3 +607,40 @@ def test_a_graph_that_lists_its_state_input_before_x_streams_x(tmp_path):
     stream = loaded.stream()
     got = np.stack([stream.step(v) for v in x[:, 0]])
     np.testing.assert_allclose(got, expected, rtol=0, atol=TOLERANCE)
+
+
+@pytest.mark.parametrize("op", ["RNN", "GRU", "LSTM"])
+@pytest.mark.parametrize("seq_lens", [False, True], ids=["fused", "graph-path"])
+def test_a_node_without_the_optional_hidden_size_takes_it_from_r(op, seq_lens, tmp_path):
+    """hidden_size is optional in ONNX (R's shape says it); ONNX Runtime refuses such a graph,
+    so the answer to match is edgeseq's on the same graph with the attribute."""
+    with_attr = _spec_graph(op, seq_lens=seq_lens, outputs=("Y",))
+    without = onnx.ModelProto()
+    without.CopyFrom(with_attr)
+    attrs = without.graph.node[0].attribute
+    attrs.remove(next(a for a in attrs if a.name == "hidden_size"))
+    onnx.save(with_attr, tmp_path / "with.onnx")
+    onnx.save(without, tmp_path / "without.onnx")
+    feeds = _spec_feeds(with_attr, 3)
+    xs = feeds["X"][:, 0]
+    for backend in ("numba", "numpy"):
+        want = edgeseq.load(tmp_path / "with.onnx", backend=backend)
+        got = edgeseq.load(tmp_path / "without.onnx", backend=backend)
+        _assert_outputs(got.run(feeds), list(want.run(feeds).values()))
+        np.testing.assert_allclose(got.stream().feed(xs), want.stream().feed(xs), atol=TOLERANCE)
+
+
+def test_fixed_sizes_on_x_are_read_along_the_nodes_layout(tmp_path):
+    """A spec-written X of [5, 2, F] feeding a layout-0 node is 5 steps of batch 2, whatever
+    the (absent) names say: run matches ONNX Runtime, and stream() names the fixed 5 steps."""
+    model = _spec_graph("LSTM", outputs=("Y_h",))
+    for axis, size in zip(model.graph.input[0].type.tensor_type.shape.dim, (5, 2), strict=False):
+        axis.ClearField("dim_param")
+        axis.dim_value = size
+    onnx.save(model, tmp_path / "static.onnx")
+    loaded = edgeseq.load(tmp_path / "static.onnx")
+    assert loaded.time_first
+    feeds = {"X": np.random.default_rng(6).standard_normal((5, 2, FEATURES)).astype(np.float32)}
+    _assert_outputs(loaded.run(feeds), _ort(model, feeds))
+    with pytest.raises(ModelFormatError, match="exactly 5 steps"):
+        loaded.stream()

@@ -21,7 +21,6 @@ from edgeseq.daemon.config import DaemonConfig
 from edgeseq.daemon.metrics import Metrics
 from edgeseq.daemon.protocol import BadMessage, Sample, error, parse_csv, parse_json
 from edgeseq.daemon.table import StreamTable
-from edgeseq.errors import EdgeseqError
 
 log = logging.getLogger("edgeseq.daemon")
 Reply = Callable[[dict[str, Any]], None]
@@ -95,7 +94,8 @@ class Batcher:
                 BadMessage(
                     "overloaded",
                     f"the daemon's queue is full ({self.config.queue_size} samples); "
-                    "this sample was dropped, resend it later",
+                    "this sample was dropped, not applied (with seq, a resend is applied "
+                    "only if no later seq of its stream was)",
                     sample.stream_id,
                     sample.seq,
                 ),
@@ -153,8 +153,9 @@ class Batcher:
         samples = [p.sample for p in round_ if p.sample is not None]
         try:
             applied = iter(self.table.apply(samples))
-        except EdgeseqError as exc:  # not expected: every sample was checked at the edge
-            log.error("batch refused; stepping its samples one by one", extra={"detail": str(exc)})
+        except Exception as exc:  # not expected: every sample was checked at the edge
+            log.error("batch refused; stepping its samples one by one",
+                      extra={"detail": f"{type(exc).__name__}: {exc}"})  # fmt: skip
             applied = iter([self._apply_alone(sample) for sample in samples])
         return [p.refused if p.refused is not None else next(applied) for p in round_]
 
@@ -162,7 +163,8 @@ class Batcher:
         """One sample on its own, so that one bad sample cannot spoil a whole round."""
         try:
             return self.table.apply([sample])[0]
-        except EdgeseqError as exc:
+        except Exception as exc:  # answered, logged, and the daemon serves on
+            log.error("sample refused", extra={"detail": f"{type(exc).__name__}: {exc}"})
             return error("internal", str(exc), sample.stream_id, sample.seq)
 
 
@@ -187,8 +189,11 @@ def _rounds(batch: list[Pending]) -> list[list[Pending]]:
 
 
 def _safe(reply: Reply, answer: dict[str, Any]) -> None:
-    """A client that went away must not take the daemon (or other streams' answers) with it."""
+    """A client that went away, or an answer that cannot be written, must not take the daemon
+    (or other streams' answers) with it."""
     try:
         reply(answer)
     except (OSError, RuntimeError) as exc:
         log.debug("answer not delivered", extra={"detail": str(exc)})
+    except Exception as exc:  # a defect, not a client's doing: say so, and keep serving
+        log.error("answer not delivered", extra={"detail": f"{type(exc).__name__}: {exc}"})

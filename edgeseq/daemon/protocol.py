@@ -52,15 +52,25 @@ def _is_int(value: object) -> bool:
 def _check_id(value: object, seq: Any) -> str:
     if value is None:
         raise BadMessage("missing_id", 'the message has no "id"; expected a string', None, seq)
-    if not isinstance(value, str) or not value or len(value) > MAX_ID_CHARS:
+    if not isinstance(value, str) or not value or len(value) > MAX_ID_CHARS or not _utf8(value):
         raise BadMessage(
             "bad_id",
-            f'"id" is {_brief(value)}; expected a non-empty string of at most {MAX_ID_CHARS} '
-            "characters",
+            f'"id" is {_brief(value)}; expected a non-empty UTF-8 string of at most '
+            f"{MAX_ID_CHARS} characters",
             None,
             seq,
         )
     return value
+
+
+def _utf8(text: str) -> bool:
+    """False for text with a lone surrogate: JSON's \\ud800 escape decodes to one, and no
+    answer naming it could be written as UTF-8."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _check_seq(value: object, sid: str) -> int | None:
@@ -210,8 +220,11 @@ def error(code: str, message: str, sid: Any = None, seq: Any = None) -> dict[str
 def encode(obj: dict[str, Any]) -> bytes:
     """One answer line (answers never hold NaN: the table refuses non-finite outputs)."""
     if orjson is not None:
-        return orjson.dumps(obj, option=orjson.OPT_APPEND_NEWLINE)
-    return json.dumps(obj, separators=(",", ":")).encode("utf-8") + b"\n"
+        try:
+            return orjson.dumps(obj, option=orjson.OPT_APPEND_NEWLINE)
+        except TypeError:  # text orjson will not write (a lone surrogate): json escapes it
+            pass
+    return json.dumps(obj, separators=(",", ":")).encode("ascii") + b"\n"
 
 
 def _brief(value: object) -> str:

@@ -10,7 +10,6 @@ it always sees the table between two batches.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import signal
@@ -231,8 +230,12 @@ class Daemon:
         for task in tasks:
             task.cancel()
         for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
+            try:
                 await task
+            except asyncio.CancelledError:
+                pass
+            except Exception as exc:  # a failed task must not cost the final checkpoint
+                log.error("task failed", extra={"detail": f"{type(exc).__name__}: {exc}"})
         batcher.drain_all()
         if self.checkpointer is not None:
             try:

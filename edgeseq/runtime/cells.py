@@ -16,11 +16,16 @@ Gate orders are ONNX's (plan.py converts): LSTM i, o, f, c; GRU z, r, h.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from edgeseq.runtime.fastmath import inline_kernel, sigmoid, tanh
 
 ACT_RELU, ACT_TANH, ACT_SIGMOID, ACT_LEAKY_RELU, ACT_IDENTITY = range(5)
+# The rest of the functions the ONNX RNN operators name (the *_any cells take them all).
+ACT_AFFINE, ACT_THRESHOLDED_RELU, ACT_SCALED_TANH, ACT_HARD_SIGMOID = range(5, 9)
+ACT_ELU, ACT_SOFTSIGN, ACT_SOFTPLUS = range(9, 12)
 ONE = np.float32(1.0)
 ZERO = np.float32(0.0)
 
@@ -73,13 +78,73 @@ def activate(kind, alpha, v):
 
 
 @inline_kernel
+def stacked_sums(p, x, h, gates, n_in, hid, width, off_wt, off_b):
+    """gates[:width] = b + [x, h] @ [W; R], the stacked weights (I + H, width) at off_wt."""
+    copy(gates, p[off_b : off_b + width], width)
+    matvec_into(gates, p, off_wt, n_in, width, x)
+    matvec_into(gates, p, off_wt + n_in * width, hid, width, h)
+
+
+@inline_kernel
+def gru_sums(p, x, h, gx, gh, n_in, hid, off_wx, off_rh, off_wb, off_rb, lbr):
+    """gx = W x + Wb for z, r, h; gh = R h + Rb for z and r, and for h when lbr (else gh's h
+    part holds Rb_h, and reset_sums adds R_h (r * h) once r is known)."""
+    g3 = 3 * hid
+    copy(gx, p[off_wb : off_wb + g3], g3)
+    copy(gh, p[off_rb : off_rb + g3], g3)
+    matvec_into(gx, p, off_wx, n_in, g3, x)
+    if lbr:
+        matvec_into(gh, p, off_rh, hid, g3, h)
+    else:  # z, r columns first; the candidate's needs r
+        for k in range(hid):
+            w = p[off_rh + k * g3 : off_rh + k * g3 + 2 * hid]
+            for j in range(2 * hid):
+                gh[j] += w[j] * h[k]
+
+
+@inline_kernel
+def reset_sums(p, cand, rh, hid, off_rh):
+    """cand += R_h (r * h), linear_before_reset=0's candidate sum."""
+    g3 = 3 * hid
+    for k in range(hid):
+        w = p[off_rh + k * g3 + 2 * hid : off_rh + (k + 1) * g3]
+        for j in range(hid):
+            cand[j] += w[j] * rh[k]
+
+
+@inline_kernel
+def activate_any(kind, alpha, beta, v):
+    """Any activation of the ONNX RNN operators, with its alpha and beta (recurrent_ops.py
+    defines them; plan.py resolves the defaults). A literal `kind` folds to one branch."""
+    if kind <= ACT_IDENTITY:
+        return activate(kind, alpha, v)
+    if kind == ACT_AFFINE:
+        return alpha * v + beta
+    if kind == ACT_THRESHOLDED_RELU:
+        return v if v >= alpha else ZERO
+    if kind == ACT_SCALED_TANH:
+        return alpha * tanh(beta * v)
+    if kind == ACT_HARD_SIGMOID:
+        return min(max(alpha * v + beta, ZERO), ONE)
+    if kind == ACT_ELU:
+        return v if v >= ZERO else alpha * np.float32(math.expm1(min(v, ZERO)))
+    if kind == ACT_SOFTSIGN:
+        return v / (ONE + abs(v))
+    return max(v, ZERO) + np.float32(math.log1p(math.exp(-abs(v))))  # softplus, no overflow
+
+
+@inline_kernel
+def bound(v, limit):
+    """The operators' `clip`: v within [-limit, limit] (limit is infinity when there is none)."""
+    return min(max(v, -limit), limit)
+
+
+@inline_kernel
 def rnn(p, x, y, state, gates, n_in, hid, off_wt, off_b, off_h, act, off_alpha):
     """h = f(W x + R h + Wb + Rb), W and R stacked at off_wt as (I + H, H); y = h."""
     alpha = p[off_alpha]
     h = state[off_h : off_h + hid]
-    copy(gates, p[off_b : off_b + hid], hid)
-    matvec_into(gates, p, off_wt, n_in, hid, x)
-    matvec_into(gates, p, off_wt + n_in * hid, hid, hid, h)
+    stacked_sums(p, x, h, gates, n_in, hid, hid, off_wt, off_b)
     for j in range(hid):
         h[j] = activate(act, alpha, gates[j])
     copy(y, h, hid)
@@ -91,9 +156,7 @@ def lstm(p, x, y, state, gates, n_in, hid, off_wt, off_b, off_h, off_c):
     g4 = 4 * hid
     h = state[off_h : off_h + hid]
     c = state[off_c : off_c + hid]
-    copy(gates, p[off_b : off_b + g4], g4)
-    matvec_into(gates, p, off_wt, n_in, g4, x)
-    matvec_into(gates, p, off_wt + n_in * g4, hid, g4, h)
+    stacked_sums(p, x, h, gates, n_in, hid, g4, off_wt, off_b)
     gi, go = gates[:hid], gates[hid : 2 * hid]
     gf, gc = gates[2 * hid : 3 * hid], gates[3 * hid : g4]
     for j in range(hid):
@@ -111,16 +174,7 @@ def gru(p, x, y, state, gates, n_in, hid, off_wx, off_rh, off_wb, off_rb, off_h,
     g3 = 3 * hid
     h = state[off_h : off_h + hid]
     gx, gh, rh = gates[:g3], gates[g3 : 2 * g3], gates[2 * g3 : 2 * g3 + hid]
-    copy(gx, p[off_wb : off_wb + g3], g3)
-    copy(gh, p[off_rb : off_rb + g3], g3)
-    matvec_into(gx, p, off_wx, n_in, g3, x)
-    if lbr:
-        matvec_into(gh, p, off_rh, hid, g3, h)
-    else:  # z, r columns first; the candidate's needs r
-        for k in range(hid):
-            w = p[off_rh + k * g3 : off_rh + k * g3 + 2 * hid]
-            for j in range(2 * hid):
-                gh[j] += w[j] * h[k]
+    gru_sums(p, x, h, gx, gh, n_in, hid, off_wx, off_rh, off_wb, off_rb, lbr)
     z, r = gx[:hid], gx[hid : 2 * hid]
     for j in range(hid):
         z[j] = sigmoid(z[j] + gh[j])
@@ -128,13 +182,81 @@ def gru(p, x, y, state, gates, n_in, hid, off_wx, off_rh, off_wb, off_rb, off_h,
         rh[j] = r[j] * h[j]
     cand = gh[2 * hid : g3]
     if not lbr:  # R_h (r * h) + Rb_h
-        for k in range(hid):
-            w = p[off_rh + k * g3 + 2 * hid : off_rh + (k + 1) * g3]
-            for j in range(hid):
-                cand[j] += w[j] * rh[k]
+        reset_sums(p, cand, rh, hid, off_rh)
     xh = gx[2 * hid : g3]
     for j in range(hid):
         n = tanh(xh[j] + r[j] * cand[j]) if lbr else tanh(xh[j] + cand[j])
+        h[j] = (ONE - z[j]) * n + z[j] * h[j]
+    copy(y, h, hid)
+
+
+# The *_any cells: every option of the ONNX operators (clip, any activations with alpha and
+# beta, LSTM peepholes and input_forget), for graphs that use them; the plain cells above stay
+# as lean as the common case allows. `off_opt` points at the options block plan.py writes:
+# [clip, then alpha and beta of each activation in order, then (LSTM) peepholes i, o, f].
+
+
+@inline_kernel
+def rnn_any(p, x, y, state, gates, n_in, hid, off_wt, off_b, off_h, kind, off_opt):
+    """rnn() with clip and any activation: h = f(clip(W x + R h + Wb + Rb))."""
+    limit, alpha, beta = p[off_opt], p[off_opt + 1], p[off_opt + 2]
+    h = state[off_h : off_h + hid]
+    stacked_sums(p, x, h, gates, n_in, hid, hid, off_wt, off_b)
+    for j in range(hid):
+        h[j] = activate_any(kind, alpha, beta, bound(gates[j], limit))
+    copy(y, h, hid)
+
+
+@inline_kernel
+def lstm_any(p, x, y, state, gates, n_in, hid, off_wt, off_b, off_h, off_c, off_opt, kf, kg, kh,
+             input_forget):  # fmt: skip
+    """lstm() with clip, activations f, g, h, peepholes (i and f see the old c, o the new) and
+    input_forget (f = 1 - i, as ONNX Runtime couples them)."""
+    limit = p[off_opt]
+    af, bf, ag, bg, ah, bh = p[off_opt + 1 : off_opt + 7]
+    peep = p[off_opt + 7 : off_opt + 7 + 3 * hid]
+    pi, po, pf = peep[:hid], peep[hid : 2 * hid], peep[2 * hid : 3 * hid]
+    g4 = 4 * hid
+    h = state[off_h : off_h + hid]
+    c = state[off_c : off_c + hid]
+    stacked_sums(p, x, h, gates, n_in, hid, g4, off_wt, off_b)
+    gi, go = gates[:hid], gates[hid : 2 * hid]
+    gf, gc = gates[2 * hid : 3 * hid], gates[3 * hid : g4]
+    for j in range(hid):
+        old = c[j]
+        i = activate_any(kf, af, bf, bound(gi[j] + pi[j] * old, limit))
+        f = activate_any(kf, af, bf, bound(gf[j] + pf[j] * old, limit))
+        if input_forget:
+            f = ONE - i
+        new = f * old + i * activate_any(kg, ag, bg, bound(gc[j], limit))
+        o = activate_any(kf, af, bf, bound(go[j] + po[j] * new, limit))
+        c[j] = new
+        h[j] = o * activate_any(kh, ah, bh, new)
+    copy(y, h, hid)
+
+
+@inline_kernel
+def gru_any(p, x, y, state, gates, n_in, hid, off_wx, off_rh, off_wb, off_rb, off_h, lbr,
+            off_opt, kf, kg):  # fmt: skip
+    """gru() with clip and activations f (z, r) and g (the candidate)."""
+    limit = p[off_opt]
+    af, bf, ag, bg = p[off_opt + 1 : off_opt + 5]
+    g3 = 3 * hid
+    h = state[off_h : off_h + hid]
+    gx, gh, rh = gates[:g3], gates[g3 : 2 * g3], gates[2 * g3 : 2 * g3 + hid]
+    gru_sums(p, x, h, gx, gh, n_in, hid, off_wx, off_rh, off_wb, off_rb, lbr)
+    z, r = gx[:hid], gx[hid : 2 * hid]
+    for j in range(hid):
+        z[j] = activate_any(kf, af, bf, bound(z[j] + gh[j], limit))
+        r[j] = activate_any(kf, af, bf, bound(r[j] + gh[hid + j], limit))
+        rh[j] = r[j] * h[j]
+    cand = gh[2 * hid : g3]
+    if not lbr:
+        reset_sums(p, cand, rh, hid, off_rh)
+    xh = gx[2 * hid : g3]
+    for j in range(hid):
+        pre = xh[j] + r[j] * cand[j] if lbr else xh[j] + cand[j]
+        n = activate_any(kg, ag, bg, bound(pre, limit))
         h[j] = (ONE - z[j]) * n + z[j] * h[j]
     copy(y, h, hid)
 

@@ -222,7 +222,7 @@ class GraphEngine:
         for node in self.graph.recurrent_nodes:
             if node.name not in carrying:
                 continue
-            hidden = int(node.attrs["hidden_size"])
+            hidden = env[node.inputs[2]].shape[-1]  # R's; hidden_size is optional in ONNX
             slots = (5, 6) if "LSTM" in node.op else (5,)
             self.initial[node.name] = tuple(
                 env[node.inputs[s]]

@@ -89,7 +89,9 @@ class BatchRunner:
 
     def __init__(self, plan: Plan) -> None:
         self.plan = plan
-        self.supported = not any(row[0] == k.OP_GRU and row[8] == 0 for row in plan.code)
+        self.supported = all(
+            row[0] < k.OP_RNN_ANY and not (row[0] == k.OP_GRU and row[8] == 0) for row in plan.code
+        )  # the *_ANY cells and GRU with linear_before_reset=0 run per stream
         self._buffers: dict[tuple[int, int, int], np.ndarray] = {}
 
     def _buf(self, slot: int, batch: int, width: int) -> np.ndarray:

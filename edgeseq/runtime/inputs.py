@@ -106,16 +106,29 @@ def _state_dims(dims: dict[str, list[int | str]], graph: Graph) -> None:
                 ]
 
 
+def _probe_sizes(d0: int | str | None, d1: int | str | None) -> tuple[int, int] | None:
+    """Sizes for x's first two axes that tell them apart: the declared ones where fixed, small
+    distinct ones where free; None when they cannot differ (or are too big to try)."""
+    fixed = [d for d in (d0, d1) if isinstance(d, int)]
+    if any(d > MAX_STEPS_PROBED for d in fixed):
+        return None
+    free = iter(v for v in (2, 3, 4) if v not in fixed)
+    sizes = tuple(d if isinstance(d, int) else next(free) for d in (d0, d1))
+    return (sizes[0], sizes[1]) if sizes[0] != sizes[1] else None
+
+
 def _time_first(inputs: Inputs, graph: Graph) -> bool:
-    """Ask the graph: feed a (2, 3, F) x read both ways and see which way its first recurrent
-    layer runs along the right axis. Names decide only when sizes are fixed or both fail."""
+    """Ask the graph: feed an x whose first two axes differ in size, read both ways, and see
+    which way its first recurrent layer runs along the right axis (fixed sizes are kept, so a
+    spec-written [5, 2, F] is read as 5 steps of batch 2 by a layout-0 node). Names decide only
+    when the sizes cannot differ or both readings fail."""
     named_batch_axis, _ = batch_time_axes(inputs.dims[inputs.x])
-    d0, d1 = inputs.dims[inputs.x][:2]
-    if isinstance(d0, int) or isinstance(d1, int) or not graph.recurrent_nodes:
+    sizes = _probe_sizes(*inputs.dims[inputs.x][:2])
+    if sizes is None or not graph.recurrent_nodes:
         return named_batch_axis == 1
     node = graph.recurrent_nodes[0]
-    x = np.zeros((2, 3, inputs.n_features), np.float32)
-    for time_first, expected_steps in ((False, 3), (True, 2)):
+    x = np.zeros((*sizes, inputs.n_features), np.float32)
+    for time_first, expected_steps in ((False, sizes[1]), (True, sizes[0])):
         inputs.time_first = time_first
         try:
             env = graph.evaluate(inputs.feeds(x))

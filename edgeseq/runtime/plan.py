@@ -8,10 +8,10 @@ transposed and stacked, [inputs + H, gates * H], so one pass over [x; h] updates
 The plan follows the per-sample data path from the input `x` to the first output: affine
 scaling, recurrent layers, dense heads and activations, with shape glue (Transpose, Squeeze,
 Reshape, ...) passed through, and so is a many-to-one model's pick of the last step or the
-final state (y[:, -1], hn[-1]): streaming, the newest step is the sample itself. Graphs outside
-that pattern (reverse or bidirectional layers, peepholes, clip, custom activations, seq2seq
-decoders) get no plan; `verify` proves a plan against the graph's straightforward evaluation
-before it is used.
+final state (y[:, -1], hn[-1]): streaming, the newest step is the sample itself. Recurrent nodes
+with clip, other activations, peepholes or input_forget get the *_ANY cells. Graphs outside
+that pattern (reverse or bidirectional layers, sequence_lens, seq2seq decoders) get no plan;
+`verify` proves a plan against the graph's straightforward evaluation before it is used.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from edgeseq.runtime import aligned
+from edgeseq.runtime import aligned, cells, recurrent_ops
 from edgeseq.runtime import kernels as k
 from edgeseq.runtime.graph import Graph, Node, fold_constants
 
@@ -147,28 +147,78 @@ def _weights(
     return w[0].astype(np.float32), r[0].astype(np.float32), b.astype(np.float32)
 
 
-def _check_plain(node: Node, consts: dict[str, np.ndarray]) -> None:
+KINDS = {  # recurrent_ops.ACTIVATIONS' names -> the kernels' codes
+    "relu": k.ACT_RELU, "tanh": k.ACT_TANH, "sigmoid": k.ACT_SIGMOID,
+    "leakyrelu": k.ACT_LEAKY_RELU, "affine": cells.ACT_AFFINE,
+    "thresholdedrelu": cells.ACT_THRESHOLDED_RELU, "scaledtanh": cells.ACT_SCALED_TANH,
+    "hardsigmoid": cells.ACT_HARD_SIGMOID, "elu": cells.ACT_ELU, "softsign": cells.ACT_SOFTSIGN,
+    "softplus": cells.ACT_SOFTPLUS,
+}  # fmt: skip
+DEFAULT_ACTIVATIONS = {
+    "RNN": ["Tanh"], "GRU": ["Sigmoid", "Tanh"], "LSTM": ["Sigmoid", "Tanh", "Tanh"]
+}  # fmt: skip
+NO_CLIP = float(np.finfo(np.float32).max)  # bound(v, NO_CLIP) is v for every finite v
+
+
+@dataclass
+class _Options:
+    """What a recurrent node asks beyond the plain cells: the *_ANY cells' row values."""
+
+    activations: list[recurrent_ops.ActivationSpec]
+    clip: float | None
+    peepholes: np.ndarray | None  # (3H,) i, o, f
+    input_forget: int
+
+    def plain(self, op: str) -> bool:
+        names = [name for name, _, _ in self.activations]
+        default = [n.lower() for n in DEFAULT_ACTIVATIONS[op]]
+        return (
+            (names == default or (op == "RNN" and names == ["relu"]))
+            and self.clip is None and self.peepholes is None and not self.input_forget
+        )  # fmt: skip
+
+    def block(self, hidden: int) -> np.ndarray:
+        """The options block the *_any cells read: clip, each activation's alpha and beta,
+        then (LSTM) the peepholes."""
+        values = [NO_CLIP if self.clip is None else self.clip]
+        values += [v for _, alpha, beta in self.activations for v in (alpha, beta)]
+        block = np.array(values, np.float32)
+        if len(self.activations) == 3:
+            peep = np.zeros(3 * hidden) if self.peepholes is None else self.peepholes
+            block = np.concatenate([block, np.asarray(peep, np.float32)])
+        return block
+
+    def kinds(self) -> list[int]:
+        return [KINDS[name] for name, _, _ in self.activations]
+
+
+def _options(node: Node, consts: dict[str, np.ndarray]) -> _Options:
+    """The node's options; NoPlan for what one-sample streaming cannot fuse (other directions,
+    sequence_lens, run-time peepholes)."""
     a = node.attrs
+    op = {"DynamicQuantizeLSTM": "LSTM"}.get(node.op, node.op)
     reasons = []
     if a.get("direction", "forward") != "forward":
         reasons.append(f"direction {a['direction']}")
-    if a.get("clip") is not None:
-        reasons.append("clip")
-    acts = [s.lower() for s in a.get("activations", [])]
-    default = {"RNN": ["tanh"], "GRU": ["sigmoid", "tanh"]}.get(
-        node.op, ["sigmoid", "tanh", "tanh"]
-    )
-    if acts and acts != default and not (node.op == "RNN" and acts == ["relu"]):
-        reasons.append(f"activations {a['activations']}")
-    if a.get("input_forget", 0):
-        reasons.append("input_forget")
     names = list(node.inputs) + [""] * 8
     if names[4]:
         reasons.append("sequence_lens")
-    if names[7] and (names[7] not in consts or np.any(consts[names[7]])):
-        reasons.append("peepholes")
+    if names[7] and names[7] not in consts:
+        reasons.append("peepholes computed at run time")
     if reasons:
         raise NoPlan(f"node {node.name!r} ({node.op}) uses {', '.join(reasons)}")
+    acts = a.get("activations")
+    if op == "RNN":
+        acts = recurrent_ops.rnn_activations(acts, 1)
+    specs = recurrent_ops.activation_specs(
+        acts, a.get("activation_alpha"), a.get("activation_beta"), DEFAULT_ACTIVATIONS[op], 1
+    )[0]
+    peepholes = consts[names[7]].reshape(-1) if names[7] else None
+    if peepholes is not None and not np.any(peepholes):
+        peepholes = None
+    clip = a.get("clip")
+    return _Options(specs, None if clip is None else float(clip), peepholes,
+                    int(a.get("input_forget", 0)))  # fmt: skip
 
 
 def _initial(node: Node, slot: int, hidden: int, consts: dict[str, np.ndarray]) -> np.ndarray:
@@ -185,42 +235,40 @@ def _initial(node: Node, slot: int, hidden: int, consts: dict[str, np.ndarray]) 
 def _recurrent(
     b: _Builder, node: Node, consts: dict[str, np.ndarray], n_in: int
 ) -> tuple[int, RecurrentLayer]:
-    _check_plain(node, consts)
+    options = _options(node, consts)
+    plain = options.plain(cell := {"DynamicQuantizeLSTM": "LSTM"}.get(node.op, node.op))
     w, r, bias = _weights(node, consts)
     hidden = r.shape[1]
     if w.shape[1] != n_in:
         raise NoPlan(f"node {node.name!r} takes {w.shape[1]} inputs, the data path has {n_in}")
-    cell = {"DynamicQuantizeLSTM": "LSTM"}.get(node.op, node.op)
     b.width = max(b.width, 7 * hidden, n_in)
     h_off = b.own_state(_initial(node, 5, hidden, consts))
     layer = RecurrentLayer(node.name, cell.lower(), hidden, h_off)
     if cell == "GRU":
         g3 = 3 * hidden
-        b.emit(
-            k.OP_GRU,
-            n_in,
-            hidden,
-            b.put(w.T),
-            b.put(r.T),
-            b.put(bias[:g3]),
-            b.put(bias[g3:]),
-            h_off,
-            int(node.attrs.get("linear_before_reset", 0)),
-        )
+        row = [n_in, hidden, b.put(w.T), b.put(r.T), b.put(bias[:g3]), b.put(bias[g3:]), h_off,
+               int(node.attrs.get("linear_before_reset", 0))]  # fmt: skip
+        if plain:
+            b.emit(k.OP_GRU, *row)
+        else:
+            b.emit(k.OP_GRU_ANY, *row, b.put(options.block(hidden)), *options.kinds())
         return hidden, layer
     wt = b.put(np.concatenate([w.T, r.T], axis=0))
     gates = w.shape[0]
     fused_b = b.put(bias[:gates] + bias[gates:])
     if cell == "LSTM":
         layer.c_offset = b.own_state(_initial(node, 6, hidden, consts))
-        b.emit(k.OP_LSTM, n_in, hidden, wt, fused_b, h_off, layer.c_offset)
+        row = [n_in, hidden, wt, fused_b, h_off, layer.c_offset]
+        if plain:
+            b.emit(k.OP_LSTM, *row)
+        else:
+            b.emit(k.OP_LSTM_ANY, *row, b.put(options.block(hidden)), *options.kinds(),
+                   options.input_forget)  # fmt: skip
+    elif plain:
+        b.emit(k.OP_RNN, n_in, hidden, wt, fused_b, h_off, *options.kinds(), 0)
     else:
-        act = (
-            k.ACT_RELU
-            if [s.lower() for s in node.attrs.get("activations", [])] == ["relu"]
-            else k.ACT_TANH
-        )
-        b.emit(k.OP_RNN, n_in, hidden, wt, fused_b, h_off, act, 0)
+        b.emit(k.OP_RNN_ANY, n_in, hidden, wt, fused_b, h_off, *options.kinds(),
+               b.put(options.block(hidden)))  # fmt: skip
     return hidden, layer
 
 

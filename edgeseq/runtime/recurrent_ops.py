@@ -71,9 +71,36 @@ def _parameter(name: str, which: str, given: float | None) -> float:
 
 def activation(name: str, alpha: float | None = None, beta: float | None = None) -> Activation:
     """The spec's activation `name` (any case) as a one-argument function; None means default."""
-    f = ACTIVATIONS[_key(name)]
-    a, b = _parameter(name, "alpha", alpha), _parameter(name, "beta", beta)
+    return _function((_key(name), _parameter(name, "alpha", alpha), _parameter(name, "beta", beta)))
+
+
+ActivationSpec = tuple[str, float, float]  # lower-case name, alpha, beta (defaults resolved)
+
+
+def _function(spec: ActivationSpec) -> Activation:
+    f, a, b = ACTIVATIONS[spec[0]], spec[1], spec[2]
     return lambda x: f(x, a, b)
+
+
+def activation_specs(
+    names: Sequence[str] | None,
+    alphas: Sequence[float] | None,
+    betas: Sequence[float] | None,
+    defaults: list[str],
+    num_directions: int,
+) -> list[list[ActivationSpec]]:
+    """One list of (name, alpha, beta) per direction: what the attributes mean, resolved once
+    for both this reference and the fused kernels (plan.py).
+
+    alpha and beta are consumed in order by the functions that take them ("consumed in the order
+    of activation functions"), not indexed by position; defaults fill in once they run out.
+    """
+    names = list(defaults) * num_directions if names is None else list(names)
+    if len(names) != len(defaults) * num_directions:
+        raise ModelFormatError(f"activations {names!r}: expected {len(defaults)} per direction")
+    alpha_it, beta_it = iter(alphas or []), iter(betas or [])
+    specs = [_consume(name, alpha_it, beta_it) for name in names]
+    return [specs[d * len(defaults) : (d + 1) * len(defaults)] for d in range(num_directions)]
 
 
 def _activations(
@@ -83,24 +110,23 @@ def _activations(
     defaults: list[str],
     num_directions: int,
 ) -> list[list[Activation]]:
-    """One list of activations per direction.
-
-    alpha and beta are consumed in order by the functions that take them ("consumed in the order
-    of activation functions"), not indexed by position; defaults fill in once they run out.
-    """
-    names = list(defaults) * num_directions if names is None else list(names)
-    if len(names) != len(defaults) * num_directions:
-        raise ModelFormatError(f"activations {names!r}: expected {len(defaults)} per direction")
-    alpha_it, beta_it = iter(alphas or []), iter(betas or [])
-    fs = [_consume(name, alpha_it, beta_it) for name in names]
-    return [fs[d * len(defaults) : (d + 1) * len(defaults)] for d in range(num_directions)]
+    specs = activation_specs(names, alphas, betas, defaults, num_directions)
+    return [[_function(spec) for spec in direction] for direction in specs]
 
 
-def _consume(name: str, alphas: Iterator[float], betas: Iterator[float]) -> Activation:
+def _consume(name: str, alphas: Iterator[float], betas: Iterator[float]) -> ActivationSpec:
     parameters = _PARAMETERS.get(_key(name), {})
     alpha = next(alphas, None) if "alpha" in parameters else None
     beta = next(betas, None) if "beta" in parameters else None
-    return activation(name, alpha, beta)
+    return _key(name), _parameter(name, "alpha", alpha), _parameter(name, "beta", beta)
+
+
+def rnn_activations(activations: Sequence[str] | None, num_directions: int) -> list[str] | None:
+    """The schema's own default for RNN, ["Tanh", "Tanh"], names 2 for one direction: the
+    first is the one meant."""
+    if activations is not None and len(activations) == 2 and num_directions == 1:
+        return list(activations[:1])
+    return None if activations is None else list(activations)
 
 
 def _clip(a: np.ndarray, clip: float | None) -> np.ndarray:
@@ -228,8 +254,7 @@ def rnn(
 ) -> tuple[np.ndarray, np.ndarray]:
     """ONNX RNN: Ht = f(Xt W^T + Ht-1 R^T + Wb + Rb), default f=Tanh. Returns Y, Y_h."""
     w, r, wb, rb = _weights(w, r, b, 1, hidden_size, direction)
-    if activations is not None and len(activations) == 2 and len(w) == 1:
-        activations = activations[:1]  # the schema's own default, ["Tanh", "Tanh"], has 2
+    activations = rnn_activations(activations, len(w))
     fs = _activations(activations, activation_alpha, activation_beta, ["Tanh"], len(w))
     steps = [_rnn_step(*d, clip) for d in zip(w, r, wb + rb, [f for (f,) in fs], strict=True)]
     y, y_h = _recur(steps, x, [initial_h], sequence_lens, (direction, layout, r.shape[-1]))
