@@ -11,7 +11,9 @@ from typing import Any
 import numpy as np
 import onnx
 
-from edgeseq.artifact import METADATA_KEY, op_counts, read_metadata, read_onnx
+from edgeseq.artifact import METADATA_KEY, op_counts, read_metadata
+from edgeseq.runtime.graph import Graph
+from edgeseq.runtime.loader import read_model
 
 
 def _dims(value: onnx.ValueInfoProto) -> list[int | str]:
@@ -24,9 +26,11 @@ def _opset(model: onnx.ModelProto) -> int:
 
 
 def describe(path: str | Path) -> dict[str, Any]:
-    """Inputs, outputs, node types, parameter count, file size and edgeseq metadata."""
+    """Inputs, outputs, node types, parameter count, file size and edgeseq metadata, of a file
+    that passes the same checks as `edgeseq.load` (a file it refuses is refused here too)."""
     path = Path(path)
-    model = read_onnx(path)
+    model, _ = read_model(path)
+    Graph(model, str(path))  # tensors, ops, domains and attributes, as the runtime reads them
     nodes = op_counts(model)
     params = sum(int(np.prod(t.dims)) for t in model.graph.initializer)
     has_meta = any(p.key == METADATA_KEY for p in model.metadata_props)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -208,6 +209,83 @@ def test_bad_samples_are_refused_with_what_was_found_and_expected(bad, message):
     stream = edgeseq.load(CELL_MODELS[1]).stream()
     with pytest.raises(ShapeError, match=message):
         stream.step(bad)
+
+
+def _state_of(stream: edgeseq.Stream) -> dict[str, np.ndarray]:
+    return {k: v.copy() for k, v in stream.state.items()}
+
+
+API_MISUSES = {  # found by the session-6 review: each escaped as TypeError, ValueError, ...
+    "huge-python-int-sample": (lambda s, p: s.step([10**400] * 3), "object values"),
+    "complex-sample": (lambda s, p: s.step(np.array([1 + 5j, 40, 2.5])), "complex128"),
+    "complex-block": (lambda s, p: s.feed(np.array([[1 + 5j, 40, 2.5]])), "complex128"),
+    "datetime-sample": (lambda s, p: s.step(np.array(["2020-01-01"] * 3, "datetime64[D]")),
+                        "datetime64"),
+    "float64-beyond-float32": (lambda s, p: s.step(np.full(3, 1e300)), "inf"),
+    "state-none": (lambda s, p: setattr(s, "state", None), "dict of name"),
+    "state-list": (lambda s, p: setattr(s, "state", list(s.state.values())), "dict of name"),
+    "state-int-key": (lambda s, p: setattr(s, "state", {**s.state, 5: np.zeros(3)}), "names"),
+    "state-objects": (lambda s, p: setattr(s, "state", {k: np.array([None] * v.size, object)
+                                                        for k, v in s.state.items()}),
+                      "real numbers"),
+    "state-beyond-float32": (lambda s, p: setattr(s, "state", {k: np.full(v.shape, 1e300)
+                                                               for k, v in s.state.items()}),
+                             "infinity"),
+    "pool-ids-none": (lambda s, p: p.step(None, np.ones((2, 3), np.float32)), "sequence"),
+    "pool-ids-string": (lambda s, p: p.step("ab", np.ones((2, 3), np.float32)), "sequence"),
+    "pool-ids-lists": (lambda s, p: p.step([[1], [2]], np.ones((2, 3), np.float32)), "strings"),
+    "pool-id-list": (lambda s, p: p.state(["a"]), "string"),
+    "pool-capacity-text": (lambda s, p: p.__class__(p._engine, 3, "10"), "integer"),
+    "pool-capacity-huge": (lambda s, p: p.__class__(p._engine, 3, 10**12), "integer in 1"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(("misuse", "message"), list(API_MISUSES.values()), ids=list(API_MISUSES))
+def test_api_misuse_gets_an_edgeseq_error_and_changes_no_state(misuse, message):
+    model = edgeseq.load(CELL_MODELS[1])
+    stream, pool = model.stream(), model.pool(capacity=4)
+    stream.step([1.0, 40.0, 2.5])
+    pool.step(["a"], np.ones((1, 3), np.float32))
+    before, pooled = _state_of(stream), pool.state("a")
+    with pytest.raises(UsageError, match=message):  # ShapeError is a UsageError
+        misuse(stream, pool)
+    after = _state_of(stream)
+    assert all(np.array_equal(after[k], before[k]) for k in before)
+    assert all(np.array_equal(pool.state("a")[k], pooled[k]) for k in pooled)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("call", ["step", "feed"])
+def test_a_finite_sample_that_overflows_the_model_is_refused_and_the_state_kept(backend, call):
+    """3e38 is a float32, but our LSTM's sums overflow on it: before, the state became NaN
+    for good. (ONNX Runtime's saturate to finite values; then there is nothing to refuse.)"""
+    model = edgeseq.load(CELL_MODELS[1], backend=backend)
+    stream = model.stream()
+    stream.feed([[1.0, 40.0, 2.5]] * 3)
+    before = _state_of(stream)
+    spike = np.full(3, 3e38, np.float32)
+    try:
+        y = stream.step(spike) if call == "step" else stream.feed(np.stack([spike * 0, spike]))
+    except ShapeError as refused:
+        assert re.search(r"NaN or infinity.*state unchanged", str(refused))
+    else:
+        assert backend == "onnxruntime" and np.isfinite(y).all()
+        return
+    after = _state_of(stream)
+    assert all(np.array_equal(after[k], before[k]) for k in before)
+    twin = model.stream()
+    twin.feed([[1.0, 40.0, 2.5]] * 3)
+    np.testing.assert_array_equal(stream.step([1.0, 40.0, 2.5]), twin.step([1.0, 40.0, 2.5]))
+
+
+def test_a_pooled_stream_that_overflows_answers_nan_and_keeps_its_state():
+    model = edgeseq.load(CELL_MODELS[1])
+    pool = model.pool(capacity=3)
+    pool.step(["a", "b"], np.ones((2, 3), np.float32))
+    kept = pool.state("a")
+    out = pool.step(["a", "b"], np.array([[3e38] * 3, [1.0] * 3], np.float32))
+    assert np.isnan(out[0]).all() and np.isfinite(out[1]).all()
+    assert all(np.array_equal(pool.state("a")[k], v) for k, v in kept.items())
 
 
 def test_a_full_pool_refuses_new_streams_and_keeps_the_old_ones():

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -96,7 +98,8 @@ def absurd_dims(tmp: Path) -> Path:
     return _save(model, tmp)
 
 
-def external(location: str, link: str | None = None, cut: int = 0, **entries: object):
+def external(location: str, link: str | None = None, cut: int = 0, extra: int = 0,
+             **entries: object):  # fmt: skip
     """A model whose R lives in external data at `location`; the data file sits outside the
     model's folder when the location (or the symlink `link` inside the folder) leads there."""
 
@@ -112,7 +115,7 @@ def external(location: str, link: str | None = None, cut: int = 0, **entries: ob
             target = outside if "/" in location else outside / "R.bin"
             os.symlink(target, tmp / "model" / link)
         elif not where.startswith(("/", "..")):
-            (tmp / "model" / location).write_bytes(raw[: len(raw) - cut])
+            (tmp / "model" / location).write_bytes(raw[: len(raw) - cut] + b"\0" * extra)
         return path
 
     return make
@@ -137,6 +140,40 @@ def absurd_feature_count(tmp: Path) -> Path:
     return _save(model, tmp)
 
 
+def _flawed(flaw):
+    """A maker: the valid model with `flaw(model)` applied."""
+
+    def make(tmp: Path) -> Path:
+        model = _model()
+        flaw(model)
+        return _save(model, tmp)
+
+    return make
+
+
+def _x_dims(time_axis: int):
+    return _flawed(lambda m: setattr(m.graph.input[0].type.tensor_type.shape.dim[0], "dim_value",
+                                     time_axis))  # fmt: skip
+
+
+def _other_domain(model: onnx.ModelProto) -> None:
+    model.graph.node[0].domain = "com.example"
+    model.opset_import.append(helper.make_opsetid("com.example", 1))
+
+
+R_TYPE_999 = _flawed(lambda m: setattr(m.graph.initializer[1], "data_type", 999))
+R_BYTES_TOO_MANY = _flawed(
+    lambda m: setattr(
+        m.graph.initializer[1], "raw_data", m.graph.initializer[1].raw_data + b"\0" * 4
+    )
+)
+NO_OUTPUTS = _flawed(lambda m: m.graph.ClearField("output"))
+X_STRING = _flawed(lambda m: setattr(m.graph.input[0].type.tensor_type, "elem_type",
+                                     TensorProto.STRING))  # fmt: skip
+CLIP_NAN = _flawed(
+    lambda m: m.graph.node[0].attribute.append(helper.make_attribute("clip", np.nan))
+)
+
 REFUSALS = {
     "unsupported-conv": (unsupported_conv, r"'the_conv'.*'Conv'"),
     "unsupported-loop": (unsupported_loop, r"'the_loop'.*'Loop'"),
@@ -146,7 +183,7 @@ REFUSALS = {
     "absolute-path": (external("{tmp}/secret.bin"), r"'R' points outside the model's folder"),
     "symlinked-file": (external("R.bin", link="R.bin"), r"'R.bin' of 'R' is missing or a symbolic"),
     "symlinked-folder": (external("data/R.bin", link="data"), r"'data/R.bin' resolves outside"),
-    "file-too-short": (external("R.bin", cut=8), r"'R' has 192 bytes .* 184-byte file; .*192"),
+    "file-too-short": (external("R.bin", cut=8), r"'R' has 184 bytes .* 184-byte file; .*192"),
     "length-disagrees": (external("R.bin", length=100), r"'R' has 100 bytes .* needs 192"),
 }
 
@@ -168,6 +205,23 @@ BUGS = [
     _ok(absurd_feature_count, r"features|dims", "absurd-feature-count",
          "Model.__init__ trusts X's declared feature count: _count_outputs allocates a probe of "
          "that size (2**31 -> 8 GiB; here 2**62 -> a bare ValueError)"),
+    # found by the hostile-file review of session 6
+    _ok(R_TYPE_999, r"'R' \(data_type 999.*unknown data_type", "unknown-data-type",
+        "numpy_helper.to_array raised a bare KeyError"),
+    _ok(R_BYTES_TOO_MANY, r"'R' .*cannot be read|'R' has 196 bytes", "raw-data-too-long",
+        "the ONNX checker refuses too few bytes only; to_array's reshape raised ValueError"),
+    _ok(external("R.bin", extra=64), r"'R' has 256 bytes .* needs 192", "external-file-too-long",
+        "without a length key onnx reads to the end of the file: a bare ValueError"),
+    _ok(NO_OUTPUTS, "0 outputs", "no-outputs", "graph.outputs[0] raised IndexError"),
+    _ok(X_STRING, "declared STRING.*float32", "x-of-strings",
+        "x's declared dtype was ignored and float32 fed"),
+    _ok(_x_dims(0), r"dims \[0, 'batch', 3\]", "zero-time-axis",
+        "a declared size 0 was read as a dynamic axis"),
+    _ok(_x_dims(2**40), r"at most \d+ values", "huge-fixed-time-axis",
+        "the output count probe allocated 2**40 steps: MemoryError"),
+    _ok(_flawed(_other_domain), "domain 'com.example'", "other-domain",
+        "a GRU of another domain ran as ONNX's GRU"),
+    _ok(CLIP_NAN, "clip nan; expected a positive finite", "clip-nan", "clip NaN was accepted"),
 ]  # fmt: skip
 
 
@@ -202,3 +256,13 @@ def test_the_fixtures_are_valid_apart_from_the_one_flaw(tmp_path):
     model = edgeseq.load(_save(_model(), tmp_path / "inline"))
     assert model.n_outputs == HIDDEN
     assert edgeseq.load(external("R.bin")(tmp_path / "ext")).plan is not None
+
+
+def test_edgeseq_inspect_refuses_what_load_refuses_in_one_line(tmp_path):
+    """`edgeseq inspect` printed tables (exit 0) for files that load refuses."""
+    path = R_BYTES_TOO_MANY(tmp_path)
+    edgeseq_cli = Path(sys.executable).with_name("edgeseq")
+    done = subprocess.run([str(edgeseq_cli), "inspect", str(path)], capture_output=True,
+                          text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 2, done
+    assert "Traceback" not in done.stderr and "'R'" in done.stderr

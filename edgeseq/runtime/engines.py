@@ -29,6 +29,7 @@ from edgeseq.runtime.stepper import step_graph, stream_time_nodes, streamable
 StateDict = dict[str, np.ndarray]
 Kernel = Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray], int]
 SHAPE_MISMATCH = -2  # a specialized kernel's answer to arrays of the wrong length
+BAD_OUTPUT = -3  # finite samples drove the state or an output to NaN or infinity: rolled back
 PARALLEL_BATCH = 256  # below this many streams per call, one thread beats the fork/join cost
 PARALLEL_ROWS = 32  # the same for the model's own kernel (specialize.py), which is faster
 # From this many streams per call, BLAS matrix products (weights read once for the batch) beat
@@ -60,14 +61,45 @@ def first_bad(values: np.ndarray) -> int:
     return int(bad[0]) if bad.size else -1
 
 
-def _check_keys(saved: StateDict, shapes: Mapping[str, tuple[int, ...]]) -> None:
+def _kept_finite(bad: int, state: np.ndarray, saved: np.ndarray, out: np.ndarray) -> int:
+    """What the specialized kernel does in itself: a call that left the state or an output NaN
+    or infinite is undone (BAD_OUTPUT)."""
+    if bad == -1 and not (np.isfinite(state).all() and np.isfinite(out).all()):
+        state[:] = saved
+        return BAD_OUTPUT
+    return bad
+
+
+def _finite(values: Any) -> bool:
+    return all(np.isfinite(v).all() for v in values)
+
+
+def _check_keys(saved: StateDict, shapes: Mapping[str, tuple[int, ...]]) -> StateDict:
+    """The state as float32 arrays, checked against the model's: keys, shapes, real finite
+    values (after the cast: 1e300 is no float32)."""
+    if not isinstance(saved, Mapping):
+        raise ShapeError(f"a state is a dict of name -> array, found {type(saved).__name__}")
+    odd = next((k for k in saved if not isinstance(k, str)), None)
+    if odd is not None:
+        raise ShapeError(f"a state's keys are names (strings), found {odd!r:.60}")
     if set(saved) != set(shapes):
         raise ShapeError(f"state has keys {sorted(saved)}; this model's are {sorted(shapes)}")
+    checked = {}
     for key, shape in shapes.items():
-        if np.shape(saved[key]) != shape:
-            raise ShapeError(f"state {key!r} has shape {np.shape(saved[key])}; expected {shape}")
-        if not np.isfinite(saved[key]).all():
-            raise ShapeError(f"state {key!r} holds NaN or infinity")
+        try:
+            raw = np.asarray(saved[key])
+            with np.errstate(over="ignore"):  # too big for float32: inf, refused below
+                value = raw.astype(np.float32) if raw.dtype.kind in "biuf" else None
+        except (TypeError, ValueError, OverflowError):
+            value = None
+        if value is None:
+            raise ShapeError(f"state {key!r} is not an array of real numbers")
+        if value.shape != shape:
+            raise ShapeError(f"state {key!r} has shape {value.shape}; expected {shape}")
+        if not np.isfinite(value).all():
+            raise ShapeError(f"state {key!r} holds NaN or infinity (as float32)")
+        checked[key] = value
+    return checked
 
 
 class KernelEngine:
@@ -113,12 +145,14 @@ class KernelEngine:
         return work
 
     def step(self, x: np.ndarray, state: np.ndarray, out: np.ndarray) -> int:
-        return int(self.kernels.step(self.plan.code, self.plan.params, x, state, self.scratch, out))
+        saved = state.copy()
+        bad = self.kernels.step(self.plan.code, self.plan.params, x, state, self.scratch, out)
+        return _kept_finite(int(bad), state, saved, out)
 
     def feed(self, xs: np.ndarray, state: np.ndarray, out: np.ndarray) -> int:
-        return int(
-            self.kernels.feed(self.plan.code, self.plan.params, xs, state, self.scratch, out)
-        )
+        saved = state.copy()
+        bad = self.kernels.feed(self.plan.code, self.plan.params, xs, state, self.scratch, out)
+        return _kept_finite(int(bad), state, saved, out)
 
     def new_table(self, capacity: int) -> np.ndarray:
         """Room for `capacity` streams' states, one row each (a pool's state table)."""
@@ -187,7 +221,7 @@ class KernelEngine:
         return saved
 
     def restore(self, saved: StateDict) -> np.ndarray:
-        _check_keys(saved, self.shapes)
+        saved = _check_keys(saved, self.shapes)
         state = self.new_state()
         for layer in self.plan.layers:
             state[layer.h_offset : layer.h_offset + layer.hidden] = saved[f"{layer.node}.h"]
@@ -243,16 +277,17 @@ class GraphEngine:
         bad = first_bad(x)
         if bad < 0:
             feeds = {self.x_name: x.reshape(1, 1, -1), **self.zero_inputs}
-            env, carried = step_graph(self.graph, feeds, state)
+            with np.errstate(over="ignore", invalid="ignore"):  # overflow: refused below
+                env, carried = step_graph(self.graph, feeds, state)
+            y = env[self.y_name]
+            if not _finite([y, *(v for vs in carried.values() for v in vs)]):
+                return BAD_OUTPUT  # the state stays as it was
             state.update(carried)
-            out[:] = env[self.y_name].reshape(-1)
+            out[:] = y.reshape(-1)
         return bad
 
     def feed(self, xs: np.ndarray, state: dict[str, Any], out: np.ndarray) -> int:
-        bad = first_bad(xs)
-        for t in range(xs.shape[0] if bad < 0 else 0):
-            self.step(xs[t], state, out[t])
-        return bad
+        return _feed_or_undo(self, xs, state, out)
 
     def export(self, state: dict[str, Any]) -> StateDict:
         return {
@@ -262,7 +297,7 @@ class GraphEngine:
         }
 
     def restore(self, saved: StateDict) -> dict[str, Any]:
-        _check_keys(saved, self.shapes)
+        saved = _check_keys(saved, self.shapes)
         return {
             n: tuple(
                 np.array(saved[f"{n}.{s}"], np.float32).reshape(v.shape)
@@ -296,19 +331,33 @@ class OrtEngine:
         bad = first_bad(x)
         if bad < 0:
             y, *new = self.session.run(self.fetch, {self.x_name: x.reshape(1, 1, -1), **state})
+            if not _finite([y, *new]):
+                return BAD_OUTPUT  # the state stays as it was
             state.update(zip((i for i, _ in self.pairs), new, strict=True))
             out[:] = y.reshape(-1)
         return bad
 
     def feed(self, xs: np.ndarray, state: dict[str, np.ndarray], out: np.ndarray) -> int:
-        bad = first_bad(xs)
-        for t in range(xs.shape[0] if bad < 0 else 0):
-            self.step(xs[t], state, out[t])
-        return bad
+        return _feed_or_undo(self, xs, state, out)
 
     def export(self, state: dict[str, np.ndarray]) -> StateDict:
         return {i: v.reshape(-1).copy() for i, v in state.items()}
 
     def restore(self, saved: StateDict) -> dict[str, np.ndarray]:
-        _check_keys(saved, self.shapes)
+        saved = _check_keys(saved, self.shapes)
         return {i: np.array(saved[i], np.float32).reshape(v.shape) for i, v in self.zero.items()}
+
+
+def _feed_or_undo(engine: GraphEngine | OrtEngine, xs: np.ndarray, state: dict[str, Any],
+                  out: np.ndarray) -> int:  # fmt: skip
+    """Step by step; a step that returns BAD_OUTPUT undoes the whole block, as the kernels do."""
+    bad = first_bad(xs)
+    if bad >= 0:
+        return bad
+    saved = dict(state)  # steps replace the arrays, never write into them
+    for t in range(xs.shape[0]):
+        if engine.step(xs[t], state, out[t]) == BAD_OUTPUT:
+            state.clear()
+            state.update(saved)
+            return BAD_OUTPUT
+    return -1

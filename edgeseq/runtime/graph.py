@@ -21,6 +21,8 @@ from edgeseq.runtime import elementwise, recurrent_ops
 RECURRENT = ("RNN", "LSTM", "GRU")
 # Nodes that carry state from step to step (ONNX Runtime's int8 LSTM included).
 STATEFUL = (*RECURRENT, "DynamicQuantizeLSTM")
+STANDARD_DOMAINS = ("", "ai.onnx")
+MICROSOFT_OPS = ("DynamicQuantizeLSTM",)  # ONNX Runtime's own ops, domain com.microsoft
 
 
 @dataclass(frozen=True)
@@ -32,7 +34,47 @@ class Node:
     attrs: dict[str, Any] = field(hash=False)
 
 
-def _attrs(node: onnx.NodeProto) -> dict[str, Any]:
+def _tensor(tensor: onnx.TensorProto, where: str) -> np.ndarray:
+    """An initializer or attribute tensor as an array; one whose type is unknown or whose bytes
+    disagree with its dims is refused (the ONNX checker only refuses too few bytes)."""
+    try:
+        value = numpy_helper.to_array(tensor)
+    except (KeyError, ValueError, TypeError) as exc:
+        why = "an unknown data_type" if isinstance(exc, KeyError) else str(exc).splitlines()[0]
+        raise ModelFormatError(
+            f"{where}: tensor {tensor.name!r} (data_type {tensor.data_type}, dims "
+            f"{list(tensor.dims)}) cannot be read: {why}"
+        ) from None
+    if tensor.HasField("raw_data") and len(tensor.raw_data) != value.nbytes:
+        raise ModelFormatError(
+            f"{where}: tensor {tensor.name!r} has {len(tensor.raw_data)} bytes; its dims "
+            f"{list(tensor.dims)} need {value.nbytes}"
+        )
+    return value
+
+
+def _check_domain(node: onnx.NodeProto, index: int, where: str) -> None:
+    """A node of another domain is another op, whatever its name: only ONNX's own ops, and
+    ONNX Runtime's int8 LSTM in com.microsoft, are what edgeseq evaluates."""
+    ok = node.domain in STANDARD_DOMAINS or (
+        node.domain == "com.microsoft" and node.op_type in MICROSOFT_OPS
+    )
+    if not ok:
+        name = node.name or f"{node.op_type}_{index}"
+        raise ModelFormatError(
+            f"{where}: node {name!r} is op {node.op_type!r} of domain {node.domain!r}, which "
+            "edgeseq's runtime does not support"
+        )
+
+
+def _check_clip(node: Node, where: str) -> None:
+    clip = node.attrs.get("clip")
+    if node.op in STATEFUL and clip is not None and not (np.isfinite(clip) and clip > 0):
+        raise ModelFormatError(f"{where}: node {node.name!r} ({node.op}) has clip {clip!r}; "
+                               "expected a positive finite threshold")  # fmt: skip
+
+
+def _attrs(node: onnx.NodeProto, where: str) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for a in node.attribute:
         value = helper.get_attribute_value(a)
@@ -41,7 +83,7 @@ def _attrs(node: onnx.NodeProto) -> dict[str, Any]:
         elif isinstance(value, list) and value and isinstance(value[0], bytes):
             value = [v.decode("utf-8", "replace") for v in value]
         elif isinstance(value, onnx.TensorProto):
-            value = numpy_helper.to_array(value)
+            value = _tensor(value, where)
         out[a.name] = value
     return out
 
@@ -110,10 +152,17 @@ class Graph:
         graph = model.graph
         self.where = where
         self.constants: dict[str, np.ndarray] = {
-            t.name: numpy_helper.to_array(t) for t in graph.initializer
+            t.name: _tensor(t, where) for t in graph.initializer
         }
         self.inputs = [i.name for i in graph.input if i.name not in self.constants]
         self.outputs = [o.name for o in graph.output]
+        if not self.inputs or not self.outputs:
+            raise ModelFormatError(
+                f"{where}: the graph has {len(self.inputs)} data inputs and "
+                f"{len(self.outputs)} outputs; expected at least one of each"
+            )
+        for i, n in enumerate(graph.node):
+            _check_domain(n, i, where)
         opset = max(
             (o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0
         )
@@ -123,10 +172,12 @@ class Graph:
                 n.op_type,
                 tuple(n.input),
                 tuple(n.output),
-                _versioned(n.op_type, _attrs(n), opset),
+                _versioned(n.op_type, _attrs(n, where), opset),
             )
             for i, n in enumerate(graph.node)
         ]
+        for node in self.nodes:
+            _check_clip(node, where)
         self.inputs = _data_input_first(self.inputs, self.nodes)
         for node in self.nodes:
             if node.op not in RECURRENT and node.op not in elementwise.OPS:

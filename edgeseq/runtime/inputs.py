@@ -15,6 +15,7 @@ from edgeseq.runtime.graph import Graph
 from edgeseq.runtime.verify import batch_time_axes
 
 MAX_FEATURES = 1 << 20
+MAX_FIXED_VALUES = 1 << 26  # x's fixed sizes, multiplied: probing evaluates the graph on one x
 MAX_STEPS_PROBED = 4096  # the longest fixed length find_baked_steps tries
 MAX_LENGTHS_TRIED = 8  # and how many (each is a whole evaluation of the graph)
 
@@ -53,19 +54,33 @@ class Inputs:
 
 
 def _dims(value: onnx.ValueInfoProto) -> list[int | str]:
-    return [d.dim_value if d.dim_value > 0 else (d.dim_param or "?")
+    return [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?")
             for d in value.type.tensor_type.shape.dim]  # fmt: skip
+
+
+def _dtype(info: onnx.ValueInfoProto, where: str) -> np.dtype:
+    elem_type = info.type.tensor_type.elem_type
+    try:
+        return np.dtype(helper.tensor_dtype_to_np_dtype(elem_type))
+    except (KeyError, TypeError, ValueError):
+        raise ModelFormatError(
+            f"{where}: input {info.name!r} has element type {elem_type}, which is not an ONNX "
+            "tensor type edgeseq knows"
+        ) from None
 
 
 def read_inputs(proto: onnx.ModelProto, graph: Graph, where: str) -> Inputs:
     """Validate x's declared shape and work out which of its axes is time."""
     infos = {i.name: i for i in proto.graph.input if i.name in graph.inputs}
-    dims = {n: _dims(i) for n, i in infos.items()}
-    dtypes = {
-        n: np.dtype(helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type))
-        for n, i in infos.items()
-    }
     x = graph.inputs[0]
+    if x not in infos:
+        raise ModelFormatError(f"{where}: the data input {x!r} is not declared as a graph input")
+    dims = {n: _dims(i) for n, i in infos.items()}
+    dtypes = {n: _dtype(i, where) for n, i in infos.items()}
+    if dtypes[x] != np.float32:
+        declared = onnx.TensorProto.DataType.Name(infos[x].type.tensor_type.elem_type)
+        raise ModelFormatError(f"{where}: input {x!r} is declared {declared}; edgeseq feeds "
+                               "float32 samples (ONNX element type FLOAT)")  # fmt: skip
     x_dims = dims[x]
     if len(x_dims) != 3 or not isinstance(x_dims[2], int):
         raise ModelFormatError(
@@ -75,6 +90,11 @@ def read_inputs(proto: onnx.ModelProto, graph: Graph, where: str) -> Inputs:
     if not 1 <= x_dims[2] <= MAX_FEATURES:
         raise ModelFormatError(f"{where}: input {x!r} declares {x_dims[2]} features; at most "
                                f"{MAX_FEATURES} are supported")  # fmt: skip
+    fixed = [d for d in x_dims[:2] if isinstance(d, int)]
+    if any(d < 1 for d in fixed) or int(np.prod(x_dims[2:] + fixed)) > MAX_FIXED_VALUES:
+        raise ModelFormatError(f"{where}: input {x!r} declares dims {x_dims}; a fixed batch or "
+                               f"time axis must be at least 1 and x at most {MAX_FIXED_VALUES} "
+                               "values")  # fmt: skip
     _state_dims(dims, graph)
     inputs = Inputs(x, dims, dtypes, int(x_dims[2]))
     inputs.time_first = _time_first(inputs, graph)

@@ -37,10 +37,13 @@ def _external_file(model_dir: Path, tensor: onnx.TensorProto, where: str) -> Non
     except ValueError:
         raise ModelFormatError(f"{where}: external data of {tensor.name!r} has a non-numeric "
                                f"offset or length ({info})") from None  # fmt: skip
-    if offset < 0 or length != expected or offset + length > candidate.stat().st_size:
+    size = candidate.stat().st_size
+    if "length" not in info and size - offset != expected:  # onnx reads to the end of the file
+        length = size - offset
+    if offset < 0 or length != expected or offset + length > size:
         raise ModelFormatError(
             f"{where}: external data of {tensor.name!r} has {length} bytes at offset {offset} in a "
-            f"{candidate.stat().st_size}-byte file; the tensor needs {expected}"
+            f"{size}-byte file; the tensor needs {expected}"
         )
 
 

@@ -175,7 +175,7 @@ class Model:
             raise ShapeError(f"unknown inputs {unknown}; the model takes {self.graph.inputs}")
         if self.inputs.x not in feeds:
             raise ShapeError(f"input {self.inputs.x!r} is required")
-        arrays = {k: np.asarray(v, self.inputs.dtypes[k]) for k, v in feeds.items()}
+        arrays = {k: _as_input(v, self.inputs.dtypes[k], k) for k, v in feeds.items()}
         x = arrays[self.inputs.x]
         if x.ndim != 3 or x.shape[2] != self.n_features or not np.isfinite(x).all():
             raise ShapeError(f"{self.inputs.x!r} has shape {x.shape}; expected 3-D with "
@@ -186,6 +186,17 @@ class Model:
             return dict(zip(self.graph.outputs, values, strict=True))
         env = self.graph.evaluate(full)
         return {name: env[name] for name in self.graph.outputs}
+
+
+def _as_input(value: Any, dtype: np.dtype, name: str) -> np.ndarray:
+    try:
+        raw = np.asarray(value)
+        if raw.dtype.kind in "biuf":
+            with np.errstate(over="ignore"):  # too big for float32: inf, refused as not finite
+                return raw.astype(dtype, copy=False)
+    except (TypeError, ValueError, OverflowError):
+        pass
+    raise ShapeError(f"input {name!r} is not an array of real numbers ({type(value).__name__})")
 
 
 def load(path: str | Path, backend: str = "numba") -> Model:

@@ -11,7 +11,8 @@ The kernel `advance(p, xs, work, ys)` runs T = len(ys) / n_outputs samples: xs (
 ys (T * n_outputs,) flat, `p` the plan's parameters, and `work` one stream's state followed by
 its scratch (3 rows of the plan's width), so streams never share scratch and threads may step
 different streams at once. It returns -1, the flat index of the first NaN or infinity in xs
-(nothing advanced), or SHAPE_MISMATCH.
+(nothing advanced), SHAPE_MISMATCH, or BAD_OUTPUT: finite samples drove the state or an output
+to NaN or infinity (a sample far outside what the model knows), and the state is as it was.
 
 Beside it, `advance_rows` and `advance_rows_parallel` step a pool's streams, one sample each,
 through the same `advance`: each stream's state is copied from its table row into a work vector
@@ -42,7 +43,7 @@ import numpy as np
 
 from edgeseq.runtime import aligned, cells, fastmath
 from edgeseq.runtime import kernels as k
-from edgeseq.runtime.engines import SHAPE_MISMATCH, Kernel
+from edgeseq.runtime.engines import BAD_OUTPUT, SHAPE_MISMATCH, Kernel
 from edgeseq.runtime.plan import Plan
 
 SIGNATURE = "int64(float32[::1], float32[::1], float32[::1], float32[::1])"
@@ -70,6 +71,8 @@ def advance(p, xs, work, ys):
     a = work[{a0}:{a1}]
     b = work[{b0}:{b1}]
     g = work[{g0}:{g1}]
+    saved = work[{s0}:{s1}]
+    cells.copy(saved, state, {n_state})
     for t in range(steps):
         x = xs[t * {n_in} : t * {n_in} + {n_in}]
 '''
@@ -159,8 +162,9 @@ def advance_rows_parallel(p, xs, table, rows, works, ys):
 
 def work_size(plan: Plan) -> int:
     """Floats in one stream's work vector: its state, then 3 scratch rows, each starting a
-    cache line when the vector does (plan.width is a whole number of lines)."""
-    return aligned.align_up(plan.state_size) + 3 * plan.width
+    cache line when the vector does (plan.width is a whole number of lines), then the state as
+    it was before the call (restored when the call drives it to NaN or infinity)."""
+    return 2 * aligned.align_up(plan.state_size) + 3 * plan.width
 
 
 def source(plan: Plan) -> str:
@@ -182,6 +186,8 @@ def source(plan: Plan) -> str:
             b1=s + 2 * w,
             g0=s + 2 * w,
             g1=s + 3 * w,
+            s0=s + 3 * w,
+            s1=s + 3 * w + plan.state_size,
         )
     ]
     src = "x"
@@ -191,6 +197,9 @@ def source(plan: Plan) -> str:
         src = dst
     n = plan.n_outputs
     lines.append(f"        cells.copy(ys[t * {n} : t * {n} + {n}], {src}, {n})")
+    lines.append("    if cells.first_bad(state) >= 0 or cells.first_bad(ys) >= 0:")
+    lines.append(f"        cells.copy(state, saved, {plan.state_size})  # as before the call")
+    lines.append(f"        return {BAD_OUTPUT}")
     lines.append("    return -1\n")
     lines.append(_ROWS.format(n_state=plan.state_size, n_in=plan.n_features,
                               n_out=plan.n_outputs, n_params=plan.params.size,

@@ -13,29 +13,46 @@ from typing import Any
 import numpy as np
 
 from edgeseq.errors import ShapeError, UsageError
-from edgeseq.runtime.engines import SHAPE_MISMATCH, Engine, Kernel, KernelEngine, StateDict
+from edgeseq.runtime.engines import (
+    BAD_OUTPUT,
+    SHAPE_MISMATCH,
+    Engine,
+    Kernel,
+    KernelEngine,
+    StateDict,
+)
 
 _F32 = np.dtype(np.float32)  # a dtype object, not the type: np.empty resolves it 2x faster
 _empty = np.empty
+MAX_CAPACITY = 1 << 22  # streams in one pool (4 Mi: a table of a few GiB for a large model)
+
+
+def _real(x: Any, what: str) -> np.ndarray:
+    """x as an array of real numbers (bool, int or float), else ShapeError: a cast to float32
+    would silently drop a complex value's imaginary part or read a date as a number."""
+    try:
+        arr = np.asarray(x)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise ShapeError(f"{what} is not numeric: {exc}") from None
+    if arr.dtype.kind not in "biuf":
+        raise ShapeError(f"{what}: found {arr.dtype} values; expected real numbers")
+    return arr
 
 
 def _sample(x: Any, n_features: int, what: str = "sample") -> np.ndarray:
     """x as a fresh float32 vector of the model's width: the slow path's copy, so read-only,
     strided or foreign-order arrays and lists reach the kernels as plain float32 vectors."""
-    try:
-        arr = np.array(x, dtype=np.float32, order="C")
-    except (TypeError, ValueError) as exc:
-        raise ShapeError(f"{what} is not numeric: {exc}") from None
+    with np.errstate(over="ignore"):  # too big for float32: inf, refused as not finite
+        arr = np.array(_real(x, what), dtype=np.float32, order="C")
     if arr.shape != (n_features,):
         raise ShapeError(f"{what} has shape {np.shape(x)}; the model expects ({n_features},)")
     return arr
 
 
 def _block(xs: Any, n_features: int, what: str = "samples") -> np.ndarray:
-    try:
-        arr = np.ascontiguousarray(xs, dtype=np.float32)
-    except (TypeError, ValueError) as exc:
-        raise ShapeError(f"{what} are not numeric: {exc}") from None
+    arr = xs if isinstance(xs, np.ndarray) and xs.dtype == _F32 else _real(xs, what)
+    with np.errstate(over="ignore"):
+        arr = np.ascontiguousarray(arr, dtype=np.float32)
     if arr.ndim != 2 or arr.shape[1] != n_features:
         raise ShapeError(f"{what} have shape {np.shape(xs)}; the model expects (T, {n_features})")
     if not arr.flags.writeable:  # the kernels' signature takes writeable arrays only
@@ -45,6 +62,11 @@ def _block(xs: Any, n_features: int, what: str = "samples") -> np.ndarray:
 
 def _refuse(bad: int, arr: np.ndarray, what: str) -> None:
     """The engines check for NaN and infinity (in the kernel, where it is free)."""
+    if bad == BAD_OUTPUT:
+        raise ShapeError(
+            f"{what} drove the model's state or output to NaN or infinity (values far outside "
+            "what it was trained on?); state unchanged"
+        )
     if bad >= 0:
         where = np.unravel_index(bad, arr.shape)
         index = ", ".join(str(int(i)) for i in where)
@@ -133,8 +155,14 @@ class StreamPool:
     """
 
     def __init__(self, engine: Engine, n_features: int, capacity: int) -> None:
-        if capacity < 1:
-            raise UsageError(f"pool capacity must be >= 1, found {capacity}")
+        if (
+            not isinstance(capacity, int | np.integer)
+            or isinstance(capacity, bool)
+            or not (1 <= capacity <= MAX_CAPACITY)
+        ):
+            raise UsageError(f"pool capacity must be an integer in 1..{MAX_CAPACITY}, "
+                             f"found {capacity!r}")  # fmt: skip
+        capacity = int(capacity)
         self._engine, self.n_features, self.capacity = engine, n_features, capacity
         self.fingerprint = ""  # the model file's sha256, set by Model.pool
         self._table = engine.new_table(capacity) if hasattr(engine, "new_table") else None
@@ -172,10 +200,17 @@ class StreamPool:
         return row
 
     def step(self, ids: Sequence[str], xs: Any) -> np.ndarray:
-        """One sample for each named stream (new ids start fresh): X (B, F) -> (B, n_outputs)."""
+        """One sample for each named stream (new ids start fresh): X (B, F) -> (B, n_outputs).
+
+        A stream whose sample drives its state or output to NaN or infinity answers NaN (the
+        daemon refuses that answer and restores the stream). Its state is kept as it was,
+        except in batches large enough for BLAS (engines.GEMM_BATCH), where undoing would cost
+        a copy of every stream's state per step: reset it or set its state there."""
         block = _block(xs, self.n_features, "X")
         if not np.isfinite(block).all():  # before new ids take rows; the kernels re-check
             _refuse(int(np.flatnonzero(~np.isfinite(block))[0]), block, "X")
+        if ids is None or isinstance(ids, str | bytes) or not hasattr(ids, "__iter__"):
+            raise ShapeError(f"ids must be a sequence of stream ids (strings), found {ids!r:.60}")
         key = tuple(ids)
         if self._last is not None and self._last[0] == key and len(key) == block.shape[0]:
             index = self._last[1]  # the same streams as the last step: their rows still hold
@@ -189,7 +224,8 @@ class StreamPool:
             _refuse(bad, block, "X")
         else:
             for b, row in enumerate(index.tolist()):
-                self._engine.step(block[b], self._states[row], out[b])
+                if self._engine.step(block[b], self._states[row], out[b]) == BAD_OUTPUT:
+                    out[b] = np.nan  # as the kernels answer it; its state is as it was
         return out
 
     def _rows_of(self, ids: tuple[str, ...], n_samples: int) -> np.ndarray:
@@ -198,6 +234,9 @@ class StreamPool:
         A pool is usually stepped with the same ids call after call (a daemon's batch, a
         fleet of sensors), so step() keeps the last answer: for 1,024 streams this work (a
         set, a dict lookup per id, an index array) is a tenth of the whole GEMM step."""
+        odd = next((i for i in ids if not isinstance(i, str)), None)
+        if odd is not None:
+            raise ShapeError(f"stream ids must be strings, found {odd!r:.60}")
         if len(ids) != n_samples or len(set(ids)) != len(ids):
             raise ShapeError(f"{len(ids)} ids (distinct: {len(set(ids))}) for {n_samples} rows")
         found = list(map(self._rows.get, ids))  # one C-level pass; None marks a new stream
@@ -211,20 +250,26 @@ class StreamPool:
         return np.asarray(rows, np.int64)
 
     def reset(self, stream_id: str) -> None:
-        self._install(self._row(stream_id), self._engine.new_state())
+        self._install(self._row(_id(stream_id)), self._engine.new_state())
 
     def evict(self, stream_id: str) -> None:
-        row = self._rows.pop(stream_id, None)
+        row = self._rows.pop(_id(stream_id), None)
         if row is not None:
             self._last = None  # the row may go to another id
             self._states[row] = None
             self._free.append(row)
 
     def state(self, stream_id: str) -> StateDict:
-        if stream_id not in self._rows:
+        if _id(stream_id) not in self._rows:
             raise UsageError(f"no stream {stream_id!r} in the pool")
         return self._engine.export(self._states[self._rows[stream_id]])
 
     def set_state(self, stream_id: str, saved: StateDict) -> None:
         restored = self._engine.restore(saved)
-        self._install(self._row(stream_id), restored)
+        self._install(self._row(_id(stream_id)), restored)
+
+
+def _id(stream_id: Any) -> str:
+    if not isinstance(stream_id, str):
+        raise UsageError(f"a stream id is a string, found {stream_id!r:.60}")
+    return stream_id

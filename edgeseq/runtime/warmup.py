@@ -82,12 +82,11 @@ def compile_all(processes: int | None = None) -> list[str]:
 def warm(models: list[Path]) -> list[str]:
     """Compile every kernel, then load, plan, verify and run `models` (and a tiny LSTM) through
     every path; returns the kernels' names."""
+    loaded = [load(path) for path in models]  # a wrong path fails now, not after compiling
     names = compile_all()
     with tempfile.TemporaryDirectory() as tmp:
         _tiny_lstm(Path(tmp) / "tiny.onnx")
-        paths = [Path(tmp) / "tiny.onnx", *models]
-        for path in paths:
-            model = load(path)
+        for model in [load(Path(tmp) / "tiny.onnx"), *loaded]:
             stream = model.stream()
             stream.step(np.zeros(model.n_features, np.float32))
             stream.feed(np.zeros((2, model.n_features), np.float32))
