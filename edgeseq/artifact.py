@@ -14,7 +14,20 @@ import numpy as np
 import onnx
 
 from edgeseq.errors import ModelFormatError
-from edgeseq.spec import FORMAT_VERSION, DataSpec, ModelSpec
+from edgeseq.spec import (
+    FORMAT_VERSION,
+    JSON_TYPES,
+    NAMES,
+    TASKS,
+    Check,
+    DataSpec,
+    ModelSpec,
+    number,
+    optional,
+    record,
+    refuse,
+    text,
+)
 
 METADATA_KEY = "edgeseq"
 OPSET = 17
@@ -109,6 +122,63 @@ def build_metadata(
     }
 
 
+POSITIVE = optional(number("null or a positive finite number", lambda v: v > 0))
+NONNEGATIVE = number("a finite number >= 0", lambda v: v >= 0)
+PARITY_ERRORS = (  # the figures `edgeseq inspect` prints from the export's proof
+    "torch_vs_onnxruntime_full_sequence",
+    "onnxruntime_streamed_vs_torch_full_sequence",
+)
+
+
+def _parity(value: Any, where: str) -> Any:
+    if not isinstance(value, dict):
+        refuse(where, "an object", value)
+    for key in PARITY_ERRORS:
+        if key in value:
+            NONNEGATIVE(value[key], f"{where}.{key}")
+    return value
+
+
+DESCRIPTION: dict[str, Check] = {  # every key build_metadata writes that edgeseq reads back
+    "model_spec": record(ModelSpec),
+    "data_spec": record(DataSpec),
+    "task": text(TASKS),
+    "feature_names": NAMES,
+    "target_names": NAMES,
+    "class_labels": NAMES,
+    "sample_rate_hz": POSITIVE,
+    "sample_period": POSITIVE,
+    "sample_period_unit": text(),
+    "output_layout": text(),
+    "state": lambda value, where: value,  # checked against the model spec below
+    "parity": optional(_parity),
+}
+
+
+def _described(meta: dict[str, Any]) -> ArtifactInfo:
+    """Check every key of DESCRIPTION; errors name the key path and what was expected."""
+    version = meta.get("format_version")
+    if type(version) is not int or version != FORMAT_VERSION:  # true == 1 in Python, not here
+        refuse("format_version", f"{FORMAT_VERSION}, the format this edgeseq reads", version)
+    found = {}
+    for key, check in DESCRIPTION.items():
+        if key not in meta:
+            raise ModelFormatError(f"{key} is missing; expected keys {', '.join(DESCRIPTION)}")
+        found[key] = check(meta[key], key)
+    spec, data = found["model_spec"], found["data_spec"]
+    if len(data.features) != spec.input_size:
+        raise ModelFormatError(
+            f"data_spec.features names {len(data.features)} columns; expected one per model "
+            f"input (model_spec.input_size = {spec.input_size})"
+        )
+    if meta["state"] != state_pairs(spec):
+        raise ModelFormatError(
+            f"state must be {json.dumps(state_pairs(spec))} for cell {spec.cell}, "
+            f"found {json.dumps(meta['state'])[:100]}"
+        )
+    return ArtifactInfo(spec, data, meta)
+
+
 def read_metadata(model: onnx.ModelProto, where: str) -> ArtifactInfo:
     """Parse and validate the edgeseq metadata of a loaded ONNX model."""
     props = {p.key: p.value for p in model.metadata_props}
@@ -116,16 +186,16 @@ def read_metadata(model: onnx.ModelProto, where: str) -> ArtifactInfo:
         raise ModelFormatError(f"{where}: no {METADATA_KEY!r} metadata; not an edgeseq export")
     try:
         meta = json.loads(props[METADATA_KEY])
-    except ValueError as exc:
-        raise ModelFormatError(f"{where}: edgeseq metadata is not JSON ({exc})") from None
-    if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
-        found = meta.get("format_version") if isinstance(meta, dict) else None
-        raise ModelFormatError(
-            f"{where}: edgeseq metadata format {found!r}; expected {FORMAT_VERSION}"
-        )
-    return ArtifactInfo(
-        ModelSpec.from_dict(meta.get("model_spec")), DataSpec.from_dict(meta.get("data_spec")), meta
-    )
+    except (ValueError, RecursionError) as exc:  # RecursionError: arrays nested 1000s deep
+        reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+        raise ModelFormatError(f"{where}: edgeseq metadata is not JSON ({reason})") from None
+    if not isinstance(meta, dict):
+        kind = JSON_TYPES.get(type(meta), "value")
+        raise ModelFormatError(f"{where}: edgeseq metadata must be a JSON object, found {kind}")
+    try:
+        return _described(meta)
+    except ModelFormatError as exc:
+        raise ModelFormatError(f"{where}: edgeseq metadata: {exc}") from None
 
 
 def read_onnx(path: str | Path) -> onnx.ModelProto:

@@ -1,14 +1,19 @@
 """ModelSpec and DataSpec: the contract that training, export, the runtime and the daemon share.
 
 Both travel inside every checkpoint and every exported artifact as plain JSON (STYLE.md #2: the
-artifact describes itself), so they are validated whenever they are read back.
+artifact describes itself), so they are validated whenever they are read back. Each field names
+its rule (a `Check`) once, next to its type: `from_dict` applies the rules to untrusted JSON and
+reports the key path of the first bad value; `__post_init__` applies them to values built in code.
 """
 
 from __future__ import annotations
 
+import json
 import math
-from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+import reprlib
+from collections.abc import Callable, Sequence
+from dataclasses import MISSING, Field, asdict, dataclass, field, fields
+from typing import Any, NoReturn
 
 from edgeseq.errors import ModelFormatError
 
@@ -16,6 +21,16 @@ CELLS = ("rnn", "lstm", "gru")
 TASKS = ("forecast", "classify", "regress", "seq2seq", "generate")
 NONLINEARITIES = ("tanh", "relu")
 FORMAT_VERSION = 1
+MAX_SIZE = 1_000_000  # the most units, layers, steps, outputs or columns a spec may declare
+
+Check = Callable[[Any, str], Any]
+"""Validates the value found at a key path (e.g. `data_spec.input_scaling.mean[2]`) and returns it
+in the field's own type (JSON arrays become tuples); raises ModelFormatError naming the path."""
+
+JSON_TYPES = {bool: "boolean", int: "integer", float: "number", str: "string", list: "array",
+              tuple: "array", dict: "object", type(None): "null"}  # fmt: skip
+_SHOW = reprlib.Repr()
+_SHOW.maxstring, _SHOW.maxother, _SHOW.maxlong = 40, 40, 40
 
 
 def _require(ok: bool, what: str) -> None:
@@ -23,13 +38,116 @@ def _require(ok: bool, what: str) -> None:
         raise ModelFormatError(what)
 
 
-def _from_mapping(cls: type, data: Any, where: str) -> dict[str, Any]:
-    """Check `data` is a mapping whose keys are exactly fields of `cls` (extras refused)."""
-    _require(isinstance(data, dict), f"{where} must be a JSON object, found {type(data).__name__}")
+def refuse(where: str, expected: str, value: Any) -> NoReturn:
+    """Raise the error for a bad value: its key path, what was expected, what was found."""
+    if value is None or isinstance(value, bool):
+        found = json.dumps(value)  # null, true, false
+    else:
+        found = f"{JSON_TYPES.get(type(value), type(value).__name__)} {_SHOW.repr(value)}"
+    raise ModelFormatError(f"{where} must be {expected}, found {found}")
+
+
+def integer(lo: int, hi: int) -> Check:
+    def check(value: Any, where: str) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+            refuse(where, f"an integer in {lo}..{hi}", value)
+        return value
+
+    return check
+
+
+def number(expected: str = "a finite number", ok: Callable[[float], bool] = math.isfinite) -> Check:
+    """A finite JSON number (not a boolean) for which `ok` holds; `expected` says which."""
+
+    def check(value: Any, where: str) -> float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            refuse(where, expected, value)
+        try:
+            x = float(value)
+        except OverflowError:  # an integer past float range, such as 10**400
+            refuse(where, expected, value)
+        if not (math.isfinite(x) and ok(x)):
+            refuse(where, expected, value)
+        return x
+
+    return check
+
+
+def text(choices: Sequence[str] = ()) -> Check:
+    """A string, one of `choices` when given."""
+
+    def check(value: Any, where: str) -> str:
+        if not isinstance(value, str) or (choices and value not in choices):
+            refuse(where, f"one of {', '.join(choices)}" if choices else "a string", value)
+        return value
+
+    return check
+
+
+def array_of(item: Check, expected: str) -> Check:
+    """A JSON array of at most MAX_SIZE items, each passing `item`; returned as a tuple."""
+
+    def check(value: Any, where: str) -> tuple[Any, ...]:
+        if not isinstance(value, list | tuple) or len(value) > MAX_SIZE:
+            refuse(where, f"an array of at most {MAX_SIZE} {expected}", value)
+        return tuple(item(v, f"{where}[{i}]") for i, v in enumerate(value))
+
+    return check
+
+
+def optional(check: Check) -> Check:
+    """null, or a value passing `check`."""
+    return lambda value, where: None if value is None else check(value, where)
+
+
+def record(cls: Any) -> Check:
+    """An object read by `cls.from_dict` (or, in code, an instance of `cls`)."""
+    return lambda value, where: value if isinstance(value, cls) else cls.from_dict(value, where)
+
+
+def _is(check: Check) -> dict[str, Check]:
+    return {"check": check}
+
+
+def read_fields(cls: Any, data: Any, where: str) -> dict[str, Any]:
+    """Check `data` is an object holding every required field of dataclass `cls` and no others,
+    each passing its rule; return all fields' values, defaults filled in."""
+    if not isinstance(data, dict):
+        refuse(where, "an object", data)
     known = {f.name for f in fields(cls)}
     unknown = sorted(set(data) - known)
-    _require(not unknown, f"{where} has unknown keys {unknown}; expected some of {sorted(known)}")
-    return dict(data)
+    _require(
+        not unknown,
+        f"{where} has unknown keys {_SHOW.repr(unknown)}; expected some of {sorted(known)}",
+    )
+    values = {}
+    for f in fields(cls):
+        path = f"{where}.{f.name}"
+        if f.name in data:
+            values[f.name] = f.metadata["check"](data[f.name], path)
+        elif f.default is not MISSING:
+            values[f.name] = f.default
+        elif f.default_factory is not MISSING:
+            values[f.name] = f.default_factory()
+        else:
+            required = [g.name for g in fields(cls) if _required(g)]
+            raise ModelFormatError(f"{path} is missing; {where} requires {', '.join(required)}")
+    return values
+
+
+def _required(f: Field[Any]) -> bool:
+    return f.default is MISSING and f.default_factory is MISSING
+
+
+def _check_fields(obj: Any) -> dict[str, Any]:
+    """Apply each field's rule to a dataclass built in code; return its fields' values."""
+    values = {f.name: getattr(obj, f.name) for f in fields(obj)}
+    for f in fields(obj):
+        f.metadata["check"](values[f.name], f"{type(obj).__name__}.{f.name}")
+    return values
+
+
+SIZE = integer(1, MAX_SIZE)
 
 
 @dataclass(frozen=True)
@@ -40,38 +158,21 @@ class ModelSpec:
     and seq2seq, the number of classes for classify, n_targets for regress and generate.
     """
 
-    task: str
-    cell: str
-    input_size: int
-    hidden_size: int
-    num_layers: int
-    output_size: int
-    horizon: int = 1
-    n_targets: int = 1
-    nonlinearity: str = "tanh"
-    dropout: float = 0.0
+    task: str = field(metadata=_is(text(TASKS)))
+    cell: str = field(metadata=_is(text(CELLS)))
+    input_size: int = field(metadata=_is(SIZE))
+    hidden_size: int = field(metadata=_is(SIZE))
+    num_layers: int = field(metadata=_is(SIZE))
+    output_size: int = field(metadata=_is(SIZE))
+    horizon: int = field(default=1, metadata=_is(SIZE))
+    n_targets: int = field(default=1, metadata=_is(integer(0, MAX_SIZE)))
+    nonlinearity: str = field(default="tanh", metadata=_is(text(NONLINEARITIES)))
+    dropout: float = field(
+        default=0.0, metadata=_is(number("a number in [0, 1)", lambda p: 0.0 <= p < 1.0))
+    )
 
     def __post_init__(self) -> None:
-        _require(self.task in TASKS, f"task {self.task!r} is not one of {', '.join(TASKS)}")
-        _require(self.cell in CELLS, f"cell {self.cell!r} is not one of {', '.join(CELLS)}")
-        _require(
-            self.nonlinearity in NONLINEARITIES,
-            f"nonlinearity {self.nonlinearity!r} is not one of {', '.join(NONLINEARITIES)}",
-        )
-        for name in ("input_size", "hidden_size", "num_layers", "output_size", "horizon"):
-            value = getattr(self, name)
-            _require(
-                isinstance(value, int) and 1 <= value <= 1_000_000,
-                f"{name} must be an integer in 1..1000000, found {value!r}",
-            )
-        _require(
-            isinstance(self.n_targets, int) and 0 <= self.n_targets <= 1_000_000,
-            f"n_targets must be an integer >= 0, found {self.n_targets!r}",
-        )
-        _require(
-            isinstance(self.dropout, int | float) and 0.0 <= self.dropout < 1.0,
-            f"dropout must be in [0, 1), found {self.dropout!r}",
-        )
+        _check_fields(self)
 
     @property
     def has_cell_state(self) -> bool:
@@ -81,33 +182,42 @@ class ModelSpec:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: Any) -> ModelSpec:
-        return cls(**_from_mapping(cls, data, "model spec"))
+    def from_dict(cls, data: Any, where: str = "model_spec") -> ModelSpec:
+        return cls(**read_fields(cls, data, where))
 
 
 @dataclass(frozen=True)
 class Scaling:
     """Per-column affine scaling fitted on the training split: z = (v - mean) / std."""
 
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
+    mean: tuple[float, ...] = field(metadata=_is(array_of(number(), "finite numbers")))
+    std: tuple[float, ...] = field(
+        metadata=_is(array_of(number("a positive finite number", lambda s: s > 0), "numbers > 0"))
+    )
 
     def __post_init__(self) -> None:
-        _require(len(self.mean) == len(self.std), "scaling mean and std differ in length")
-        for m, s in zip(self.mean, self.std, strict=True):
-            _require(math.isfinite(m), f"scaling mean {m!r} is not finite")
-            _require(math.isfinite(s) and s > 0, f"scaling std {s!r} is not a positive number")
+        self._agree(_check_fields(self), type(self).__name__)
+
+    @staticmethod
+    def _agree(v: dict[str, Any], where: str) -> None:
+        _require(
+            len(v["mean"]) == len(v["std"]),
+            f"{where}.mean has {len(v['mean'])} entries and {where}.std {len(v['std'])}; "
+            "expected one of each per column",
+        )
 
     @classmethod
     def identity(cls, n: int) -> Scaling:
         return cls(mean=(0.0,) * n, std=(1.0,) * n)
 
     @classmethod
-    def from_dict(cls, data: Any) -> Scaling:
-        raw = _from_mapping(cls, data, "scaling")
-        return cls(
-            mean=tuple(float(v) for v in raw["mean"]), std=tuple(float(v) for v in raw["std"])
-        )
+    def from_dict(cls, data: Any, where: str = "scaling") -> Scaling:
+        values = read_fields(cls, data, where)
+        cls._agree(values, where)
+        return cls(**values)
+
+
+NAMES = array_of(text(), "strings")
 
 
 @dataclass(frozen=True)
@@ -118,39 +228,42 @@ class DataSpec:
     past is always an input), then the covariates.
     """
 
-    features: tuple[str, ...]
-    targets: tuple[str, ...] = ()
-    labels: tuple[str, ...] = ()
-    input_scaling: Scaling = field(default_factory=lambda: Scaling((), ()))
-    target_scaling: Scaling | None = None
-    time_col: str | None = None
-    id_col: str | None = None
-    label_col: str | None = None
-    sample_period: float | None = None
-    time_unit: str | None = None  # "s" when the time column held dates; else its own unit
+    features: tuple[str, ...] = field(metadata=_is(NAMES))
+    targets: tuple[str, ...] = field(default=(), metadata=_is(NAMES))
+    labels: tuple[str, ...] = field(default=(), metadata=_is(NAMES))
+    input_scaling: Scaling = field(
+        default_factory=lambda: Scaling((), ()), metadata=_is(record(Scaling))
+    )
+    target_scaling: Scaling | None = field(default=None, metadata=_is(optional(record(Scaling))))
+    time_col: str | None = field(default=None, metadata=_is(optional(text())))
+    id_col: str | None = field(default=None, metadata=_is(optional(text())))
+    label_col: str | None = field(default=None, metadata=_is(optional(text())))
+    sample_period: float | None = field(
+        default=None,
+        metadata=_is(optional(number("a positive finite number", lambda p: p > 0))),
+    )
+    # "s" when the time column held dates; else its own unit
+    time_unit: str | None = field(default=None, metadata=_is(optional(text())))
 
     def __post_init__(self) -> None:
-        _require(
-            len(self.input_scaling.mean) == len(self.features),
-            f"input scaling has {len(self.input_scaling.mean)} columns for "
-            f"{len(self.features)} features",
-        )
-        if self.target_scaling is not None:
-            _require(
-                len(self.target_scaling.mean) == len(self.targets),
-                f"target scaling has {len(self.target_scaling.mean)} columns for "
-                f"{len(self.targets)} targets",
-            )
+        self._agree(_check_fields(self), type(self).__name__)
+
+    @staticmethod
+    def _agree(v: dict[str, Any], where: str) -> None:
+        for scaling, columns in (("input_scaling", "features"), ("target_scaling", "targets")):
+            if v[scaling] is not None:
+                n = len(v[scaling].mean)
+                _require(
+                    n == len(v[columns]),
+                    f"{where}.{scaling} has {n} columns; expected one per entry of "
+                    f"{where}.{columns} ({len(v[columns])})",
+                )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: Any) -> DataSpec:
-        raw = _from_mapping(cls, data, "data spec")
-        for key in ("features", "targets", "labels"):
-            raw[key] = tuple(str(v) for v in raw.get(key, ()))
-        raw["input_scaling"] = Scaling.from_dict(raw.get("input_scaling"))
-        if raw.get("target_scaling") is not None:
-            raw["target_scaling"] = Scaling.from_dict(raw["target_scaling"])
-        return cls(**raw)
+    def from_dict(cls, data: Any, where: str = "data_spec") -> DataSpec:
+        values = read_fields(cls, data, where)
+        cls._agree(values, where)
+        return cls(**values)

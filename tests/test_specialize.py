@@ -16,7 +16,7 @@ import pytest
 import edgeseq
 from edgeseq.errors import ShapeError
 from edgeseq.runtime import kernels
-from edgeseq.runtime.specialize import compile_kernel, kernel_dir, source
+from edgeseq.runtime.specialize import compile_kernel, kernel_dir, source, work_size
 
 ROOT = Path(__file__).resolve().parents[1]
 # Every reference model with a fused plan: seq2seq decoders and ONNX Runtime's int8 LSTM graph
@@ -82,7 +82,7 @@ def test_a_tampered_kernel_file_is_rewritten_before_it_is_imported(tmp_path, mon
     specialize._loaded.clear()
     kernel = compile_kernel(plan)
     assert written.read_text() == source(plan)
-    work = np.zeros(specialize.work_size(plan), np.float32)
+    work = np.zeros(work_size(plan), np.float32)
     work[: plan.state_size] = plan.initial_state
     out = np.zeros(plan.n_outputs, np.float32)
     assert kernel(plan.params, np.zeros(plan.n_features, np.float32), work, out) == -1
@@ -98,7 +98,7 @@ def test_a_kernel_refuses_arrays_of_another_length_instead_of_reading_past_them(
     plan = edgeseq.load(LSTM).plan
     assert plan is not None
     kernel = compile_kernel(plan)
-    work = np.zeros(specialize.work_size(plan), np.float32)
+    work = np.zeros(work_size(plan), np.float32)
     x, out = np.zeros(plan.n_features, np.float32), np.zeros(plan.n_outputs, np.float32)
     assert kernel(plan.params, x[:-1], work, out) == -2
     assert kernel(plan.params, x, work[:-1], out) == -2

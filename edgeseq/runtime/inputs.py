@@ -91,7 +91,7 @@ def read_inputs(proto: onnx.ModelProto, graph: Graph, where: str) -> Inputs:
         raise ModelFormatError(f"{where}: input {x!r} declares {x_dims[2]} features; at most "
                                f"{MAX_FEATURES} are supported")  # fmt: skip
     fixed = [d for d in x_dims[:2] if isinstance(d, int)]
-    if any(d < 1 for d in fixed) or int(np.prod(x_dims[2:] + fixed)) > MAX_FIXED_VALUES:
+    if any(d < 1 for d in fixed) or x_dims[2] * int(np.prod(fixed)) > MAX_FIXED_VALUES:
         raise ModelFormatError(f"{where}: input {x!r} declares dims {x_dims}; a fixed batch or "
                                f"time axis must be at least 1 and x at most {MAX_FIXED_VALUES} "
                                "values")  # fmt: skip
