@@ -129,7 +129,7 @@ def model_costs(path: Path) -> tuple[int, int, float | None, int]:
         if prop.key == "edgeseq":
             try:
                 value = json.loads(prop.value).get("sample_rate_hz")
-            except (ValueError, AttributeError):
+            except (ValueError, AttributeError, RecursionError):  # untrusted: no rate then
                 value = None
             rate = float(value) if isinstance(value, int | float) and value > 0 else None
     return macs, state, rate, len(raw)

@@ -190,3 +190,19 @@ def test_weights_and_scratch_start_on_cache_lines(path):
             assert row[3] % 16 == 0, row
     work = model.stream()._work
     assert work.ctypes.data % 64 == 0
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_all_finite_sees_every_nan_and_infinity_wherever_it_is(bad):
+    """The kernels' rollback relies on it; LLVM folds some spellings of it to True."""
+    from numba import njit
+
+    from edgeseq.runtime import cells
+    from edgeseq.runtime.fastmath import FASTMATH
+
+    check = njit(fastmath=FASTMATH, error_model="numpy")(lambda v: cells.all_finite(v))
+    assert check(np.ones(37, np.float32))
+    for at in (0, 7, 8, 31, 36):
+        v = np.ones(37, np.float32)
+        v[at] = bad
+        assert not check(v), at

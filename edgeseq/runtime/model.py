@@ -42,6 +42,12 @@ class Model:
             self.info = read_metadata(proto, str(self.path))
         self.inputs = read_inputs(proto, self.graph, str(self.path))
         self.n_features, self.time_first = self.inputs.n_features, self.inputs.time_first
+        if self.info is not None and self.info.model_spec.input_size != self.n_features:
+            raise ModelFormatError(
+                f"{self.path}: edgeseq metadata: model_spec.input_size is "
+                f"{self.info.model_spec.input_size}, but the graph's input takes "
+                f"{self.n_features} features"
+            )
         self.backend, self.plan_note, self._proto = backend, "", proto
         self.plan: Plan | None = None
         self.n_outputs = self._count_outputs()

@@ -197,7 +197,7 @@ def source(plan: Plan) -> str:
         src = dst
     n = plan.n_outputs
     lines.append(f"        cells.copy(ys[t * {n} : t * {n} + {n}], {src}, {n})")
-    lines.append("    if cells.first_bad(state) >= 0 or cells.first_bad(ys) >= 0:")
+    lines.append("    if not (cells.all_finite(state) and cells.all_finite(ys)):")
     lines.append(f"        cells.copy(state, saved, {plan.state_size})  # as before the call")
     lines.append(f"        return {BAD_OUTPUT}")
     lines.append("    return -1\n")
