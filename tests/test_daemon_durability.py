@@ -1,6 +1,7 @@
 """`edgeseq serve` under the things that happen to a daemon in the field: kill -9 in the middle of
-a checkpoint, SIGTERM/SIGINT, a state file of another model or a corrupt one, temp files a
-killed writer left behind, model reloads (SIGHUP and --watch), and systemd's notify protocol.
+a checkpoint, SIGTERM/SIGINT, a state file of another model, a corrupt one or one with malformed
+seq bookkeeping, temp files a killed writer left behind, model reloads (SIGHUP and --watch),
+systemd's notify protocol, and a --max-streams table too large to hold.
 
 Every daemon is a real subprocess (tests.daemon_harness.DaemonProcess) serving JSON lines over
 TCP on 127.0.0.1 (port 0, read from its "listening" log line). Every prediction is checked
@@ -13,16 +14,20 @@ from __future__ import annotations
 import contextlib
 import functools
 import io
+import json
 import os
+import resource
 import shutil
 import signal
 import socket
 import struct
+import subprocess
+import sys
 import tempfile
 import threading
 import time
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +45,8 @@ EXPORT = ROOT / "export"
 LSTM = EXPORT / "pump-lstm.onnx"
 GRU = EXPORT / "pump-gru.onnx"  # 3 features like the LSTM; one (16,) state instead of four (32,)
 GRU_INT8 = EXPORT / "pump-gru-int8.onnx"  # another model with exactly the GRU's state keys
+ONE_OUTPUT = EXPORT / "levels-regress-rnn.onnx"  # 1 feature, 1 output, one (16,) state
+THREE_OUTPUTS = EXPORT / "classes-classify-gru.onnx"  # 1 feature, 3 outputs, one (16,) state
 LISTEN = ("--listen", "tcp://127.0.0.1:0")
 STATE = "state.npz"
 PARTIAL = f".{STATE}.*.partial"  # runtime.state's temp files
@@ -501,6 +508,109 @@ def test_a_corrupt_state_file_is_refused_at_start_and_left_as_it_is(
     assert state_file.read_bytes() == bad, "the refused file was changed"
 
 
+# -- 4b. malformed seq bookkeeping in a state file --------------------------------------------
+
+
+def rewrite_extra(path: Path, change: Callable[[dict[str, Any]], object]) -> None:
+    """Apply `change` to the `extra` in the checkpoint's header, in place (NaN and infinity are
+    written as JSON's NaN and Infinity, which Python's json reads back)."""
+    with np.load(path) as npz:
+        arrays = {name: npz[name] for name in npz.files}
+    header = json.loads(arrays["header"].tobytes())
+    change(header["extra"])
+    arrays["header"] = np.frombuffer(json.dumps(header).encode(), np.uint8)
+    np.savez(path, **arrays)
+
+
+MALFORMED = {  # case -> (a change to the extra the daemon wrote, what the error must name)
+    "seq-list": (lambda e: e.update(seq=[29, 29]), "'seq'"),
+    "seq-string": (lambda e: e.update(seq="29"), "'seq'"),
+    "seq-int": (lambda e: e.update(seq=29), "'seq'"),
+    "y-list": (lambda e: e.update(y=[[0.5], [0.5]]), "'y'"),
+    "y-string": (lambda e: e.update(y="0.5"), "'y'"),
+    "y-int": (lambda e: e.update(y=5), "'y'"),
+    "seq-negative": (lambda e: e["seq"].update({"pump-1": -1}), "'seq' of stream 'pump-1'"),
+    "seq-float": (lambda e: e["seq"].update({"pump-1": 29.0}), "'seq' of stream 'pump-1'"),
+    "seq-true": (lambda e: e["seq"].update({"pump-1": True}), "'seq' of stream 'pump-1'"),
+    "y-nan": (lambda e: e["y"].update({"pump-1": [float("nan")]}), "'y' of stream 'pump-1'"),
+    "y-infinity": (lambda e: e["y"].update({"pump-1": [float("inf")]}), "'y' of stream 'pump-1'"),
+    "y-too-wide": (lambda e: e["y"].update({"pump-1": [0.5, 0.5]}), "'y' of stream 'pump-1'"),
+    "y-text-value": (lambda e: e["y"].update({"pump-1": ["0.5"]}), "'y' of stream 'pump-1'"),
+    "unknown-key": (lambda e: e.update(lives=9), "'lives'"),
+}
+
+
+@pytest.mark.parametrize("case", MALFORMED)
+def test_a_state_file_with_malformed_seq_bookkeeping_is_refused_at_start_and_left_as_it_is(
+    case: str, tmp_path: Path
+) -> None:
+    """The seq and y tables beside the states are checked before any state is restored: one
+    error line naming the file, the key and what was expected; no traceback, no serving."""
+    change, named = MALFORMED[case]
+    state_file = tmp_path / "state" / STATE
+    real_checkpoint(state_file, Fleet(LSTM, 2, 30), upto=29)
+    rewrite_extra(state_file, change)
+    bad = state_file.read_bytes()
+    with Daemon(str(LSTM), *LISTEN, "--state-dir", str(state_file.parent)) as daemon:
+        code, stderr = stderr_at_exit(daemon)
+        events = [entry["event"] for entry in daemon.logs]
+    errors = [line for line in stderr if line.startswith("error:")]
+    assert code == 2, stderr
+    assert len(errors) == 1, stderr
+    assert str(state_file) in errors[0] and named in errors[0], errors[0]
+    assert "expected" in errors[0], errors[0]
+    assert not [line for line in not_logs(stderr) if not line.startswith("error:")], stderr
+    assert not {"states restored", "listening", "ready"} & set(events), events
+    assert state_file.read_bytes() == bad, "the refused file was changed"
+
+
+def test_bookkeeping_the_daemon_writes_without_seq_or_answers_is_restored(tmp_path: Path) -> None:
+    """Streams fed without seq (seq null), a sample whose output was not finite (y null) and an
+    id with bookkeeping but no state are all what a daemon may write: restored, not refused."""
+    state_file = tmp_path / "state" / STATE
+    fleet = Fleet(LSTM, 2, 40)
+    real_checkpoint(state_file, fleet, upto=29)
+
+    def unsequenced(extra: dict[str, Any]) -> None:
+        extra["seq"].update({"pump-0": None, "lost-1": None})
+        extra["y"].update({"pump-0": None, "lost-1": None})
+
+    rewrite_extra(state_file, unsequenced)
+    with Daemon(str(LSTM), *LISTEN, "--state-dir", str(state_file.parent)) as daemon:
+        client = daemon.connect()
+        assert daemon.wait_for("states restored")["streams"] == 2
+        again = client.ask(fleet.message("pump-1", 29))
+        assert again.get("duplicate") is True and again["y"] == fleet.ys["pump-1"][29].tolist()
+        fleet.check(client.ask(fleet.message("pump-0", 30)))  # no seq to resend from
+        assert daemon.stop() == 0
+
+
+def test_a_checkpoint_written_after_a_reload_to_another_output_width_is_restored(
+    tmp_path: Path,
+) -> None:
+    """Answers given before a reload have the old model's width: they are answered from memory,
+    but not written into a checkpoint the new model would refuse."""
+    served = tmp_path / "models" / "model.onnx"
+    served.parent.mkdir()
+    shutil.copyfile(ONE_OUTPUT, served)
+    args = (str(served), *LISTEN, "--state-dir", str(tmp_path / "state"))
+    with Daemon(*args) as daemon:
+        client = daemon.connect()
+        first = exchange(client, [{"id": f"s-{k}", "seq": 0, "x": [0.5]} for k in range(2)])
+        assert all(len(a["y"]) == 1 for a in first.values()), first
+        replace_model(served, THREE_OUTPUTS)
+        assert hup(daemon, "model reloaded")["new"] == fingerprint(THREE_OUTPUTS)
+        assert client.ask({"id": "s-0", "seq": 0, "x": [0.5]})["y"] == first["s-0", 0]["y"]
+        assert daemon.stop() == 0
+    with Daemon(*args) as daemon:
+        client = daemon.connect()
+        assert daemon.wait_for("states restored")["streams"] == 2
+        again = client.ask({"id": "s-0", "seq": 0, "x": [0.5]})
+        assert again == {"id": "s-0", "seq": 0, "ok": True, "duplicate": True}
+        assert len(client.ask({"id": "s-0", "seq": 1, "x": [0.5]})["y"]) == 3
+        assert daemon.stop() == 0
+
+
 # -- 5. temp files of a killed writer ---------------------------------------------------------
 
 
@@ -775,3 +885,52 @@ def test_systemd_gets_ready_when_serving_watchdog_pings_reloading_and_stopping()
     finally:
         notify.close()
     print(f"\nwatchdog: {len(pings)} pings in 1 s, largest gap {gaps.max() * 1e3:.0f} ms")
+
+
+# -- 9. --max-streams --------------------------------------------------------------------------
+
+BENCH_LSTM = EXPORT / "bench-lstm.onnx"  # 256 floats of state a stream: 1 GiB for 10**6 streams
+ADDRESS_SPACE = 10**9  # bytes a daemon may map in the out-of-memory test: less than that table
+
+
+@pytest.mark.parametrize("where", ["1000001", "1000000000000", str(10**30), "config"])
+def test_max_streams_beyond_what_one_table_can_hold_is_refused_with_one_error_line(
+    where: str, tmp_path: Path
+) -> None:
+    if where == "config":
+        config = tmp_path / "serve.toml"
+        config.write_text("max_streams = 1000000000000\n")
+        args: tuple[str, ...] = ("--config", str(config))
+    else:
+        args = ("--max-streams", where)
+    with Daemon(str(LSTM), *LISTEN, *args) as daemon:
+        code, stderr = stderr_at_exit(daemon)
+    errors = [line for line in stderr if line.startswith("error:")]
+    assert code == 2, stderr
+    assert len(errors) == 1 and "max_streams" in errors[0] and "1,000,000" in errors[0], stderr
+    assert not [line for line in not_logs(stderr) if not line.startswith("error:")], stderr
+
+
+def test_the_largest_max_streams_serves() -> None:
+    with Daemon(str(LSTM), *LISTEN, "--max-streams", "1000000") as daemon:
+        client = daemon.connect()
+        assert "y" in client.ask({"id": "pump-1", "seq": 0, "x": [0.1, 0.2, 0.3]})
+        assert daemon.stop() == 0
+
+
+def test_a_stream_table_that_does_not_fit_in_memory_is_refused_with_one_error_line() -> None:
+    """A board with less memory than --max-streams states need: a clear error, not a traceback
+    (the address space is capped below the table's size, so the allocation fails anywhere)."""
+
+    def cap_memory() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (ADDRESS_SPACE, ADDRESS_SPACE))
+
+    cmd = [sys.executable, "-m", "edgeseq", "serve", str(BENCH_LSTM), "--max-streams", "1000000"]
+    done = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                          cwd=ROOT, timeout=120, preexec_fn=cap_memory)  # fmt: skip
+    stderr = done.stderr.splitlines()
+    errors = [line for line in stderr if line.startswith("error:")]
+    assert done.returncode == 2, stderr
+    assert len(errors) == 1 and "max_streams is 1000000" in errors[0], stderr
+    assert "GiB" in errors[0] and "does not fit in memory" in errors[0], errors[0]
+    assert not [line for line in not_logs(stderr) if not line.startswith("error:")], stderr

@@ -60,7 +60,10 @@ class Checkpointer:
                 extra={"saved_model": snap.fingerprint[:12], "moved_to": str(aside)},
             )
             return 0
-        self.table.restore(snap)
+        try:
+            self.table.restore(snap)  # its seq bookkeeping checked before any state is restored
+        except CheckpointError as exc:
+            raise CheckpointError(f"{self.path}: {exc}") from None
         self.last = time.monotonic()
         log.info("states restored", extra={"streams": len(snap.ids), "saved_at": snap.created})
         return len(snap.ids)

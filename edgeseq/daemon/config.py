@@ -21,6 +21,9 @@ DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
 UNIT_SECONDS = {"ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 LOG_LEVELS = ("debug", "info", "warning", "error")
 DURATIONS = {"idle_timeout", "max_wait", "checkpoint_interval", "watch_interval"}
+# One daemon's stream table: past this, its bookkeeping alone (ids, seq, answers: some 200 bytes
+# a stream) outgrows a board and its checkpoint header the 64 MiB a snapshot may hold.
+MAX_STREAMS = 1_000_000
 
 
 @dataclass
@@ -62,6 +65,11 @@ class DaemonConfig:
         for name in ("max_streams", "max_batch", "queue_size", "max_line_bytes"):
             if getattr(self, name) < 1:
                 raise UsageError(f"{name} is {getattr(self, name)}; expected an integer >= 1")
+        if self.max_streams > MAX_STREAMS:
+            raise UsageError(
+                f"max_streams is {self.max_streams}; expected at most {MAX_STREAMS:,} (one "
+                "daemon's stream table; run more daemons for more streams)"
+            )
         for name in ("idle_timeout", "checkpoint_interval", "watch_interval"):
             if getattr(self, name) <= 0:
                 raise UsageError(f"{name} is {getattr(self, name)}; expected a duration > 0")

@@ -10,6 +10,7 @@ too, so eviction is always counted and logged by the one place that does it.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -17,13 +18,14 @@ from typing import Any
 
 import numpy as np
 
-from edgeseq.daemon.protocol import Sample, answer, error
-from edgeseq.errors import EdgeseqError
+from edgeseq.daemon.protocol import Sample, _brief, answer, error
+from edgeseq.errors import CheckpointError, EdgeseqError, UsageError
 from edgeseq.runtime import Model, StreamPool
 from edgeseq.runtime.state import Snapshot, pool_snapshot, restore_pool
 
 log = logging.getLogger("edgeseq.daemon")
 EXTREME_INPUT = 1e15  # |x| from which a sample may overflow float32 inside a model
+EXTRA_KEYS = ("seq", "y")  # the bookkeeping `snapshot` writes beside the states
 
 
 @dataclass(slots=True)
@@ -52,7 +54,15 @@ class StreamTable:
 
     def __init__(self, model: Model, capacity: int) -> None:
         self.model, self.capacity = model, capacity
-        self.pool: StreamPool = model.pool(capacity)
+        try:
+            self.pool: StreamPool = model.pool(capacity)
+        except MemoryError:
+            floats = sum(np.size(v) for v in model.stream().state.values())
+            raise UsageError(
+                f"max_streams is {capacity}: a table of {capacity} states of {floats} floats "
+                f"({capacity * floats * 4 / 2**30:.1f} GiB) does not fit in memory; lower "
+                "max_streams"
+            ) from None
         self.info: dict[str, StreamInfo] = {}
         self.counters = Counters()
         self.on_step: Callable[[int, float], None] = lambda batch, seconds: None
@@ -210,27 +220,27 @@ class StreamTable:
     # -- persistence and reload ---------------------------------------------------------------
 
     def snapshot(self) -> tuple[dict[str, Any], dict[str, Any]]:
-        """(states, extra) for save_snapshot: states of every stream and their seq bookkeeping."""
+        """(states, extra) for save_snapshot: states of every stream and their seq bookkeeping.
+        An answer of another output width (given before a reload) is not written: `restore`
+        would refuse it."""
         states = pool_snapshot(self.pool)
+        width = self.model.n_outputs
+        ys = {sid: info.y for sid, info in self.info.items()}
         extra = {
             "seq": {sid: info.seq for sid, info in self.info.items()},
-            "y": {sid: info.y for sid, info in self.info.items()},
+            "y": {sid: y if y and len(y) == width else None for sid, y in ys.items()},
         }
         return states, extra
 
     def restore(self, snap: Snapshot) -> None:
-        """Put a snapshot's streams back, with their seq numbers and last answers."""
+        """Put a snapshot's streams back, with their seq numbers and last answers. Malformed
+        bookkeeping is refused (CheckpointError) before anything is restored."""
+        seqs, ys = _bookkeeping(snap.extra, self.model.n_outputs)
         restore_pool(self.pool, snap)
-        extra = snap.extra if isinstance(snap.extra, dict) else {}
-        seqs, ys = extra.get("seq") or {}, extra.get("y") or {}
         now = time.monotonic()
         for sid in snap.ids:
-            seq, y = seqs.get(sid), ys.get(sid)
-            ok_seq = isinstance(seq, int) and not isinstance(seq, bool) and seq >= 0
-            ok_y = isinstance(y, list) and all(isinstance(v, float | int) for v in y)
-            self.info[sid] = StreamInfo(
-                seq if ok_seq else None, y if ok_y else None, now, resync=ok_seq
-            )
+            seq = seqs.get(sid)
+            self.info[sid] = StreamInfo(seq, ys.get(sid), now, resync=seq is not None)
 
     def swap_model(self, model: Model) -> bool:
         """Move every stream onto `model`'s pool; True if states carried over, False if the new
@@ -264,3 +274,51 @@ def _state_renaming(old: dict[str, Any], new: dict[str, Any]) -> dict[str, str] 
     shapes_old = [np.shape(v) for v in old.values()]
     shapes_new = [np.shape(v) for v in new.values()]
     return dict(zip(old, new, strict=True)) if shapes_old == shapes_new else None
+
+
+def _bookkeeping(extra: Any, width: int) -> tuple[dict[str, int | None], dict[str, Any]]:
+    """A snapshot's `extra` as (seq by stream id, y by stream id), every entry checked: a seq is
+    an integer >= 0 or null, a y null or `width` finite floats. None (a plain pool's snapshot)
+    is no bookkeeping at all."""
+    if extra is None:
+        return {}, {}
+    unknown = sorted(set(extra) - set(EXTRA_KEYS))
+    if unknown:
+        raise CheckpointError(f"header extra has unknown keys {unknown}; expected only 'seq', 'y'")
+    seqs = _entries(extra, "seq", _is_seq, "an integer >= 0 or null")
+    expected = f"null or a list of {width} finite floats (the model's output width)"
+    ys = _entries(extra, "y", lambda y: _is_answer(y, width), expected)
+    return seqs, {sid: None if y is None else [float(v) for v in y] for sid, y in ys.items()}
+
+
+def _entries(extra: dict[str, Any], key: str, ok: Callable[[Any], bool], expected: str) -> Any:
+    table = extra.get(key, {})
+    if not isinstance(table, dict):
+        raise CheckpointError(
+            f"header extra {key!r} is {_brief(table)}; expected a JSON object of stream id -> "
+            f"{expected}"
+        )
+    for sid, value in table.items():
+        if not ok(value):
+            raise CheckpointError(
+                f"header extra {key!r} of stream {sid!r} is {_brief(value)}; expected {expected}"
+            )
+    return table
+
+
+def _is_seq(value: object) -> bool:
+    return value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= 0)
+
+
+def _is_answer(y: object, width: int) -> bool:
+    """None, or what a duplicate can be answered with: `width` finite numbers."""
+    return y is None or (isinstance(y, list) and len(y) == width and all(map(_is_finite, y)))
+
+
+def _is_finite(value: object) -> bool:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an integer beyond float range
+        return False
