@@ -25,8 +25,10 @@ from typing import Any
 import numpy as np
 
 from edgeseq.runtime import Model, load
+from edgeseq.runtime.kernels import OP_RNN_ANY
 
 C_SOURCE = Path(__file__).resolve().parents[1] / "benchmarks" / "step.c"
+C_CODE_WIDTH = 10  # values per program row that step.c reads (its W); the plain cells use 9
 POOL_SIZES = (1, 64, 1024)
 FEED_STEPS = 10_000
 
@@ -142,16 +144,18 @@ class CReference:
 
     def __init__(self, model: Model, folder: Path) -> None:
         cc = shutil.which("cc") or shutil.which("gcc")
-        if cc is None or model.plan is None or not C_SOURCE.is_file():
-            raise FileNotFoundError("no C compiler, fused plan or benchmarks/step.c")
         plan = model.plan
+        if cc is None or plan is None or not C_SOURCE.is_file():
+            raise FileNotFoundError("no C compiler, fused plan or benchmarks/step.c")
+        if (plan.code[:, 0] >= OP_RNN_ANY).any():  # the *_ANY cells have no C twin
+            raise FileNotFoundError("the C reference runs the plain cells only")
         self.binary, self.program = folder / "step", folder / "program.bin"
         subprocess.run([cc, *C_FLAGS, "-o", str(self.binary), str(C_SOURCE), "-lm"],
                        check=True, capture_output=True)  # fmt: skip
         with open(self.program, "wb") as fh:
             head = [plan.code.shape[0], plan.width, plan.n_features, plan.params.size]
             np.array(head, np.int64).tofile(fh)
-            plan.code.astype(np.int64).tofile(fh)
+            plan.code[:, :C_CODE_WIDTH].astype(np.int64).tofile(fh)  # step.c's W
             plan.params.astype(np.float32).tofile(fh)
             np.array([plan.state_size], np.int64).tofile(fh)
             plan.initial_state.astype(np.float32).tofile(fh)

@@ -36,6 +36,8 @@ import onnx
 import pytest
 
 import edgeseq
+from edgeseq.daemon.table import _bookkeeping
+from edgeseq.errors import CheckpointError
 from edgeseq.runtime.state import load_snapshot, save_snapshot
 from tests.daemon_harness import ROOT, DaemonProcess, LineClient, offline_predictions
 
@@ -541,11 +543,24 @@ MALFORMED = {  # case -> (a change to the extra the daemon wrote, what the error
 
 
 @pytest.mark.parametrize("case", MALFORMED)
+def test_every_kind_of_malformed_bookkeeping_is_refused_naming_the_key(case: str) -> None:
+    """The check itself, on what a daemon writes for two streams with one output each."""
+    change, named = MALFORMED[case]
+    extra: dict[str, Any] = {"seq": {"pump-0": 29, "pump-1": 29},
+                             "y": {"pump-0": [0.5], "pump-1": [0.5]}}  # fmt: skip
+    change(extra)
+    with pytest.raises(CheckpointError, match="expected") as refused:
+        _bookkeeping(extra, 1)
+    assert named in str(refused.value)
+
+
+@pytest.mark.parametrize("case", ["seq-list", "y-nan", "unknown-key"])
 def test_a_state_file_with_malformed_seq_bookkeeping_is_refused_at_start_and_left_as_it_is(
     case: str, tmp_path: Path
 ) -> None:
     """The seq and y tables beside the states are checked before any state is restored: one
-    error line naming the file, the key and what was expected; no traceback, no serving."""
+    error line naming the file, the key and what was expected; no traceback, no serving (a
+    daemon for three of the kinds above; each daemon costs seconds)."""
     change, named = MALFORMED[case]
     state_file = tmp_path / "state" / STATE
     real_checkpoint(state_file, Fleet(LSTM, 2, 30), upto=29)

@@ -21,6 +21,7 @@ from edgeseq.daemon.config import DaemonConfig
 from edgeseq.daemon.metrics import Metrics
 from edgeseq.daemon.protocol import BadMessage, Sample, error, parse_csv, parse_json
 from edgeseq.daemon.table import StreamTable
+from edgeseq.errors import EdgeseqError
 
 log = logging.getLogger("edgeseq.daemon")
 Reply = Callable[[dict[str, Any]], None]
@@ -153,10 +154,13 @@ class Batcher:
         samples = [p.sample for p in round_ if p.sample is not None]
         try:
             applied = iter(self.table.apply(samples))
-        except Exception as exc:  # not expected: every sample was checked at the edge
-            log.error("batch refused; stepping its samples one by one",
-                      extra={"detail": f"{type(exc).__name__}: {exc}"})  # fmt: skip
+        except EdgeseqError as exc:  # not expected: every sample was checked at the edge
+            log.error("batch refused; stepping its samples one by one", extra={"detail": str(exc)})
             applied = iter([self._apply_alone(sample) for sample in samples])
+        except Exception as exc:  # a defect, perhaps after the pool stepped: a retry could
+            detail = f"{type(exc).__name__}: {exc}"  # apply samples twice; answer, serve on
+            log.error("batch failed", extra={"detail": detail})
+            applied = iter([error("internal", detail, s.stream_id, s.seq) for s in samples])
         return [p.refused if p.refused is not None else next(applied) for p in round_]
 
     def _apply_alone(self, sample: Sample) -> dict[str, Any]:

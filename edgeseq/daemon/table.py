@@ -107,7 +107,7 @@ class StreamTable:
                 answers[k] = answer(sample.stream_id, sample.seq, y)
                 self.counters.applied += 1
                 continue
-            kept = self._roll_back(sample.stream_id, saved)
+            kept = self._roll_back(sample.stream_id, saved) or self.pool.undoes_overflow(len(ids))
             if not kept:  # applied after all: a resend must not apply it twice
                 info.seq, info.y = sample.seq, None
             answers[k] = error(

@@ -28,6 +28,7 @@ ACT_AFFINE, ACT_THRESHOLDED_RELU, ACT_SCALED_TANH, ACT_HARD_SIGMOID = range(5, 9
 ACT_ELU, ACT_SOFTSIGN, ACT_SOFTPLUS = range(9, 12)
 ONE = np.float32(1.0)
 ZERO = np.float32(0.0)
+FLOAT32_MAX = np.float32(np.finfo(np.float32).max)
 
 
 @inline_kernel
@@ -298,12 +299,13 @@ def softmax(x, y, n):
 
 @inline_kernel
 def all_finite(x):
-    """No NaN or infinity in a flat array: one vectorised pass (v * 0 is NaN exactly for
-    those), not first_bad's branch per element. Not v - v: LLVM folds that to 0 here."""
-    total = ZERO
+    """No NaN or infinity in a flat array: one vectorised compare-and-count (|v| <= max is
+    false exactly for those), not first_bad's branch per element. No arithmetic on v that
+    fast-math could fold or reassociate (v - v became 0 here)."""
+    ok = 0
     for j in range(x.shape[0]):
-        total += x[j] * ZERO
-    return total == ZERO
+        ok += abs(x[j]) <= FLOAT32_MAX
+    return ok == x.shape[0]
 
 
 @inline_kernel

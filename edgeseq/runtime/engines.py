@@ -6,9 +6,10 @@
 - OrtEngine: ONNX Runtime with seq_len 1 and the state pairs fed back (the `onnxruntime` backend).
 
 `step` and `feed` return the flat index of the first NaN or infinity in their input (and then
-change nothing), or -1. A stream's state is opaque to the engine's callers except through
-`export`/`restore`, which use one format for all engines: {"<node>.h": (H,), "<node>.c": (H,)}
-float32 arrays.
+change nothing), BAD_OUTPUT when finite input drove the state or an output to NaN or infinity
+(the state is then as it was before the call), or -1. A stream's state is opaque to the
+engine's callers except through `export`/`restore`, which use one format for all engines:
+{"<node>.h": (H,), "<node>.c": (H,)} float32 arrays.
 """
 
 from __future__ import annotations
@@ -61,6 +62,22 @@ def first_bad(values: np.ndarray) -> int:
     return int(bad[0]) if bad.size else -1
 
 
+def as_real(value: Any, dtype: Any = np.float32) -> np.ndarray:
+    """value as an array of `dtype` when it holds real numbers (bool, int, float), else
+    ShapeError naming what it holds: a cast alone would drop a complex value's imaginary part
+    or read a date as a number. Values beyond float32 become infinity, which every caller then
+    refuses as not finite."""
+    try:
+        raw = np.asarray(value)
+        if raw.dtype.kind in "biuf":
+            with np.errstate(over="ignore"):
+                return raw.astype(dtype, copy=False)
+        found = f"{raw.dtype} values"
+    except (TypeError, ValueError, OverflowError) as exc:
+        found = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    raise ShapeError(f"found {found}; expected real numbers")
+
+
 def _kept_finite(bad: int, state: np.ndarray, saved: np.ndarray, out: np.ndarray) -> int:
     """What the specialized kernel does in itself: a call that left the state or an output NaN
     or infinite is undone (BAD_OUTPUT)."""
@@ -87,13 +104,9 @@ def _check_keys(saved: StateDict, shapes: Mapping[str, tuple[int, ...]]) -> Stat
     checked = {}
     for key, shape in shapes.items():
         try:
-            raw = np.asarray(saved[key])
-            with np.errstate(over="ignore"):  # too big for float32: inf, refused below
-                value = raw.astype(np.float32) if raw.dtype.kind in "biuf" else None
-        except (TypeError, ValueError, OverflowError):
-            value = None
-        if value is None:
-            raise ShapeError(f"state {key!r} is not an array of real numbers")
+            value = as_real(saved[key])
+        except ShapeError as exc:
+            raise ShapeError(f"state {key!r}: {exc}") from None
         if value.shape != shape:
             raise ShapeError(f"state {key!r} has shape {value.shape}; expected {shape}")
         if not np.isfinite(value).all():
@@ -183,8 +196,7 @@ class KernelEngine:
         """One batched kernel call for many (distinct) streams; threads only pay off for large
         batches. `works`: the caller's from new_works() (else made for this call)."""
         plan = self.plan
-        cached = plan.params.nbytes <= CACHED_BYTES
-        gemm = xs.shape[0] >= (GEMM_BATCH_CACHED if cached else GEMM_BATCH) and self.gemm.supported
+        gemm = self._uses_gemm(xs.shape[0])
         own = None if gemm else self._rows_kernels()
         if own is not None:
             works = self.new_works() if works is None else works
@@ -197,6 +209,15 @@ class KernelEngine:
             if own is not None:
                 return int(own[1](plan.params, xs, table, rows, works, out))
             return self._interpreted_rows(xs, table, rows, out)
+
+    def _uses_gemm(self, batch: int) -> bool:
+        cached = self.plan.params.nbytes <= CACHED_BYTES
+        return batch >= (GEMM_BATCH_CACHED if cached else GEMM_BATCH) and self.gemm.supported
+
+    def undoes_overflow(self, batch: int) -> bool:
+        """Whether a pool step of `batch` streams keeps the state of a stream whose sample
+        overflows (the model's own kernel does; BLAS and the interpreter do not)."""
+        return not self._uses_gemm(batch) and self._rows_kernels() is not None
 
     def _interpreted_rows(
         self, xs: np.ndarray, table: np.ndarray, rows: np.ndarray, out: np.ndarray

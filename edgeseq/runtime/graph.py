@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from edgeseq.errors import ModelFormatError
+from edgeseq.errors import ModelFormatError, ShapeError
 from edgeseq.runtime import elementwise, recurrent_ops
 
 RECURRENT = ("RNN", "LSTM", "GRU")
@@ -216,7 +216,7 @@ class Graph:
                     results = _recurrent(node, args[: 8 if node.op == "LSTM" else 6])
                 else:
                     results = elementwise.OPS[node.op](node.attrs, *args)
-            except (ValueError, IndexError, TypeError, KeyError) as exc:
+            except (ValueError, IndexError, TypeError, KeyError, ShapeError) as exc:
                 raise ModelFormatError(
                     f"{self.where}: node {node.name!r} ({node.op}) cannot run on these inputs: "
                     f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"

@@ -14,7 +14,7 @@ import numpy as np
 
 from edgeseq.artifact import METADATA_KEY, ArtifactInfo, read_metadata
 from edgeseq.errors import EdgeseqError, ModelFormatError, ShapeError, UsageError
-from edgeseq.runtime.engines import Engine, GraphEngine, KernelEngine, OrtEngine
+from edgeseq.runtime.engines import Engine, GraphEngine, KernelEngine, OrtEngine, as_real
 from edgeseq.runtime.graph import Graph
 from edgeseq.runtime.inputs import find_baked_steps, read_inputs
 from edgeseq.runtime.loader import read_model
@@ -196,13 +196,9 @@ class Model:
 
 def _as_input(value: Any, dtype: np.dtype, name: str) -> np.ndarray:
     try:
-        raw = np.asarray(value)
-        if raw.dtype.kind in "biuf":
-            with np.errstate(over="ignore"):  # too big for float32: inf, refused as not finite
-                return raw.astype(dtype, copy=False)
-    except (TypeError, ValueError, OverflowError):
-        pass
-    raise ShapeError(f"input {name!r} is not an array of real numbers ({type(value).__name__})")
+        return as_real(value, dtype)
+    except ShapeError as exc:
+        raise ShapeError(f"input {name!r}: {exc}") from None
 
 
 def load(path: str | Path, backend: str = "numba") -> Model:

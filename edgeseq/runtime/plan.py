@@ -154,10 +154,8 @@ KINDS = {  # recurrent_ops.ACTIVATIONS' names -> the kernels' codes
     "hardsigmoid": cells.ACT_HARD_SIGMOID, "elu": cells.ACT_ELU, "softsign": cells.ACT_SOFTSIGN,
     "softplus": cells.ACT_SOFTPLUS,
 }  # fmt: skip
-DEFAULT_ACTIVATIONS = {
-    "RNN": ["Tanh"], "GRU": ["Sigmoid", "Tanh"], "LSTM": ["Sigmoid", "Tanh", "Tanh"]
-}  # fmt: skip
-NO_CLIP = float(np.finfo(np.float32).max)  # bound(v, NO_CLIP) is v for every finite v
+DEFAULT_ACTIVATIONS = recurrent_ops.DEFAULT_ACTIVATIONS
+NO_CLIP = float("inf")  # bound(v, NO_CLIP) is v, infinities included
 
 
 @dataclass
@@ -192,11 +190,16 @@ class _Options:
         return [KINDS[name] for name, _, _ in self.activations]
 
 
+def _cell(node: Node) -> str:
+    """RNN, GRU or LSTM: ONNX Runtime's int8 LSTM is an LSTM."""
+    return {"DynamicQuantizeLSTM": "LSTM"}.get(node.op, node.op)
+
+
 def _options(node: Node, consts: dict[str, np.ndarray]) -> _Options:
     """The node's options; NoPlan for what one-sample streaming cannot fuse (other directions,
     sequence_lens, run-time peepholes)."""
     a = node.attrs
-    op = {"DynamicQuantizeLSTM": "LSTM"}.get(node.op, node.op)
+    op = _cell(node)
     reasons = []
     if a.get("direction", "forward") != "forward":
         reasons.append(f"direction {a['direction']}")
@@ -236,9 +239,12 @@ def _recurrent(
     b: _Builder, node: Node, consts: dict[str, np.ndarray], n_in: int
 ) -> tuple[int, RecurrentLayer]:
     options = _options(node, consts)
-    plain = options.plain(cell := {"DynamicQuantizeLSTM": "LSTM"}.get(node.op, node.op))
+    plain = options.plain(cell := _cell(node))
     w, r, bias = _weights(node, consts)
     hidden = r.shape[1]
+    if options.peepholes is not None and options.peepholes.size != 3 * hidden:
+        raise NoPlan(f"node {node.name!r}: P has {options.peepholes.size} values; expected "
+                     f"3 * hidden_size = {3 * hidden}")  # fmt: skip
     if w.shape[1] != n_in:
         raise NoPlan(f"node {node.name!r} takes {w.shape[1]} inputs, the data path has {n_in}")
     b.width = max(b.width, 7 * hidden, n_in)

@@ -49,6 +49,9 @@ _PARAMETERS: dict[str, dict[str, float | None]] = {
 }
 
 DIRECTIONS = {"forward": 1, "reverse": 1, "bidirectional": 2}
+DEFAULT_ACTIVATIONS = {  # per direction, when a node names none
+    "RNN": ["Tanh"], "GRU": ["Sigmoid", "Tanh"], "LSTM": ["Sigmoid", "Tanh", "Tanh"]
+}  # fmt: skip
 
 
 def _key(name: str) -> str:
@@ -255,7 +258,8 @@ def rnn(
     """ONNX RNN: Ht = f(Xt W^T + Ht-1 R^T + Wb + Rb), default f=Tanh. Returns Y, Y_h."""
     w, r, wb, rb = _weights(w, r, b, 1, hidden_size, direction)
     activations = rnn_activations(activations, len(w))
-    fs = _activations(activations, activation_alpha, activation_beta, ["Tanh"], len(w))
+    defaults = DEFAULT_ACTIVATIONS["RNN"]
+    fs = _activations(activations, activation_alpha, activation_beta, defaults, len(w))
     steps = [_rnn_step(*d, clip) for d in zip(w, r, wb + rb, [f for (f,) in fs], strict=True)]
     y, y_h = _recur(steps, x, [initial_h], sequence_lens, (direction, layout, r.shape[-1]))
     return y, y_h
@@ -308,7 +312,7 @@ def gru(
 ) -> tuple[np.ndarray, np.ndarray]:
     """ONNX GRU (gates z, r, h; default f=Sigmoid, g=Tanh). Returns Y, Y_h."""
     w, r, wb, rb = _weights(w, r, b, 3, hidden_size, direction)
-    defaults = ["Sigmoid", "Tanh"]
+    defaults = DEFAULT_ACTIVATIONS["GRU"]
     fs = _activations(activations, activation_alpha, activation_beta, defaults, len(w))
     steps = [_gru_step(*d, clip, linear_before_reset) for d in zip(w, r, wb, rb, fs, strict=True)]
     y, y_h = _recur(steps, x, [initial_h], sequence_lens, (direction, layout, r.shape[-1]))
@@ -365,9 +369,11 @@ def lstm(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """ONNX LSTM (gates i, o, f, c; default f=Sigmoid, g=h=Tanh). Returns Y, Y_h, Y_c."""
     w, r, wb, rb = _weights(w, r, b, 4, hidden_size, direction)
-    defaults = ["Sigmoid", "Tanh", "Tanh"]
+    defaults = DEFAULT_ACTIVATIONS["LSTM"]
     fs = _activations(activations, activation_alpha, activation_beta, defaults, len(w))
     p = np.zeros((len(w), 3 * r.shape[-1])) if p is None else np.asarray(p, np.float64)
+    if p.shape != (len(w), 3 * r.shape[-1]):
+        raise ShapeError(f"P has shape {p.shape}; expected {(len(w), 3 * r.shape[-1])}")
     steps = [_lstm_step(*d, clip, input_forget) for d in zip(w, r, wb + rb, p, fs, strict=True)]
     initial = [initial_h, initial_c]
     y, y_h, y_c = _recur(steps, x, initial, sequence_lens, (direction, layout, r.shape[-1]))

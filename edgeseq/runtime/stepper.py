@@ -2,7 +2,7 @@
 time, carrying each recurrent node's final state into its initial state on the next call.
 
 Slower than the kernels (a NumPy pass over the whole graph per sample) but exact for every graph
-the loader accepts: peepholes, clip, custom activations, seq2seq decoders, learned initial states.
+the loader accepts: sequence_lens inputs, seq2seq decoders, quantised activations.
 """
 
 from __future__ import annotations

@@ -20,6 +20,7 @@ from edgeseq.runtime.engines import (
     Kernel,
     KernelEngine,
     StateDict,
+    as_real,
 )
 
 _F32 = np.dtype(np.float32)  # a dtype object, not the type: np.empty resolves it 2x faster
@@ -28,22 +29,16 @@ MAX_CAPACITY = 1 << 22  # streams in one pool (4 Mi: a table of a few GiB for a 
 
 
 def _real(x: Any, what: str) -> np.ndarray:
-    """x as an array of real numbers (bool, int or float), else ShapeError: a cast to float32
-    would silently drop a complex value's imaginary part or read a date as a number."""
     try:
-        arr = np.asarray(x)
-    except (TypeError, ValueError, OverflowError) as exc:
-        raise ShapeError(f"{what} is not numeric: {exc}") from None
-    if arr.dtype.kind not in "biuf":
-        raise ShapeError(f"{what}: found {arr.dtype} values; expected real numbers")
-    return arr
+        return as_real(x)
+    except ShapeError as exc:
+        raise ShapeError(f"{what}: {exc}") from None
 
 
 def _sample(x: Any, n_features: int, what: str = "sample") -> np.ndarray:
     """x as a fresh float32 vector of the model's width: the slow path's copy, so read-only,
     strided or foreign-order arrays and lists reach the kernels as plain float32 vectors."""
-    with np.errstate(over="ignore"):  # too big for float32: inf, refused as not finite
-        arr = np.array(_real(x, what), dtype=np.float32, order="C")
+    arr = np.array(_real(x, what), dtype=np.float32, order="C")
     if arr.shape != (n_features,):
         raise ShapeError(f"{what} has shape {np.shape(x)}; the model expects ({n_features},)")
     return arr
@@ -51,8 +46,7 @@ def _sample(x: Any, n_features: int, what: str = "sample") -> np.ndarray:
 
 def _block(xs: Any, n_features: int, what: str = "samples") -> np.ndarray:
     arr = xs if isinstance(xs, np.ndarray) and xs.dtype == _F32 else _real(xs, what)
-    with np.errstate(over="ignore"):
-        arr = np.ascontiguousarray(arr, dtype=np.float32)
+    arr = np.ascontiguousarray(arr)
     if arr.ndim != 2 or arr.shape[1] != n_features:
         raise ShapeError(f"{what} have shape {np.shape(xs)}; the model expects (T, {n_features})")
     if not arr.flags.writeable:  # the kernels' signature takes writeable arrays only
@@ -203,9 +197,9 @@ class StreamPool:
         """One sample for each named stream (new ids start fresh): X (B, F) -> (B, n_outputs).
 
         A stream whose sample drives its state or output to NaN or infinity answers NaN (the
-        daemon refuses that answer and restores the stream). Its state is kept as it was,
-        except in batches large enough for BLAS (engines.GEMM_BATCH), where undoing would cost
-        a copy of every stream's state per step: reset it or set its state there."""
+        daemon refuses that answer and restores the stream). Its state is kept as it was where
+        undoes_overflow(len(ids)) says so; in batches large enough for BLAS undoing would cost a
+        copy of every stream's state per step: reset it or set its state there."""
         block = _block(xs, self.n_features, "X")
         if not np.isfinite(block).all():  # before new ids take rows; the kernels re-check
             _refuse(int(np.flatnonzero(~np.isfinite(block))[0]), block, "X")
@@ -228,19 +222,32 @@ class StreamPool:
                     out[b] = np.nan  # as the kernels answer it; its state is as it was
         return out
 
+    def undoes_overflow(self, batch: int) -> bool:
+        """Whether step() with `batch` streams keeps the state of a stream whose sample
+        overflows the model (it always answers NaN for it)."""
+        undoes = getattr(self._engine, "undoes_overflow", None)
+        return True if undoes is None else bool(undoes(batch))
+
     def _rows_of(self, ids: tuple[str, ...], n_samples: int) -> np.ndarray:
         """The table rows of `ids`, taking free rows for new ones; checked before any is taken.
 
         A pool is usually stepped with the same ids call after call (a daemon's batch, a
         fleet of sensors), so step() keeps the last answer: for 1,024 streams this work (a
         set, a dict lookup per id, an index array) is a tenth of the whole GEMM step."""
-        odd = next((i for i in ids if not isinstance(i, str)), None)
-        if odd is not None:
+        try:
+            found = list(map(self._rows.get, ids))  # one C-level pass; None marks a new stream
+            distinct = len(set(ids))
+        except TypeError:  # an unhashable id, such as a list
+            distinct = -1
+        odd = next((i for i in ids if not isinstance(i, str)), None) if distinct < 0 else None
+        missing = found.count(None) if distinct >= 0 else 0
+        if missing:  # ids already in the pool are strings; only new ones need the check
+            odd = next((i for i, f in zip(ids, found, strict=True)
+                        if f is None and not isinstance(i, str)), None)  # fmt: skip
+        if distinct < 0 or odd is not None:
             raise ShapeError(f"stream ids must be strings, found {odd!r:.60}")
-        if len(ids) != n_samples or len(set(ids)) != len(ids):
-            raise ShapeError(f"{len(ids)} ids (distinct: {len(set(ids))}) for {n_samples} rows")
-        found = list(map(self._rows.get, ids))  # one C-level pass; None marks a new stream
-        missing = found.count(None)
+        if len(ids) != n_samples or distinct != len(ids):
+            raise ShapeError(f"{len(ids)} ids (distinct: {distinct}) for {n_samples} rows")
         if missing > len(self._free):
             raise UsageError(
                 f"{missing} new streams do not fit: the pool holds "

@@ -67,5 +67,5 @@ def verify(plan: Plan, graph: Graph, feeds: list[dict[str, np.ndarray]], time_fi
             k.feed(plan.code, plan.params, np.ascontiguousarray(xs[b]), state, scratch, ys)
             ys = ys[-expected.shape[1] :]
             gap = np.abs(ys - expected[b]) / (1.0 + np.abs(expected[b]))
-            worst = max(worst, float(gap.max()))
+            worst = max(worst, float(np.nan_to_num(gap, nan=np.inf).max()))  # NaN: no match
     return worst
