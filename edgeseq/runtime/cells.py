@@ -19,8 +19,9 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from numba import njit
 
-from edgeseq.runtime.fastmath import inline_kernel, sigmoid, tanh
+from edgeseq.runtime.fastmath import FASTMATH, inline_kernel, sigmoid, tanh
 
 ACT_RELU, ACT_TANH, ACT_SIGMOID, ACT_LEAKY_RELU, ACT_IDENTITY = range(5)
 # The rest of the functions the ONNX RNN operators name (the *_any cells take them all).
@@ -113,10 +114,10 @@ def reset_sums(p, cand, rh, hid, off_rh):
             cand[j] += w[j] * rh[k]
 
 
-@inline_kernel
+@njit(cache=True, nogil=True, fastmath=FASTMATH, error_model="numpy")
 def activate_any(kind, alpha, beta, v):
     """Any activation of the ONNX RNN operators, with its alpha and beta (recurrent_ops.py
-    defines them; plan.py resolves the defaults). A literal `kind` folds to one branch."""
+    defines them; plan.py resolves the defaults). Called, not inlined, like the *_any cells."""
     if kind <= ACT_IDENTITY:
         return activate(kind, alpha, v)
     if kind == ACT_AFFINE:
@@ -195,9 +196,12 @@ def gru(p, x, y, state, gates, n_in, hid, off_wx, off_rh, off_wb, off_rb, off_h,
 # beta, LSTM peepholes and input_forget), for graphs that use them; the plain cells above stay
 # as lean as the common case allows. `off_opt` points at the options block plan.py writes:
 # [clip, then alpha and beta of each activation in order, then (LSTM) peepholes i, o, f].
+# They are called, not inlined: inlined into the interpreter's four kernels (which hold every
+# cell), their twelve-way activations made a cold compile take 246 s instead of 38 s.
+any_cell = njit(cache=True, nogil=True, fastmath=FASTMATH, error_model="numpy")
 
 
-@inline_kernel
+@any_cell
 def rnn_any(p, x, y, state, gates, n_in, hid, off_wt, off_b, off_h, kind, off_opt):
     """rnn() with clip and any activation: h = f(clip(W x + R h + Wb + Rb))."""
     limit, alpha, beta = p[off_opt], p[off_opt + 1], p[off_opt + 2]
@@ -208,7 +212,7 @@ def rnn_any(p, x, y, state, gates, n_in, hid, off_wt, off_b, off_h, kind, off_op
     copy(y, h, hid)
 
 
-@inline_kernel
+@any_cell
 def lstm_any(p, x, y, state, gates, n_in, hid, off_wt, off_b, off_h, off_c, off_opt, kf, kg, kh,
              input_forget):  # fmt: skip
     """lstm() with clip, activations f, g, h, peepholes (i and f see the old c, o the new) and
@@ -236,7 +240,7 @@ def lstm_any(p, x, y, state, gates, n_in, hid, off_wt, off_b, off_h, off_c, off_
     copy(y, h, hid)
 
 
-@inline_kernel
+@any_cell
 def gru_any(p, x, y, state, gates, n_in, hid, off_wx, off_rh, off_wb, off_rb, off_h, lbr,
             off_opt, kf, kg):  # fmt: skip
     """gru() with clip and activations f (z, r) and g (the candidate)."""

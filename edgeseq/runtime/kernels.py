@@ -21,7 +21,9 @@ from edgeseq.runtime.fastmath import FASTMATH, inline_kernel
 
 CODE_WIDTH = 12
 OP_AFFINE, OP_RNN, OP_LSTM, OP_GRU, OP_DENSE, OP_ACT, OP_SOFTMAX = range(7)
-OP_RNN_ANY, OP_LSTM_ANY, OP_GRU_ANY = range(7, 10)  # cells with clip, activations, peepholes
+# Cells with clip, any activations, peepholes: only the per-model kernels (specialize.py) run
+# them; in this interpreter, which every model compiles, they tripled the compile time.
+OP_RNN_ANY, OP_LSTM_ANY, OP_GRU_ANY = range(7, 10)
 ACT_RELU, ACT_TANH, ACT_SIGMOID, ACT_LEAKY_RELU, ACT_IDENTITY = (
     cells.ACT_RELU, cells.ACT_TANH, cells.ACT_SIGMOID, cells.ACT_LEAKY_RELU, cells.ACT_IDENTITY
 )  # fmt: skip
@@ -43,18 +45,6 @@ def _apply(row, p, cur, nxt, state, gates):
     if op == OP_RNN:
         cells.rnn(p, cur, nxt, state, gates, row[1], row[2], row[3], row[4], row[5], row[6],
                   row[7])  # fmt: skip
-        return row[2]
-    if op == OP_LSTM_ANY:
-        cells.lstm_any(p, cur, nxt, state, gates, row[1], row[2], row[3], row[4], row[5], row[6],
-                       row[7], row[8], row[9], row[10], row[11])  # fmt: skip
-        return row[2]
-    if op == OP_GRU_ANY:
-        cells.gru_any(p, cur, nxt, state, gates, row[1], row[2], row[3], row[4], row[5], row[6],
-                      row[7], row[8], row[9], row[10], row[11])  # fmt: skip
-        return row[2]
-    if op == OP_RNN_ANY:
-        cells.rnn_any(p, cur, nxt, state, gates, row[1], row[2], row[3], row[4], row[5], row[6],
-                      row[7])  # fmt: skip
         return row[2]
     if op == OP_DENSE:
         cells.dense(p, cur, nxt, row[1], row[2], row[3], row[4])
