@@ -652,3 +652,29 @@ def test_peepholes_of_the_wrong_length_are_refused_naming_the_node(tmp_path):
     onnx.save(model, tmp_path / "p.onnx")
     with pytest.raises(ModelFormatError, match=r"LSTM.*P has shape \(1, 3\); expected \(1, 12\)"):
         edgeseq.load(tmp_path / "p.onnx")
+
+
+def _pool_equals_streams(path: Path, steps: int = 5, streams: int = 3) -> edgeseq.Model:
+    """A numpy-backend pool (one stacked call per step, batched.py) against separate streams."""
+    model = edgeseq.load(path, backend="numpy")
+    pool, alone = model.pool(capacity=streams), [model.stream() for _ in range(streams)]
+    rng = np.random.default_rng(7)
+    for _ in range(steps):
+        xs = rng.standard_normal((streams, model.n_features)).astype(np.float32)
+        got = pool.step([f"s{i}" for i in range(streams)], xs)
+        expected = np.stack([s.step(x) for s, x in zip(alone, xs, strict=True)])
+        np.testing.assert_allclose(got, expected, rtol=0, atol=TOLERANCE)
+    return model
+
+
+@pytest.mark.parametrize("case", [*TORCHSCRIPT, *DYNAMIC_DYNAMO, UNNAMED_AXES], ids=str)
+def test_a_numpy_pool_of_a_torch_export_steps_in_one_call_like_separate_streams(case, exported):
+    stacker = _pool_equals_streams(exported(case)[0])._engine.stacker
+    assert stacker.proven, stacker.reason
+
+
+@pytest.mark.parametrize("spec", _params(STREAMABLE))
+def test_a_numpy_pool_of_a_spec_graph_answers_like_separate_streams(spec, tmp_path):
+    _, path = _saved(spec, tmp_path)
+    stacker = _pool_equals_streams(path)._engine.stacker
+    assert stacker.proven, stacker.reason  # layout=1 nodes keep their state batch-first

@@ -23,6 +23,7 @@ import numpy as np
 
 from edgeseq.errors import ShapeError
 from edgeseq.runtime import aligned
+from edgeseq.runtime.batched import Stacker
 from edgeseq.runtime.graph import Graph
 from edgeseq.runtime.plan import Plan
 from edgeseq.runtime.stepper import step_graph, stream_time_nodes, streamable
@@ -290,6 +291,13 @@ class GraphEngine:
             for n, vs in self.initial.items()
             for s, v in zip("hc", vs, strict=False)
         }
+        batch_first = {n.name: 0 for n in self.graph.recurrent_nodes if n.attrs.get("layout") == 1}
+        self.stacker = Stacker(self._run_batch, self.step, self.new_state, n_features,
+                               n_outputs, time_first, batch_first)  # fmt: skip
+
+    def _run_batch(self, x: np.ndarray, state: dict[str, Any]) -> tuple[np.ndarray, Any]:
+        env, carried = step_graph(self.graph, {self.x_name: x, **self.zero_inputs}, state)
+        return env[self.y_name], carried
 
     def new_state(self) -> dict[str, tuple[np.ndarray, ...]]:
         return {n: tuple(v.copy() for v in vs) for n, vs in self.initial.items()}
@@ -336,7 +344,9 @@ class OrtEngine:
         session: Any,
         pairs: list[tuple[str, str]],
         zero_inputs: dict[str, np.ndarray],
+        n_features: int,
         n_outputs: int,
+        time_first: bool,
     ) -> None:
         self.session, self.pairs, self.n_outputs = session, pairs, n_outputs
         self.x_name = session.get_inputs()[0].name
@@ -344,6 +354,12 @@ class OrtEngine:
         self.zero = {i: zero_inputs[i] for i, _ in pairs}
         self.fetch = [self.y_name] + [o for _, o in pairs]
         self.shapes = {i: (v.shape[0] * v.shape[2],) for i, v in self.zero.items()}
+        self.stacker = Stacker(self._run_batch, self.step, self.new_state, n_features,
+                               n_outputs, time_first)  # fmt: skip
+
+    def _run_batch(self, x: np.ndarray, state: dict[str, np.ndarray]) -> tuple[np.ndarray, Any]:
+        y, *new = self.session.run(self.fetch, {self.x_name: x, **state})
+        return y, dict(zip((i for i, _ in self.pairs), new, strict=True))
 
     def new_state(self) -> dict[str, np.ndarray]:
         return {i: v.copy() for i, v in self.zero.items()}

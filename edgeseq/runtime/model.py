@@ -156,7 +156,8 @@ class Model:
 
     def _ort_engine(self) -> Engine:
         pairs = self.info.state_pairs if self.info else []
-        return OrtEngine(self._session, pairs, self._one_sample_inputs(), self.n_outputs)
+        return OrtEngine(self._session, pairs, self._one_sample_inputs(), self.n_features,
+                         self.n_outputs, self.time_first)  # fmt: skip
 
     def _streaming_engine(self) -> Engine:
         if self._engine is None:

@@ -145,7 +145,8 @@ class StreamPool:
     """Many named streams in one table; `step(ids, X)` advances each named stream once.
 
     With the Numba engine the states are rows of one (capacity, S) array and a step is one
-    batched kernel call; other engines keep one state object per stream.
+    batched kernel call; other engines keep one state object per stream and step them all in
+    one stacked call where that is proven equal to separate steps (batched.py).
     """
 
     def __init__(self, engine: Engine, n_features: int, capacity: int) -> None:
@@ -216,11 +217,20 @@ class StreamPool:
             step_rows = self._engine.step_rows  # type: ignore[attr-defined]
             bad = step_rows(block, self._table, index, out, self._works)
             _refuse(bad, block, "X")
+        elif len(index) > 1 and self._stacks():
+            self._engine.stacker.step_many(  # type: ignore[attr-defined]
+                block, [self._states[row] for row in index.tolist()], out
+            )
         else:
             for b, row in enumerate(index.tolist()):
                 if self._engine.step(block[b], self._states[row], out[b]) == BAD_OUTPUT:
                     out[b] = np.nan  # as the kernels answer it; its state is as it was
         return out
+
+    def _stacks(self) -> bool:
+        """Whether this (onnxruntime or numpy) engine steps many streams in one call (batched.py)."""
+        stacker = getattr(self._engine, "stacker", None)
+        return stacker is not None and stacker.usable()
 
     def undoes_overflow(self, batch: int) -> bool:
         """Whether step() with `batch` streams keeps the state of a stream whose sample

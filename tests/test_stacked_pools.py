@@ -1,0 +1,102 @@
+"""Pools on the onnxruntime and numpy backends step all their streams in one call (batched.py),
+and must answer exactly what separate streams answer, whatever joins, leaves or overflows."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import edgeseq
+from edgeseq.runtime.batched import Stacker
+
+ROOT = Path(__file__).resolve().parents[1]
+CELL_MODELS = [ROOT / "export" / f"pump-{c}.onnx" for c in ("rnn", "lstm", "gru")]
+STACKED = 1e-5  # a stacked step sums in another order than separate ones (batched.py)
+
+
+def _samples(model: edgeseq.Model, rows: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    mean = np.asarray(model.info.data_spec.input_scaling.mean, np.float32)
+    std = np.asarray(model.info.data_spec.input_scaling.std, np.float32)
+    return (rng.standard_normal((rows, model.n_features)) * std + mean).astype(np.float32)
+
+
+@pytest.mark.parametrize("backend", ["numpy", "onnxruntime"])
+@pytest.mark.parametrize("path", CELL_MODELS, ids=lambda p: p.stem)
+def test_a_stacked_pool_equals_separate_streams_as_streams_join_leave_and_reset(path, backend):
+    model = edgeseq.load(path, backend=backend)
+    pool, alone = model.pool(capacity=8), {}
+    schedule = [  # ids stepped at each time, in the order given
+        ["a", "b", "c"],
+        ["c", "a", "b"],
+        ["b", "d", "a", "c"],
+        ["d", "c"],
+        ["e", "a", "d"],
+        ["a", "b", "c", "d", "e"],
+        ["e", "c", "b"],
+    ]
+    for t, ids in enumerate(schedule):
+        if t == 4:
+            pool.evict("b"), alone.pop("b")
+            pool.reset("c"), alone.pop("c")
+        xs = _samples(model, len(ids), seed=t)
+        got = pool.step(ids, xs)
+        for i, sid in enumerate(ids):
+            stream = alone.setdefault(sid, model.stream())
+            np.testing.assert_allclose(got[i], stream.step(xs[i]), rtol=0, atol=STACKED)
+    stacker = model._engine.stacker
+    assert stacker.proven, stacker.reason  # else the loop above tested the one-by-one path
+    for sid, stream in alone.items():
+        for key, value in stream.state.items():
+            np.testing.assert_allclose(pool.state(sid)[key], value, rtol=0, atol=STACKED)
+
+
+def test_a_stream_that_overflows_in_a_stacked_pool_answers_nan_and_keeps_its_state():
+    model = edgeseq.load(CELL_MODELS[1], backend="numpy")
+    pool, twin = model.pool(capacity=3), model.stream()
+    pool.step(["a", "b"], np.ones((2, 3), np.float32))
+    twin.step(np.ones(3, np.float32))
+    kept = pool.state("a")
+    out = pool.step(["a", "b"], np.array([[3e38] * 3, [1.0] * 3], np.float32))
+    assert model._engine.stacker.proven
+    assert np.isnan(out[0]).all() and np.isfinite(out[1]).all()
+    assert all(np.array_equal(pool.state("a")[k], v) for k, v in kept.items())
+    np.testing.assert_allclose(out[1], twin.step(np.ones(3, np.float32)), rtol=0, atol=STACKED)
+
+
+def _swap_streams(run):
+    """A batch call that hands each stream its neighbour's answer: what a graph whose reshapes
+    mix the batch would do."""
+
+    def mixed(x, state):
+        y, after = run(x, state)
+        return np.roll(y, 1, axis=0 if y.shape[0] == x.shape[0] else 1), after
+
+    return mixed
+
+
+@pytest.mark.parametrize(
+    "wrap, reason",
+    [
+        (_swap_streams, "stacked steps differ from separate ones"),
+        (lambda run: lambda x, s: (np.zeros((1, 1), np.float32), run(x, s)[1]), "no single batch"),
+        (lambda run: lambda x, s: 1 / 0, "a stacked step failed \\(ZeroDivisionError"),
+    ],
+    ids=["mixes-streams", "no-batch-axis", "raises"],
+)
+def test_a_batch_call_not_proven_equal_to_separate_steps_is_not_used(wrap, reason):
+    model = edgeseq.load(CELL_MODELS[2], backend="numpy")
+    engine = model._engine
+    engine.stacker = Stacker(wrap(engine._run_batch), engine.step, engine.new_state,
+                             model.n_features, model.n_outputs, model.time_first)  # fmt: skip
+    pool, alone = model.pool(capacity=4), [model.stream() for _ in range(3)]
+    for t in range(4):
+        xs = _samples(model, 3, seed=t)
+        got = pool.step(["a", "b", "c"], xs)
+        for i, stream in enumerate(alone):
+            np.testing.assert_array_equal(got[i], stream.step(xs[i]))  # the one-by-one path
+    assert not engine.stacker.proven
+    assert re.search(reason, engine.stacker.reason), engine.stacker.reason
