@@ -30,6 +30,7 @@ from edgeseq.runtime.kernels import OP_RNN_ANY
 C_SOURCE = Path(__file__).resolve().parents[1] / "benchmarks" / "step.c"
 C_CODE_WIDTH = 10  # values per program row that step.c reads (its W); the plain cells use 9
 POOL_SIZES = (1, 64, 1024)
+OTHER_BACKENDS = ("onnxruntime", "numpy")  # measured beside numba (the default) in pools, start-up
 FEED_STEPS = 10_000
 
 
@@ -181,7 +182,7 @@ START_SCRIPT = """
 import os, sys, time
 t0 = float(sys.argv[2])
 import numpy as np, edgeseq
-m = edgeseq.load(sys.argv[1])
+m = edgeseq.load(sys.argv[1], backend=sys.argv[3])
 m.stream().step(np.zeros(m.n_features, np.float32))
 first = time.time() - t0
 for line in open('/proc/self/status'):
@@ -191,19 +192,29 @@ print('first', first)
 """
 
 
-def start_up(path: Path) -> dict[str, float]:
-    """Process start to first prediction, cold then warm Numba cache; resident memory."""
-    figures: dict[str, float] = {}
+def _start(path: Path, backend: str, env: dict[str, str]) -> dict[str, float]:
+    out = subprocess.run(
+        [sys.executable, "-c", START_SCRIPT, str(path), repr(time.time()), backend],
+        env=env, capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    values = dict(line.split() for line in out.strip().splitlines())
+    return {"first": float(values["first"]), "rss": float(values["VmRSS"])}
+
+
+def start_up(path: Path) -> dict[str, Any]:
+    """Process start to first prediction, cold then warm Numba cache, and resident memory;
+    the same (warm) for the other backends, under "other_backends"."""
+    figures: dict[str, Any] = {"other_backends": {}}
     with tempfile.TemporaryDirectory() as cache:
         env = dict(os.environ, NUMBA_CACHE_DIR=cache)
         for label in ("cold", "warm"):
-            out = subprocess.run(
-                [sys.executable, "-c", START_SCRIPT, str(path), repr(time.time())],
-                env=env, capture_output=True, text=True, check=True,
-            ).stdout  # fmt: skip
-            values = dict(line.split() for line in out.strip().splitlines())
-            figures[f"first_prediction_{label}_s"] = float(values["first"])
-            figures["rss_mib"] = float(values["VmRSS"])
+            got = _start(path, "numba", env)
+            figures[f"first_prediction_{label}_s"] = got["first"]
+            figures["rss_mib"] = got["rss"]
+        for backend in OTHER_BACKENDS:
+            got = _start(path, backend, env)
+            figures["other_backends"][backend] = {"first_prediction_s": got["first"],
+                                                  "rss_mib": got["rss"]}  # fmt: skip
     return figures
 
 
@@ -320,12 +331,13 @@ def measure(path: str | Path, calls: int = 20_000, rounds: int = 9) -> dict[str,
     result.update(_interleaved(path, model, calls, rounds))
     result["feed_other"] = _feed_others(path, model, _inputs(model, FEED_STEPS))
     result["pool"] = {}
+    others = {b: load(path, backend=b) for b in OTHER_BACKENDS}
     for size in POOL_SIZES:
-        pool = model.pool(capacity=size)
+        pools = [model.pool(capacity=size), *(m.pool(capacity=size) for m in others.values())]
         ids, xs = [f"s{i}" for i in range(size)], _inputs(model, size)
-        ours, theirs = _best_of_alternating(
-            [lambda p=pool, i=ids, v=xs: p.step(i, v), _ort_step(path, model, size)], size
-        )
-        result["pool"][size] = {"edgeseq_samples_per_s": ours, "onnxruntime_samples_per_s": theirs}
+        steps = [lambda p=p, i=ids, v=xs: p.step(i, v) for p in pools]
+        ours, *backends, theirs = _best_of_alternating([*steps, _ort_step(path, model, size)], size)
+        result["pool"][size] = {"edgeseq_samples_per_s": ours, "onnxruntime_samples_per_s": theirs,
+                                "backends": dict(zip(others, backends, strict=True))}  # fmt: skip
     result.update(start_up(path))
     return result

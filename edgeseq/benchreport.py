@@ -71,6 +71,18 @@ def targets(r: dict[str, Any]) -> list[tuple[str, float, str, bool]]:
     return judged  # fmt: skip
 
 
+def _pool_table(pool: dict[int, dict[str, Any]]) -> list[str]:
+    """Samples/s of a pool step per backend, beside ONNX Runtime's own batch run()."""
+    others = list(next(iter(pool.values())).get("backends", {})) if pool else []
+    head = ["streams", "numba pool", *(f"{b} pool" for b in others), "ONNX Runtime batch run()"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---:|" * len(head)]
+    for n, p in pool.items():
+        cells = [p["edgeseq_samples_per_s"], *(p["backends"][b] for b in others),
+                 p["onnxruntime_samples_per_s"]]  # fmt: skip
+        lines.append(f"| {n:,} | " + " | ".join(f"{v:,.0f}" for v in cells) + " |")
+    return lines
+
+
 def markdown(results: list[dict[str, Any]], command: str) -> str:
     """The whole BENCHMARKS.md."""
     when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
@@ -81,11 +93,12 @@ def markdown(results: list[dict[str, Any]], command: str) -> str:
         "run on one machine are what count; absolute times on a shared machine are noisy.",
         "",
         "How: the step latencies of every contender, `feed` and the C step are measured in "
-        "alternating rounds, and pools against ONNX Runtime's batch in alternating 0.2 s "
-        "windows; each figure is its best round, since noise only ever slows a run. Each "
-        "contender is timed after a quarter second idle, so that worker threads another "
-        "library leaves spinning (OpenBLAS, ONNX Runtime, OpenMP) do not take a core from it. "
-        "Latencies are single calls, less the stopwatch's own cost (an empty call, ~0.1 us).",
+        "alternating rounds, and pools of every backend against ONNX Runtime's batch in "
+        "alternating 0.2 s windows; each figure is its best round, since noise only ever "
+        "slows a run. Each contender is timed after a quarter second idle, so that worker "
+        "threads another library leaves spinning (OpenBLAS, ONNX Runtime, OpenMP) do not "
+        "take a core from it. Latencies are single calls, less the stopwatch's own cost (an "
+        "empty call, ~0.1 us).",
         "",
     ]
     for r in results:
@@ -109,18 +122,18 @@ def markdown(results: list[dict[str, Any]], command: str) -> str:
             + ", ".join(f"{k} {v:.2f}" for k, v in r.get("feed_other", {}).items())
             + ").",
             "",
-            "| streams | edgeseq pool samples/s | ONNX Runtime batch samples/s |",
-            "|---:|---:|---:|",
         ]
-        lines += [
-            f"| {n:,} | {p['edgeseq_samples_per_s']:,.0f} | {p['onnxruntime_samples_per_s']:,.0f} |"
-            for n, p in r["pool"].items()
-        ]
+        lines += _pool_table(r["pool"])
         lines += [
             "",
             f"Process start to first prediction: {r['first_prediction_cold_s']:.2f} s with a cold "
             f"Numba cache, {r['first_prediction_warm_s']:.2f} s warm; resident memory "
-            f"{r['rss_mib']:.0f} MiB.",
+            f"{r['rss_mib']:.0f} MiB"
+            + "".join(
+                f"; {b} backend {v['first_prediction_s']:.2f} s, {v['rss_mib']:.0f} MiB"
+                for b, v in r.get("other_backends", {}).items()
+            )
+            + ".",
             "",
             "| target | measured | required | met |",
             "|---|---:|---|---|",

@@ -29,8 +29,10 @@ def _figures(step_us: float) -> dict:
         "model": "m.onnx", "plan": "fused", "c_step_us": 3.0, "feed_us_per_sample": 3.3,
         "step": {"numba": timing, "onnxruntime run()": {"median_us": 50.0, "p99_us": 60.0},
                  "pytorch eager": {"median_us": 200.0, "p99_us": 300.0}},
-        "pool": {1024: {"edgeseq_samples_per_s": 2e5, "onnxruntime_samples_per_s": 1e5}},
+        "pool": {1024: {"edgeseq_samples_per_s": 2e5, "onnxruntime_samples_per_s": 1e5,
+                        "backends": {"onnxruntime": 9e4, "numpy": 3e4}}},
         "first_prediction_cold_s": 20.0, "first_prediction_warm_s": 0.8, "rss_mib": 120.0,
+        "other_backends": {"onnxruntime": {"first_prediction_s": 0.5, "rss_mib": 90.0}},
     }  # fmt: skip
 
 
@@ -50,6 +52,12 @@ def test_the_report_shows_every_figure_and_verdict():
     assert "| numba | 4.00 | 8.00 |" in report
     assert "| step / C step | 1.33 | <= 1.5x | yes |" in report
     assert "edgeseq bench m.onnx" in report
+    assert (
+        "| streams | numba pool | onnxruntime pool | numpy pool | ONNX Runtime batch run() |"
+        in report
+    )
+    assert "| 1,024 | 200,000 | 90,000 | 30,000 | 100,000 |" in report
+    assert "; onnxruntime backend 0.50 s, 90 MiB." in report
 
 
 def test_rewriting_the_speed_report_keeps_the_daemon_load_section(tmp_path):

@@ -228,7 +228,7 @@ class StreamPool:
         return out
 
     def _stacks(self) -> bool:
-        """Whether this (onnxruntime or numpy) engine steps many streams in one call (batched.py)."""
+        """Whether this (onnxruntime or numpy) engine steps many streams in one call."""
         stacker = getattr(self._engine, "stacker", None)
         return stacker is not None and stacker.usable()
 
