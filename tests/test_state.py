@@ -370,6 +370,20 @@ def test_states_that_could_not_be_loaded_back_are_refused_before_writing(
     assert _snapshot_files(tmp_path) == []
 
 
+def test_a_header_too_large_to_load_back_is_refused_before_writing(toy_snapshot, monkeypatch):
+    """Ids and extra of a huge fleet can outgrow what load_snapshot reads: writing such a file
+    would replace the last good checkpoint with one the next start refuses."""
+    import edgeseq.runtime.state as state_module
+
+    monkeypatch.setattr(state_module, "MAX_HEADER_BYTES", 300)
+    with pytest.raises(
+        CheckpointError, match=r"header of 50 streams is [\d,]+ bytes .* not written"
+    ):
+        save_snapshot(toy_snapshot, FINGERPRINT, _toy_states(n_streams=50))
+    monkeypatch.undo()
+    assert load_snapshot(toy_snapshot, FINGERPRINT).ids == ["s0", "s1", "s2"]
+
+
 def _pool_contents(pool):
     return {sid: pool.state(sid) for sid in pool.ids}
 

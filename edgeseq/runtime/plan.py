@@ -154,7 +154,6 @@ KINDS = {  # recurrent_ops.ACTIVATIONS' names -> the kernels' codes
     "hardsigmoid": cells.ACT_HARD_SIGMOID, "elu": cells.ACT_ELU, "softsign": cells.ACT_SOFTSIGN,
     "softplus": cells.ACT_SOFTPLUS,
 }  # fmt: skip
-DEFAULT_ACTIVATIONS = recurrent_ops.DEFAULT_ACTIVATIONS
 NO_CLIP = float("inf")  # bound(v, NO_CLIP) is v, infinities included
 
 
@@ -169,7 +168,7 @@ class _Options:
 
     def plain(self, op: str) -> bool:
         names = [name for name, _, _ in self.activations]
-        default = [n.lower() for n in DEFAULT_ACTIVATIONS[op]]
+        default = [n.lower() for n in recurrent_ops.DEFAULT_ACTIVATIONS[op]]
         return (
             (names == default or (op == "RNN" and names == ["relu"]))
             and self.clip is None and self.peepholes is None and not self.input_forget
@@ -213,8 +212,9 @@ def _options(node: Node, consts: dict[str, np.ndarray]) -> _Options:
     acts = a.get("activations")
     if op == "RNN":
         acts = recurrent_ops.rnn_activations(acts, 1)
+    defaults = recurrent_ops.DEFAULT_ACTIVATIONS[op]
     specs = recurrent_ops.activation_specs(
-        acts, a.get("activation_alpha"), a.get("activation_beta"), DEFAULT_ACTIVATIONS[op], 1
+        acts, a.get("activation_alpha"), a.get("activation_beta"), defaults, 1
     )[0]
     peepholes = consts[names[7]].reshape(-1) if names[7] else None
     if peepholes is not None and not np.any(peepholes):

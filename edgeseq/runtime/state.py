@@ -136,7 +136,13 @@ def save_snapshot(path: str | Path, fingerprint: str, states: States, extra: Ext
         text = json.dumps(header, allow_nan=False)
     except (TypeError, ValueError) as exc:
         raise CheckpointError(f"snapshot extra {_brief(extra)} is not plain JSON: {exc}") from None
-    arrays = {"header": np.frombuffer(text.encode("utf-8"), np.uint8)}
+    encoded = text.encode("utf-8")
+    if len(encoded) > MAX_HEADER_BYTES:  # load_snapshot would refuse it: keep the last good file
+        raise CheckpointError(
+            f"snapshot header of {len(ids):,} streams is {len(encoded):,} bytes (ids and extra); "
+            f"a snapshot holds at most {MAX_HEADER_BYTES:,}: {path} not written"
+        )
+    arrays = {"header": np.frombuffer(encoded, np.uint8)}
     arrays.update({f"state{i}": arr for i, arr in enumerate(stacked.values())})
     try:
         _write_atomically(path, arrays)
