@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from edgeseq.errors import EdgeseqError
 from edgeseq.runtime import Model, load
 from edgeseq.runtime.kernels import OP_RNN_ANY
 
@@ -96,7 +97,8 @@ def _ort_step(path: Path, model: Model, batch: int) -> Any:
     """A closure running ONNX Runtime on (batch, 1, F) with the state outputs fed back."""
     session = _ort_session(path)
     names = [i.name for i in session.get_inputs()]
-    x = _inputs(model, batch).reshape(batch, 1, -1)
+    x = _inputs(model, batch)
+    x = x[None] if model.time_first else x[:, None]
     state = {}
     for spec in session.get_inputs()[1:]:
         state[spec.name] = np.zeros([d if isinstance(d, int) else batch for d in spec.shape],
@@ -201,7 +203,7 @@ def _start(path: Path, backend: str, env: dict[str, str]) -> dict[str, float]:
     return {"first": float(values["first"]), "rss": float(values["VmRSS"])}
 
 
-def start_up(path: Path) -> dict[str, Any]:
+def start_up(path: Path, others: list[str]) -> dict[str, Any]:
     """Process start to first prediction, cold then warm Numba cache, and resident memory;
     the same (warm) for the other backends, under "other_backends"."""
     figures: dict[str, Any] = {"other_backends": {}}
@@ -211,7 +213,7 @@ def start_up(path: Path) -> dict[str, Any]:
             got = _start(path, "numba", env)
             figures[f"first_prediction_{label}_s"] = got["first"]
             figures["rss_mib"] = got["rss"]
-        for backend in OTHER_BACKENDS:
+        for backend in others:
             got = _start(path, backend, env)
             figures["other_backends"][backend] = {"first_prediction_s": got["first"],
                                                   "rss_mib": got["rss"]}  # fmt: skip
@@ -243,7 +245,7 @@ def _feed_others(path: Path, model: Model, block: np.ndarray) -> dict[str, float
     """us per sample of a whole block on the other backends (numpy on a tenth of it)."""
     session = _ort_session(path)
     names = [i.name for i in session.get_inputs()]
-    feeds = {names[0]: block[None]}
+    feeds = {names[0]: block[:, None] if model.time_first else block[None]}
     for spec in session.get_inputs()[1:]:
         feeds[spec.name] = np.zeros(
             [d if isinstance(d, int) else 1 for d in spec.shape], np.float32
@@ -254,13 +256,27 @@ def _feed_others(path: Path, model: Model, block: np.ndarray) -> dict[str, float
     return {"onnxruntime (one run() on the whole block)": ort_us, "numpy": numpy_us}
 
 
+def streaming_backends(path: Path) -> dict[str, Model]:
+    """The other backends that can stream this model (onnxruntime needs edgeseq's state
+    metadata, and a graph it can run): a user's own file is benchmarked on what it runs on."""
+    found = {}
+    for backend in OTHER_BACKENDS:
+        try:
+            model = load(path, backend=backend)
+            model.stream()
+        except EdgeseqError:
+            continue
+        found[backend] = model
+    return found
+
+
 def _step_contenders(path: Path, model: Model, calls: int) -> dict[str, tuple[Any, int]]:
     """name -> (one-sample callable, calls per round) for every way to advance one stream."""
     x = _inputs(model, 1)[0]
-    fns: dict[str, tuple[Any, int]] = {}
-    for backend, n in (("numba", calls), ("onnxruntime", calls // 5), ("numpy", calls // 50)):
-        stream = load(path, backend=backend).stream()
-        fns[backend] = (lambda s=stream: s.step(x), n)
+    fns: dict[str, tuple[Any, int]] = {"numba": (lambda s=model.stream(): s.step(x), calls)}
+    per_round = {"onnxruntime": calls // 5, "numpy": calls // 50}
+    for backend, other in streaming_backends(path).items():
+        fns[backend] = (lambda s=other.stream(): s.step(x), per_round[backend])
     fns["onnxruntime run()"] = (_ort_step(path, model, 1), calls // 5)
     torch_step = _torch_step(model)
     if torch_step is not None:
@@ -331,7 +347,7 @@ def measure(path: str | Path, calls: int = 20_000, rounds: int = 9) -> dict[str,
     result.update(_interleaved(path, model, calls, rounds))
     result["feed_other"] = _feed_others(path, model, _inputs(model, FEED_STEPS))
     result["pool"] = {}
-    others = {b: load(path, backend=b) for b in OTHER_BACKENDS}
+    others = streaming_backends(path)
     for size in POOL_SIZES:
         pools = [model.pool(capacity=size), *(m.pool(capacity=size) for m in others.values())]
         ids, xs = [f"s{i}" for i in range(size)], _inputs(model, size)
@@ -339,5 +355,5 @@ def measure(path: str | Path, calls: int = 20_000, rounds: int = 9) -> dict[str,
         ours, *backends, theirs = _best_of_alternating([*steps, _ort_step(path, model, size)], size)
         result["pool"][size] = {"edgeseq_samples_per_s": ours, "onnxruntime_samples_per_s": theirs,
                                 "backends": dict(zip(others, backends, strict=True))}  # fmt: skip
-    result.update(start_up(path))
+    result.update(start_up(path, list(others)))
     return result

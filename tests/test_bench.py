@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 import edgeseq
-from edgeseq.bench import c_step_ns
+from edgeseq.bench import c_step_ns, streaming_backends
 from edgeseq.benchreport import markdown, targets
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -71,3 +71,14 @@ def test_rewriting_the_speed_report_keeps_the_daemon_load_section(tmp_path):
         f"{LOAD_HEADING}\n\n| 1 | 4,581 |\n"
     )
     assert keep_load_section(tmp_path / "missing.md", "# report\n") == "# report\n"
+
+
+def test_a_file_without_edgeseq_metadata_is_benchmarked_on_the_backends_that_stream_it(tmp_path):
+    """onnxruntime needs edgeseq's state metadata to carry state: bench leaves it out, not crash."""
+    import onnx
+
+    proto = onnx.load(ROOT / "export" / "pump-rnn.onnx")
+    del proto.metadata_props[:]
+    onnx.save(proto, tmp_path / "plain.onnx")
+    assert list(streaming_backends(tmp_path / "plain.onnx")) == ["numpy"]
+    assert list(streaming_backends(ROOT / "export" / "pump-rnn.onnx")) == ["onnxruntime", "numpy"]
