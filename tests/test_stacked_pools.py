@@ -100,3 +100,32 @@ def test_a_batch_call_not_proven_equal_to_separate_steps_is_not_used(wrap, reaso
             np.testing.assert_array_equal(got[i], stream.step(xs[i]))  # the one-by-one path
     assert not engine.stacker.proven
     assert re.search(reason, engine.stacker.reason), engine.stacker.reason
+
+
+def test_a_stacked_call_that_fails_after_its_proof_falls_back_to_one_stream_at_a_time():
+    model = edgeseq.load(CELL_MODELS[0], backend="numpy")
+    pool, alone = model.pool(capacity=3), [model.stream() for _ in range(3)]
+    xs = _samples(model, 3, seed=1)
+    pool.step(["a", "b", "c"], xs)
+    for stream, x in zip(alone, xs, strict=True):
+        stream.step(x)
+    stacker = model._engine.stacker
+    assert stacker.proven
+
+    def broken(x, state):
+        raise RuntimeError("the runtime fell over")
+
+    stacker._run = broken
+    got = pool.step(["a", "b", "c"], xs)
+    expected = np.stack([s.step(x) for s, x in zip(alone, xs, strict=True)])
+    np.testing.assert_allclose(got, expected, rtol=0, atol=STACKED)  # nothing stepped twice
+    assert not stacker.proven and "the runtime fell over" in stacker.reason
+
+
+def test_each_stream_of_a_stacked_pool_owns_its_state_memory():
+    """A view into the batch's array would keep all of it alive while one stream sits idle."""
+    model = edgeseq.load(CELL_MODELS[1], backend="onnxruntime")
+    pool = model.pool(capacity=64)
+    pool.step([f"s{i}" for i in range(64)], _samples(model, 64, seed=2))
+    arrays = [a for state in pool._states if state for a in state.values()]
+    assert len(arrays) == 128 and all(a.base is None and a.flags.owndata for a in arrays)

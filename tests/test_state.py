@@ -384,6 +384,21 @@ def test_a_header_too_large_to_load_back_is_refused_before_writing(toy_snapshot,
     assert load_snapshot(toy_snapshot, FINGERPRINT).ids == ["s0", "s1", "s2"]
 
 
+def test_a_header_exactly_at_the_limit_is_written_and_loads_back(tmp_path, monkeypatch):
+    """The writer counts the JSON's bytes, the reader the .npy member (its own preamble too):
+    both must draw the line at the same header."""
+    import edgeseq.runtime.state as state_module
+
+    path, states = tmp_path / "edge.state", _toy_states(n_streams=3)
+    save_snapshot(path, FINGERPRINT, states, {"pad": ""})
+    header = len(np.load(path)["header"])
+    monkeypatch.setattr(state_module, "MAX_HEADER_BYTES", header + 10)
+    save_snapshot(path, FINGERPRINT, states, {"pad": "x" * 10})  # exactly at the limit
+    assert load_snapshot(path, FINGERPRINT).extra == {"pad": "x" * 10}
+    with pytest.raises(CheckpointError, match="not written"):
+        save_snapshot(path, FINGERPRINT, states, {"pad": "x" * 11})
+
+
 def _pool_contents(pool):
     return {sid: pool.state(sid) for sid in pool.ids}
 

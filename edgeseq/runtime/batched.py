@@ -12,6 +12,7 @@ one stream at a time, as before: slower, never different.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -53,14 +54,13 @@ def stack(states: list[dict[str, Any]], axes: Axes) -> dict[str, Any]:
 
 
 def _split(a: np.ndarray, axis: int) -> list[np.ndarray]:
-    """(L, B, H) -> B views of shape (L, 1, H) (axis 1), made in one C-level pass."""
-    return list(np.expand_dims(np.moveaxis(a, axis, 0), axis + 1))
+    """(L, B, H) -> B arrays of shape (L, 1, H) (axis 1), each its own copy: a view would keep
+    the whole batch's array alive for as long as any one of its streams sits idle."""
+    return [v.copy() for v in np.expand_dims(np.moveaxis(a, axis, 0), axis + 1)]
 
 
 def unstack(joined: dict[str, Any], axes: Axes) -> list[list[tuple[str, Any]]]:
-    """The inverse of stack: each stream's (key, value) pairs, as views of the stacked arrays
-    (engines replace a state's arrays at each step and never write into them, so views are
-    safe, and a dict.update of the pairs installs them)."""
+    """The inverse of stack: each stream's (key, value) pairs, which a dict.update installs."""
     per_key: list[list[Any]] = []
     for key, value in joined.items():
         axis = axes.get(key, BATCH_AXIS)
@@ -93,6 +93,7 @@ class Stacker:
         self._y_axis: int | None = None
         self.reason: str | None = None  # None until proven (or refused)
         self.proven = False
+        self._proving = threading.Lock()
 
     def _x(self, block: np.ndarray) -> np.ndarray:
         return block[None] if self.time_first else block[:, None]
@@ -103,6 +104,10 @@ class Stacker:
 
     def usable(self) -> bool:
         """Whether stacked steps are proven equal to separate ones (proves it the first time)."""
+        with self._proving:
+            return self._usable()
+
+    def _usable(self) -> bool:
         if not self.proven and self.reason is None:
             try:
                 self.reason = self._prove()
@@ -152,16 +157,25 @@ class Stacker:
         return {k: tuple(noise(a) for a in v) if isinstance(v, tuple) else noise(v)
                 for k, v in self._new_state().items()}  # fmt: skip
 
-    def step_many(self, block: np.ndarray, states: list[dict[str, Any]], out: np.ndarray) -> None:
+    def step_many(self, block: np.ndarray, states: list[dict[str, Any]], out: np.ndarray) -> bool:
         """One sample per stream: out (B, n_out); each state dict updated in place. A stream
-        whose output or state would be NaN or infinite answers NaN and keeps its state."""
+        whose output or state would be NaN or infinite answers NaN and keeps its state.
+
+        False (nothing changed) when the stacked call fails at run time: stacking is then
+        given up for good and the caller steps the streams one at a time, whose errors are
+        the engine's own."""
         batch = block.shape[0]
-        with np.errstate(over="ignore", invalid="ignore"):  # overflow: answered NaN below
-            y, joined = self._run(self._x(block), stack(states, self.axes))
-        y_rows = self._rows(y, batch)
+        try:
+            with np.errstate(over="ignore", invalid="ignore"):  # overflow: answered NaN below
+                y, joined = self._run(self._x(block), stack(states, self.axes))
+            y_rows = self._rows(y, batch)
+        except Exception as exc:  # ONNX Runtime raises its own classes
+            self.proven, self.reason = False, f"a stacked step of {batch} failed ({exc!r:.200})"
+            return False
         ok = finite_streams(y_rows, joined, self.axes)
         out[:] = y_rows
         out[~ok] = np.nan
         for state, pairs, keep in zip(states, unstack(joined, self.axes), ok.tolist(), strict=True):
             if keep:
                 state.update(pairs)
+        return True

@@ -183,7 +183,9 @@ def _field(header: dict[str, Any], name: str, ok: Callable[[Any], bool], expecte
 
 def _header(npz: Any) -> dict[str, Any]:
     """The JSON header with every field checked: the rest of the file is read by its word."""
-    raw = _read(npz, "header", np.uint8, None, MAX_HEADER_BYTES)
+    raw = _read(npz, "header", np.uint8, None, MAX_HEADER_BYTES + NPY_PREAMBLE)
+    if raw.size > MAX_HEADER_BYTES:  # the limit save_snapshot keeps to
+        raise CheckpointError(f"header holds {raw.size} bytes; at most {MAX_HEADER_BYTES} fit")
     try:
         header = json.loads(raw.tobytes().decode("utf-8"))
     except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError

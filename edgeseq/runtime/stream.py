@@ -217,20 +217,19 @@ class StreamPool:
             step_rows = self._engine.step_rows  # type: ignore[attr-defined]
             bad = step_rows(block, self._table, index, out, self._works)
             _refuse(bad, block, "X")
-        elif len(index) > 1 and self._stacks():
-            self._engine.stacker.step_many(  # type: ignore[attr-defined]
-                block, [self._states[row] for row in index.tolist()], out
-            )
-        else:
+        elif not self._stacked(block, index, out):
             for b, row in enumerate(index.tolist()):
                 if self._engine.step(block[b], self._states[row], out[b]) == BAD_OUTPUT:
                     out[b] = np.nan  # as the kernels answer it; its state is as it was
         return out
 
-    def _stacks(self) -> bool:
-        """Whether this (onnxruntime or numpy) engine steps many streams in one call."""
+    def _stacked(self, block: np.ndarray, index: np.ndarray, out: np.ndarray) -> bool:
+        """Steps the streams in one stacked call where an onnxruntime or numpy engine can
+        (batched.py); False when it cannot, having changed nothing."""
         stacker = getattr(self._engine, "stacker", None)
-        return stacker is not None and stacker.usable()
+        if stacker is None or len(index) < 2 or not stacker.usable():
+            return False
+        return bool(stacker.step_many(block, [self._states[r] for r in index.tolist()], out))
 
     def undoes_overflow(self, batch: int) -> bool:
         """Whether step() with `batch` streams keeps the state of a stream whose sample
