@@ -122,10 +122,22 @@ def test_a_stacked_call_that_fails_after_its_proof_falls_back_to_one_stream_at_a
     assert not stacker.proven and "the runtime fell over" in stacker.reason
 
 
-def test_each_stream_of_a_stacked_pool_owns_its_state_memory():
-    """A view into the batch's array would keep all of it alive while one stream sits idle."""
+def test_a_stacked_pool_holds_no_memory_beyond_its_states_as_streams_come_and_go():
+    """Streams that sit out a step must not keep that step's batch arrays alive (views would:
+    35x the states' own size in the session-7 review)."""
+    import tracemalloc
+
     model = edgeseq.load(CELL_MODELS[1], backend="onnxruntime")
-    pool = model.pool(capacity=64)
-    pool.step([f"s{i}" for i in range(64)], _samples(model, 64, seed=2))
-    arrays = [a for state in pool._states if state for a in state.values()]
-    assert len(arrays) == 128 and all(a.base is None and a.flags.owndata for a in arrays)
+    pool = model.pool(capacity=300)
+    ids = [f"s{i}" for i in range(300)]
+    pool.step(ids, _samples(model, 300, seed=3))
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    for t in range(40):  # a sliding window of 256 of the 300 streams
+        window = [ids[(t + i) % 300] for i in range(256)]
+        pool.step(window, _samples(model, 256, seed=t))
+    grown = tracemalloc.get_traced_memory()[0] - before
+    tracemalloc.stop()
+    state_bytes = sum(v.nbytes for v in pool.state("s0").values()) * 300
+    assert model._engine.stacker.proven
+    assert grown < state_bytes, (grown, state_bytes)

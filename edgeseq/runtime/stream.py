@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from edgeseq.errors import ShapeError, UsageError
+from edgeseq.runtime.batched import Stacker, StateColumns
 from edgeseq.runtime.engines import (
     BAD_OUTPUT,
     SHAPE_MISMATCH,
@@ -145,8 +146,9 @@ class StreamPool:
     """Many named streams in one table; `step(ids, X)` advances each named stream once.
 
     With the Numba engine the states are rows of one (capacity, S) array and a step is one
-    batched kernel call; other engines keep one state object per stream and step them all in
-    one stacked call where that is proven equal to separate steps (batched.py).
+    batched kernel call; the onnxruntime and numpy engines keep each state array of every
+    stream in one array (StateColumns) and step them all in one stacked call where that is
+    proven equal to separate steps (batched.py), else one at a time.
     """
 
     def __init__(self, engine: Engine, n_features: int, capacity: int) -> None:
@@ -162,9 +164,13 @@ class StreamPool:
         self.fingerprint = ""  # the model file's sha256, set by Model.pool
         self._table = engine.new_table(capacity) if hasattr(engine, "new_table") else None
         self._works = engine.new_works() if hasattr(engine, "new_works") else None  # own scratch
+        # the onnxruntime and numpy engines' states: one array per state value (batched.py)
+        self._columns: StateColumns | None = None
+        if self._table is None:
+            stacker: Stacker = engine.stacker  # type: ignore[attr-defined]
+            self._columns = stacker.columns(capacity)
         self._rows: dict[str, int] = {}
         self._free = list(range(capacity - 1, -1, -1))
-        self._states: list[Any] = [None] * capacity
         self._last: tuple[tuple[str, ...], np.ndarray] | None = None  # step()'s last ids, rows
 
     def __len__(self) -> int:
@@ -178,10 +184,18 @@ class StreamPool:
         return list(self._rows)
 
     def _install(self, row: int, state: Any) -> None:
-        if self._table is not None:
+        if self._columns is not None:
+            self._columns.put(row, state)
+        else:
+            assert self._table is not None
             self._table[row] = state
-            state = self._table[row]  # a view: the kernels update it in place
-        self._states[row] = state
+
+    def _state_of(self, row: int) -> Any:
+        """One stream's state in its engine's form (for export, which copies it)."""
+        if self._columns is not None:
+            return self._columns.get(row)
+        assert self._table is not None
+        return self._table[row]
 
     def _row(self, stream_id: str) -> int:
         row = self._rows.get(stream_id)
@@ -213,23 +227,26 @@ class StreamPool:
             index = self._rows_of(key, block.shape[0])
             self._last = (key, index)
         out = np.empty((block.shape[0], self._engine.n_outputs), np.float32)
-        if self._table is not None:
+        if self._columns is None:
             step_rows = self._engine.step_rows  # type: ignore[attr-defined]
             bad = step_rows(block, self._table, index, out, self._works)
             _refuse(bad, block, "X")
         elif not self._stacked(block, index, out):
             for b, row in enumerate(index.tolist()):
-                if self._engine.step(block[b], self._states[row], out[b]) == BAD_OUTPUT:
+                state = self._columns.get(row)
+                if self._engine.step(block[b], state, out[b]) == BAD_OUTPUT:
                     out[b] = np.nan  # as the kernels answer it; its state is as it was
+                else:
+                    self._columns.put(row, state)
         return out
 
     def _stacked(self, block: np.ndarray, index: np.ndarray, out: np.ndarray) -> bool:
         """Steps the streams in one stacked call where an onnxruntime or numpy engine can
         (batched.py); False when it cannot, having changed nothing."""
-        stacker = getattr(self._engine, "stacker", None)
-        if stacker is None or len(index) < 2 or not stacker.usable():
+        stacker: Stacker = self._engine.stacker  # type: ignore[attr-defined]
+        if len(index) < 2 or self._columns is None or not stacker.usable():
             return False
-        return bool(stacker.step_many(block, [self._states[r] for r in index.tolist()], out))
+        return bool(stacker.step_rows(block, self._columns, index, out))
 
     def undoes_overflow(self, batch: int) -> bool:
         """Whether step() with `batch` streams keeps the state of a stream whose sample
@@ -272,13 +289,12 @@ class StreamPool:
         row = self._rows.pop(_id(stream_id), None)
         if row is not None:
             self._last = None  # the row may go to another id
-            self._states[row] = None
             self._free.append(row)
 
     def state(self, stream_id: str) -> StateDict:
         if _id(stream_id) not in self._rows:
             raise UsageError(f"no stream {stream_id!r} in the pool")
-        return self._engine.export(self._states[self._rows[stream_id]])
+        return self._engine.export(self._state_of(self._rows[stream_id]))
 
     def set_state(self, stream_id: str, saved: StateDict) -> None:
         restored = self._engine.restore(saved)
