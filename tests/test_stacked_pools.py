@@ -141,3 +141,30 @@ def test_a_stacked_pool_holds_no_memory_beyond_its_states_as_streams_come_and_go
     state_bytes = sum(v.nbytes for v in pool.state("s0").values()) * 300
     assert model._engine.stacker.proven
     assert grown < state_bytes, (grown, state_bytes)
+
+
+def test_states_whose_sum_overflows_are_kept_and_stacking_stays_on(tmp_path):
+    """The finite check sums each stacked state first (no temporary when all is well): a sum
+    that overflows on finite states must neither warn (warnings are errors here) nor count as
+    a failure that turns stacking off."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    eye = numpy_helper.from_array(np.eye(4, dtype=np.float32)[None], "W")
+    zeros = numpy_helper.from_array(np.zeros((1, 4, 4), np.float32), "R")
+    node = helper.make_node("RNN", ["x", "W", "R"], ["", "y"], hidden_size=4,
+                            activations=["Relu"])  # fmt: skip
+    graph = helper.make_graph(
+        [node], "relu-rnn",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["T", "B", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, "B", 4])],
+        [eye, zeros],
+    )  # fmt: skip
+    path = tmp_path / "relu-rnn.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    model = edgeseq.load(path, backend="numpy")
+    pool = model.pool(capacity=2)
+    got = pool.step(["a", "b"], np.full((2, 4), 3e38, np.float32))
+    assert model._engine.stacker.proven, model._engine.stacker.reason
+    np.testing.assert_array_equal(got, np.full((2, 4), 3e38, np.float32))
+    np.testing.assert_array_equal(pool.state("b")[next(iter(pool.state("b")))], got[1])

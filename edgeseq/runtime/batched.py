@@ -93,7 +93,8 @@ class StateColumns:
                 raise ValueError(f"a state array of shape {shape} has no batch axis {axis}")
             rest = shape[:axis] + shape[axis + 1 :]
             by_row = self._scratch(2 * i, column.shape[1] * batch).reshape(batch, -1)
-            np.take(column, rows, axis=0, out=by_row)
+            np.take(column, rows, axis=0, out=by_row, mode="clip")  # rows are the pool's own:
+            # "clip" writes straight into out, where "raise" fills a temporary of its size
             out_shape = (*rest[:axis], batch, *rest[axis:])
             joined = self._scratch(2 * i + 1, by_row.size).reshape(out_shape)
             np.copyto(joined, np.moveaxis(by_row.reshape(batch, *rest), 0, axis))
@@ -219,10 +220,13 @@ class Stacker:
         the engine's own."""
         batch = block.shape[0]
         try:
-            with np.errstate(over="ignore", invalid="ignore"):  # overflow: answered NaN below
+            # overflow (and the finite check's sums) may warn: such streams answer NaN below
+            with np.errstate(over="ignore", invalid="ignore"):
                 y, joined = self._run(self._x(block), columns.gather(rows))
-            y_rows = self._rows(y, batch)
-            keep = np.isfinite(y_rows).all(axis=1) & columns.finite(joined, batch)
+                y_rows = self._rows(y, batch)
+                keep = np.isfinite(y_rows).all(axis=1) & columns.finite(joined, batch)
+            if y_rows.shape != out.shape:
+                raise ValueError(f"outputs of shape {y_rows.shape} for {out.shape}")
         except Exception as exc:  # ONNX Runtime raises its own classes
             self.proven, self.reason = False, f"a stacked step of {batch} failed ({exc!r:.200})"
             return False
