@@ -53,20 +53,27 @@ def test_a_client_that_does_not_read_is_slowed_down_and_the_daemon_stays_bounded
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)  # before connect
         sock.connect(("127.0.0.1", daemon.tcp_port))
-        sent = [0]
+        sent, failed = [0], []
 
         def produce() -> None:
-            for line in lines:
-                sock.sendall(line)
-                sent[0] += 1
+            try:
+                for line in lines:
+                    sock.sendall(line)
+                    sent[0] += 1
+            except OSError as exc:  # the daemon cut us off: say so, not "stalled"
+                failed.append(exc)
 
         producer = threading.Thread(target=produce, daemon=True)
         base = _rss_mib(daemon.proc.pid)
         producer.start()
         try:
             _expect_stalled(sent)
+            assert not failed, f"the daemon closed the connection after {sent[0]}: {failed[0]!r}"
             unread = _unread_bytes(daemon.tcp_port, sock.getsockname()[1])
-            assert unread > 0, "the producer blocked while the daemon had read everything"
+            assert unread > 0, (
+                f"the producer blocked after {sent[0]} lines while the daemon had read everything"
+                "; its log ends:\n" + "\n".join(daemon.raw_stderr[-10:])
+            )
             assert _rss_mib(daemon.proc.pid) - base < 60, "unread answers piled up in the daemon"
             with sock.makefile("rb") as reader:
                 ys = []
