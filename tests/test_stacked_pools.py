@@ -168,3 +168,20 @@ def test_states_whose_sum_overflows_are_kept_and_stacking_stays_on(tmp_path):
     assert model._engine.stacker.proven, model._engine.stacker.reason
     np.testing.assert_array_equal(got, np.full((2, 4), 3e38, np.float32))
     np.testing.assert_array_equal(pool.state("b")[next(iter(pool.state("b")))], got[1])
+
+
+@pytest.mark.parametrize(
+    "path, backend, note",
+    [
+        (CELL_MODELS[1], "numba", "one kernel call per pool step"),
+        (CELL_MODELS[1], "onnxruntime", "streams stacked into one call per pool step"),
+        (
+            ROOT / "export" / "pump-lstm-int8.onnx",
+            "numpy",
+            "one call per stream: stacked steps differ",
+        ),
+    ],
+    ids=["numba", "stacked", "int8-refused"],
+)
+def test_a_model_says_how_its_pools_step(path, backend, note):
+    assert edgeseq.load(path, backend=backend).pool_note.startswith(note)

@@ -57,7 +57,8 @@ class Daemon:
         release_compiler_pages()  # LLVM's pages are not needed again until the next compile
         seconds = round(time.perf_counter() - start, 3)
         fields = {"path": self.config.model, "fingerprint": model.fingerprint[:12]}
-        log.info("model loaded", extra={**fields, "seconds": seconds, "plan": model.plan_note})
+        notes = {"plan": model.plan_note, "pools": model.pool_note}
+        log.info("model loaded", extra={**fields, "seconds": seconds, **notes})
         self.metrics.set_model(model.fingerprint, str(self.config.model))
         return model
 

@@ -179,6 +179,17 @@ class Model:
         pool.fingerprint = self.fingerprint
         return pool
 
+    @property
+    def pool_note(self) -> str:
+        """How a pool step runs on this backend (proving, the first time, that the onnxruntime
+        and numpy engines may stack their streams into one call; batched.py)."""
+        stacker = getattr(self._streaming_engine(), "stacker", None)
+        if stacker is None:
+            return "one kernel call per pool step"
+        if stacker.usable():
+            return "streams stacked into one call per pool step (proven equal to separate steps)"
+        return f"one call per stream: {stacker.reason}"
+
     def run(self, feeds: dict[str, Any]) -> dict[str, np.ndarray]:
         """Evaluate the whole graph like onnxruntime's InferenceSession.run (all outputs)."""
         unknown = sorted(set(feeds) - set(self.graph.inputs))
