@@ -14,7 +14,7 @@ from edgeseq.runtime.batched import Stacker
 
 ROOT = Path(__file__).resolve().parents[1]
 CELL_MODELS = [ROOT / "export" / f"pump-{c}.onnx" for c in ("rnn", "lstm", "gru")]
-STACKED = 1e-5  # a stacked step sums in another order than separate ones (batched.py)
+STACKED = 1e-5  # |a - b| <= 1e-5 (1 + |b|): a stacked step sums in another order (batched.py)
 
 
 def _samples(model: edgeseq.Model, rows: int, seed: int) -> np.ndarray:
@@ -46,12 +46,12 @@ def test_a_stacked_pool_equals_separate_streams_as_streams_join_leave_and_reset(
         got = pool.step(ids, xs)
         for i, sid in enumerate(ids):
             stream = alone.setdefault(sid, model.stream())
-            np.testing.assert_allclose(got[i], stream.step(xs[i]), rtol=0, atol=STACKED)
+            np.testing.assert_allclose(got[i], stream.step(xs[i]), rtol=STACKED, atol=STACKED)
     stacker = model._engine.stacker
     assert stacker.proven, stacker.reason  # else the loop above tested the one-by-one path
     for sid, stream in alone.items():
         for key, value in stream.state.items():
-            np.testing.assert_allclose(pool.state(sid)[key], value, rtol=0, atol=STACKED)
+            np.testing.assert_allclose(pool.state(sid)[key], value, rtol=STACKED, atol=STACKED)
 
 
 def test_a_stream_that_overflows_in_a_stacked_pool_answers_nan_and_keeps_its_state():
@@ -64,7 +64,9 @@ def test_a_stream_that_overflows_in_a_stacked_pool_answers_nan_and_keeps_its_sta
     assert model._engine.stacker.proven
     assert np.isnan(out[0]).all() and np.isfinite(out[1]).all()
     assert all(np.array_equal(pool.state("a")[k], v) for k, v in kept.items())
-    np.testing.assert_allclose(out[1], twin.step(np.ones(3, np.float32)), rtol=0, atol=STACKED)
+    np.testing.assert_allclose(
+        out[1], twin.step(np.ones(3, np.float32)), rtol=STACKED, atol=STACKED
+    )
 
 
 def _swap_streams(run):
@@ -118,7 +120,7 @@ def test_a_stacked_call_that_fails_after_its_proof_falls_back_to_one_stream_at_a
     stacker._run = broken
     got = pool.step(["a", "b", "c"], xs)
     expected = np.stack([s.step(x) for s, x in zip(alone, xs, strict=True)])
-    np.testing.assert_allclose(got, expected, rtol=0, atol=STACKED)  # nothing stepped twice
+    np.testing.assert_allclose(got, expected, rtol=STACKED, atol=STACKED)  # nothing stepped twice
     assert not stacker.proven and "the runtime fell over" in stacker.reason
 
 
