@@ -186,4 +186,6 @@ def test_states_whose_sum_overflows_are_kept_and_stacking_stays_on(tmp_path):
     ids=["numba", "stacked", "int8-refused"],
 )
 def test_a_model_says_how_its_pools_step(path, backend, note):
-    assert edgeseq.load(path, backend=backend).pool_note.startswith(note)
+    model = edgeseq.load(path, backend=backend)
+    assert model.pool_note.startswith(note)
+    assert model.plan_note  # which plan, or why none: the daemon logs both at start

@@ -114,11 +114,14 @@ class Model:
 
     def _make_engine(self, backend: str) -> Engine:
         if backend == "onnxruntime":
+            self.plan_note = "no fused plan: the onnxruntime backend runs the graph in ONNX Runtime"
             return self._ort_engine()
         if backend == "numba":
             self.plan = self._try_plan()
             if self.plan is not None:
                 return KernelEngine(self.plan)
+        else:
+            self.plan_note = "no fused plan: the numpy backend evaluates the graph with NumPy"
         return GraphEngine(self.graph, self._one_sample_inputs(), self.n_features,
                            self.n_outputs, self.time_first)  # fmt: skip
 
