@@ -34,7 +34,7 @@ RunBatch = Callable[[np.ndarray, Any], tuple[np.ndarray, Any]]
 StepOne = Callable[[np.ndarray, Any, np.ndarray], int]
 
 
-def _values(state: dict[str, Any]) -> list[np.ndarray]:
+def state_arrays(state: dict[str, Any]) -> list[np.ndarray]:
     """Every array of a state in a fixed order: values are arrays (onnxruntime) or tuples of
     them (numpy, one per recurrent node: h, or h and c)."""
     out: list[np.ndarray] = []
@@ -60,7 +60,7 @@ class StateColumns:
     def __init__(self, template: dict[str, Any], capacity: int, axes: Axes) -> None:
         self._layout = [(k, len(v) if isinstance(v, tuple) else None) for k, v in template.items()]
         self._axes = [axes.get(k, BATCH_AXIS) for k, n in self._layout for _ in range(n or 1)]
-        self._shapes = [np.shape(v) for v in _values(template)]
+        self._shapes = [np.shape(v) for v in state_arrays(template)]
         self.columns = [np.zeros((capacity, int(np.prod(s))), np.float32) for s in self._shapes]
         self._buffers: dict[int, np.ndarray] = {}
 
@@ -73,7 +73,7 @@ class StateColumns:
 
     def put(self, row: int, state: dict[str, Any]) -> None:
         """Store one stream's state in `row`."""
-        for column, value in zip(self.columns, _values(state), strict=True):
+        for column, value in zip(self.columns, state_arrays(state), strict=True):
             column[row] = np.reshape(value, -1)
 
     def get(self, row: int) -> dict[str, Any]:
@@ -112,7 +112,7 @@ class StateColumns:
         """Write back the stacked states of `rows` where `keep` (B,) is true."""
         every = bool(keep.all())
         for column, shape, value, axis in zip(
-            self.columns, self._shapes, _values(joined), self._axes, strict=True
+            self.columns, self._shapes, state_arrays(joined), self._axes, strict=True
         ):
             rest = shape[:axis] + shape[axis + 1 :]
             by_row = np.moveaxis(value, axis, 0)  # a view: assigned without a temporary
@@ -125,7 +125,7 @@ class StateColumns:
     def finite(self, joined: dict[str, Any], batch: int) -> np.ndarray:
         """(B,) bool: the stacked streams whose every state value is finite."""
         ok = np.ones(batch, bool)
-        for value, axis in zip(_values(joined), self._axes, strict=True):
+        for value, axis in zip(state_arrays(joined), self._axes, strict=True):
             if not np.isfinite(value.sum()):  # finite unless some value is inf or NaN (or the
                 # sum overflows): then find the streams, without a temporary in the usual case
                 ok &= np.isfinite(value).all(axis=tuple(a for a in range(value.ndim) if a != axis))
@@ -204,7 +204,7 @@ class Stacker:
             if self._step_one(xs[b], alone, out) != -1:
                 return "a probe step overflowed"
             gap = max(gap, _gap(y_rows[b], out))
-            for a, s in zip(_values(alone), _values(columns.get(row)), strict=True):
+            for a, s in zip(state_arrays(alone), state_arrays(columns.get(row)), strict=True):
                 gap = max(gap, _gap(s.reshape(-1), a.reshape(-1)))
         if not gap <= STACK_TOLERANCE:
             return f"stacked steps differ from separate ones by {gap:.3g}"

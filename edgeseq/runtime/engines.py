@@ -23,7 +23,7 @@ import numpy as np
 
 from edgeseq.errors import ShapeError
 from edgeseq.runtime import aligned
-from edgeseq.runtime.batched import Stacker
+from edgeseq.runtime.batched import RunBatch, Stacker, state_arrays
 from edgeseq.runtime.graph import Graph
 from edgeseq.runtime.plan import Plan
 from edgeseq.runtime.stepper import step_graph, stream_time_nodes, streamable
@@ -303,17 +303,7 @@ class GraphEngine:
         return {n: tuple(v.copy() for v in vs) for n, vs in self.initial.items()}
 
     def step(self, x: np.ndarray, state: dict[str, Any], out: np.ndarray) -> int:
-        bad = first_bad(x)
-        if bad < 0:
-            feeds = {self.x_name: x.reshape(1, 1, -1), **self.zero_inputs}
-            with np.errstate(over="ignore", invalid="ignore"):  # overflow: refused below
-                env, carried = step_graph(self.graph, feeds, state)
-            y = env[self.y_name]
-            if not _finite([y, *(v for vs in carried.values() for v in vs)]):
-                return BAD_OUTPUT  # the state stays as it was
-            state.update(carried)
-            out[:] = y.reshape(-1)
-        return bad
+        return _one_step(self._run_batch, x, state, out)
 
     def feed(self, xs: np.ndarray, state: dict[str, Any], out: np.ndarray) -> int:
         return _feed_or_undo(self, xs, state, out)
@@ -365,14 +355,7 @@ class OrtEngine:
         return {i: v.copy() for i, v in self.zero.items()}
 
     def step(self, x: np.ndarray, state: dict[str, np.ndarray], out: np.ndarray) -> int:
-        bad = first_bad(x)
-        if bad < 0:
-            y, *new = self.session.run(self.fetch, {self.x_name: x.reshape(1, 1, -1), **state})
-            if not _finite([y, *new]):
-                return BAD_OUTPUT  # the state stays as it was
-            state.update(zip((i for i, _ in self.pairs), new, strict=True))
-            out[:] = y.reshape(-1)
-        return bad
+        return _one_step(self._run_batch, x, state, out)
 
     def feed(self, xs: np.ndarray, state: dict[str, np.ndarray], out: np.ndarray) -> int:
         return _feed_or_undo(self, xs, state, out)
@@ -383,6 +366,19 @@ class OrtEngine:
     def restore(self, saved: StateDict) -> dict[str, np.ndarray]:
         saved = _check_keys(saved, self.shapes)
         return {i: np.array(saved[i], np.float32).reshape(v.shape) for i, v in self.zero.items()}
+
+
+def _one_step(run: RunBatch, x: np.ndarray, state: dict[str, Any], out: np.ndarray) -> int:
+    """A slow engine's step: its batch call on a batch of one, kept only if all is finite."""
+    bad = first_bad(x)
+    if bad < 0:
+        with np.errstate(over="ignore", invalid="ignore"):  # overflow: refused below
+            y, after = run(x.reshape(1, 1, -1), state)
+        if not _finite([y, *state_arrays(after)]):
+            return BAD_OUTPUT  # the state stays as it was
+        state.update(after)
+        out[:] = y.reshape(-1)
+    return bad
 
 
 def _feed_or_undo(engine: GraphEngine | OrtEngine, xs: np.ndarray, state: dict[str, Any],
