@@ -206,3 +206,14 @@ def test_all_finite_sees_every_nan_and_infinity_wherever_it_is(bad):
         v = np.ones(37, np.float32)
         v[at] = bad
         assert not check(v), at
+
+
+def test_the_stream_and_one_thread_pool_kernels_run_without_numba_s_runtime():
+    """Reference counting through NRT cost a quarter of a small model's step (specialize.py):
+    the kernels that need no allocation are built without it."""
+    plan = edgeseq.load(LSTM).plan
+    assert plan is not None
+    module = sys.modules[compile_kernel(plan).__module__]
+    for name in ("advance", "advance_rows", "_span", "_check_rows"):
+        assert getattr(module, name).targetoptions.get("_nrt") is False, name
+    assert module.advance_rows_parallel.targetoptions.get("_nrt", True) is not False
