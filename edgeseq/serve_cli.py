@@ -6,12 +6,37 @@ command line overrides it. Nothing here imports torch.
 
 from __future__ import annotations
 
+import logging
+import os
+import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 Opt = typer.Option
+AFRESH = "EDGESEQ_SERVE_AFRESH"  # set in the process that replaced a compiling one
+
+
+def _own_process() -> bool:
+    """Whether `edgeseq serve` is this process's command (not a call from other Python code,
+    such as a test runner, whose arguments must never be re-run), and not already a restart:
+    a cache that cannot be written would make every start compile again."""
+    return sys.argv[1:2] == ["serve"] and not os.environ.get(AFRESH)
+
+
+def _start_afresh() -> None:
+    """Replace this process by the same command (same PID, same open stdin): see
+    edgeseq.daemon.service.serve. Returns only when that fails."""
+    os.environ[AFRESH] = "1"
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    try:
+        os.execv(sys.executable, sys.orig_argv)
+    except OSError as exc:
+        logging.getLogger("edgeseq.daemon").warning(
+            "could not start afresh; serving from this process", extra={"detail": str(exc)}
+        )
 
 
 def serve(
@@ -56,7 +81,7 @@ def serve(
     overrides["model"] = str(model) if model is not None else None
     settings = build_config(config, overrides)
     configure(settings.log_level, settings.log_format)
-    code = run_daemon(settings)
+    code = run_daemon(settings, start_afresh=_start_afresh if _own_process() else None)
     if code:
         raise typer.Exit(code)
 

@@ -25,7 +25,7 @@ from edgeseq.daemon.systemd import Notifier
 from edgeseq.daemon.table import StreamTable
 from edgeseq.errors import EdgeseqError
 from edgeseq.runtime import Model, load
-from edgeseq.runtime.memory import release_compiler_pages
+from edgeseq.runtime.memory import count_compiles, release_compiler_pages
 from edgeseq.runtime.warmup import step_every_pool_path
 
 log = logging.getLogger("edgeseq.daemon")
@@ -36,7 +36,9 @@ class Daemon:
         self.config = config
         self.metrics = Metrics()
         self.notifier = Notifier()
-        self.model = self._load()
+        with count_compiles() as compiled:
+            self.model = self._load()
+        self.compiled_at_start = compiled.count  # kernels compiled here, not loaded: see serve()
         self.table = StreamTable(self.model, config.max_streams)
         self.table.on_step = self._stepped
         self.table.on_event = self._event
@@ -252,10 +254,36 @@ class Daemon:
         log.info("stopped", extra={"streams": len(self.table)})
 
 
-def serve(config: DaemonConfig) -> int:
-    """Run the daemon in this thread until SIGTERM/SIGINT (or end of stdin)."""
+def serve(config: DaemonConfig, start_afresh: Callable[[], None] | None = None) -> int:
+    """Run the daemon in this thread until SIGTERM/SIGINT (or end of stdin).
+
+    `start_afresh` (the command line's: serve_cli.py) replaces this process by a new one with
+    the same arguments. It is called when loading the model compiled kernels (a cold Numba
+    cache), before anything is opened, read or restored: compiling leaves some 300 MB of LLVM's
+    structures in the process for good (runtime/memory.py), and a daemon runs for months. The
+    new process loads the kernels from the cache. Should it return (it could not start the new
+    process), this one serves on."""
 
     async def main() -> int:
-        return await Daemon(config).run()
+        daemon = Daemon(config)
+        if daemon.compiled_at_start and start_afresh is not None:
+            log.info(
+                "kernels compiled at start; starting afresh to leave the compiler's memory behind",
+                extra={"kernels": daemon.compiled_at_start, "rss_mib": resident_mib()},
+            )
+            start_afresh()
+        return await daemon.run()
 
     return asyncio.run(main())
+
+
+def resident_mib() -> float | None:
+    """This process's resident memory (Linux), for the log."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    return None
