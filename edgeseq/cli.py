@@ -16,7 +16,7 @@ import typer
 from rich.console import Console
 from rich.markdown import Markdown
 
-from edgeseq import __version__
+from edgeseq import __version__, serve_cli
 from edgeseq.errors import EdgeseqError
 from edgeseq.serve_cli import bundle, devices_app, loadtest, serve
 
@@ -345,5 +345,7 @@ def _error(message: str) -> None:
 
 
 def run() -> None:
-    """Console-script target."""
+    """Console-script target (and `python -m edgeseq`): this process is the command, so `edgeseq
+    serve` may replace it by a fresh one after compiling its kernels (serve_cli.py)."""
+    serve_cli.OWN_PROCESS = True
     sys.exit(main())

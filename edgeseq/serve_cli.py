@@ -15,25 +15,30 @@ from typing import Annotated
 import typer
 
 Opt = typer.Option
-AFRESH = "EDGESEQ_SERVE_AFRESH"  # set in the process that replaced a compiling one
+OWN_PROCESS = False  # set by cli.run(): `edgeseq ...` is this process's command
 
 
-def _own_process() -> bool:
-    """Whether `edgeseq serve` is this process's command (not a call from other Python code,
-    such as a test runner, whose arguments must never be re-run), and not already a restart:
-    a cache that cannot be written would make every start compile again."""
-    return sys.argv[1:2] == ["serve"] and not os.environ.get(AFRESH)
+def _may_start_afresh(config: Path | None) -> bool:
+    """Whether `edgeseq serve` may replace this process by a new one with the same arguments:
+    only when it is this process's own command (cli.run, not `cli.main([...])` called from other
+    Python code, whose process must never be re-run) and its --config can be read again (not a
+    pipe such as /dev/stdin)."""
+    return OWN_PROCESS and (config is None or config.is_file())
 
 
 def _start_afresh() -> None:
     """Replace this process by the same command (same PID, same open stdin): see
     edgeseq.daemon.service.serve. Returns only when that fails."""
+    from edgeseq.daemon.service import AFRESH
+
     os.environ[AFRESH] = "1"
-    for stream in (sys.stdout, sys.stderr):
-        stream.flush()
     try:
+        for stream in (sys.stdout, sys.stderr):
+            if stream is not None:
+                stream.flush()
         os.execv(sys.executable, sys.orig_argv)
-    except OSError as exc:
+    except (OSError, ValueError) as exc:
+        os.environ.pop(AFRESH, None)
         logging.getLogger("edgeseq.daemon").warning(
             "could not start afresh; serving from this process", extra={"detail": str(exc)}
         )
@@ -81,7 +86,7 @@ def serve(
     overrides["model"] = str(model) if model is not None else None
     settings = build_config(config, overrides)
     configure(settings.log_level, settings.log_format)
-    code = run_daemon(settings, start_afresh=_start_afresh if _own_process() else None)
+    code = run_daemon(settings, start_afresh=_start_afresh if _may_start_afresh(config) else None)
     if code:
         raise typer.Exit(code)
 

@@ -74,3 +74,32 @@ def test_a_daemon_that_compiled_at_start_restarts_in_place_and_loses_no_input(tm
         warm.wait_for("ready", timeout=120)
         assert not any(e.get("event") == AFRESH for e in warm.logs)
         warm.stop()
+
+
+def test_a_daemon_whose_kernels_cannot_be_kept_says_so_and_serves_from_its_first_process(
+    tmp_path,
+):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    env = {"EDGESEQ_KERNEL_DIR": str(blocker / "kernels")}  # cannot be created, even by root
+    with DaemonProcess(str(DEFAULT_MODEL), "--listen", "tcp://127.0.0.1:0", env=env) as daemon:
+        ready = daemon.wait_for("ready", timeout=300)
+        events = [e.get("event", "") for e in daemon.logs]
+        assert any(e.startswith("kernels compiled at start into a folder of this process")
+                   for e in events), events  # fmt: skip
+        assert AFRESH not in events and events.count("model loaded") == 1
+        assert ready["pid"] == daemon.proc.pid
+        assert daemon.stop() == 0
+
+
+def test_only_the_edgeseq_command_itself_restarts_its_process(tmp_path, monkeypatch):
+    """cli.main([...]) called from other Python code (a test runner, a user's program) must
+    never re-run that program's command line; nor may a --config read from a pipe be lost."""
+    from edgeseq import serve_cli
+
+    config = tmp_path / "serve.toml"
+    config.write_text('model = "m.onnx"\n')
+    assert not serve_cli._may_start_afresh(None)  # OWN_PROCESS is set by cli.run() only
+    monkeypatch.setattr(serve_cli, "OWN_PROCESS", True)
+    assert serve_cli._may_start_afresh(None) and serve_cli._may_start_afresh(config)
+    assert not serve_cli._may_start_afresh(Path("/dev/stdin"))

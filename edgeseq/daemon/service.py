@@ -26,6 +26,7 @@ from edgeseq.daemon.table import StreamTable
 from edgeseq.errors import EdgeseqError
 from edgeseq.runtime import Model, load
 from edgeseq.runtime.memory import count_compiles, release_compiler_pages
+from edgeseq.runtime.specialize import kernels_are_kept
 from edgeseq.runtime.warmup import step_every_pool_path
 
 log = logging.getLogger("edgeseq.daemon")
@@ -36,9 +37,9 @@ class Daemon:
         self.config = config
         self.metrics = Metrics()
         self.notifier = Notifier()
-        with count_compiles() as compiled:
-            self.model = self._load()
-        self.compiled_at_start = compiled.count  # kernels compiled here, not loaded: see serve()
+        self.compiled = 0  # kernels the last _load compiled rather than loaded: see serve()
+        self.model = self._load()
+        self.compiled_at_start = self.compiled
         self.table = StreamTable(self.model, config.max_streams)
         self.table.on_step = self._stepped
         self.table.on_event = self._event
@@ -53,9 +54,11 @@ class Daemon:
 
     def _load(self) -> Model:
         start = time.perf_counter()
-        model = load(self.config.model, self.config.backend)
-        model.stream()  # refuses a model that cannot stream (bidirectional...) now, not later
-        step_every_pool_path(model)  # batched kernels ready now, not in a client's request
+        with count_compiles() as compiled:
+            model = load(self.config.model, self.config.backend)
+            model.stream()  # refuses a model that cannot stream (bidirectional...) now, not later
+            step_every_pool_path(model)  # batched kernels ready now, not in a client's request
+        self.compiled = compiled.count
         release_compiler_pages()  # LLVM's pages are not needed again until the next compile
         seconds = round(time.perf_counter() - start, 3)
         fields = {"path": self.config.model, "fingerprint": model.fingerprint[:12]}
@@ -217,6 +220,12 @@ class Daemon:
         log.log(level, "model reloaded" if kept else "model reloaded; state shapes differ, "
                 "every stream was reset", extra={"old": old[:12], "new": model.fingerprint[:12],
                                                   "streams": len(self.table)})  # fmt: skip
+        if self.compiled:  # a new model shape: a restart would load them from the cache
+            log.warning(
+                "the reload compiled kernels, and the compiler's memory stays with this process "
+                "until it is restarted",
+                extra={"kernels": self.compiled, "rss_mib": resident_mib()},
+            )
         return True
 
     def _spawn(self, work: Awaitable[Any]) -> None:
@@ -254,27 +263,49 @@ class Daemon:
         log.info("stopped", extra={"streams": len(self.table)})
 
 
+AFRESH = "EDGESEQ_SERVE_AFRESH"  # set in a process that replaced one that compiled at start
+
+
 def serve(config: DaemonConfig, start_afresh: Callable[[], None] | None = None) -> int:
     """Run the daemon in this thread until SIGTERM/SIGINT (or end of stdin).
 
     `start_afresh` (the command line's: serve_cli.py) replaces this process by a new one with
-    the same arguments. It is called when loading the model compiled kernels (a cold Numba
-    cache), before anything is opened, read or restored: compiling leaves some 300 MB of LLVM's
-    structures in the process for good (runtime/memory.py), and a daemon runs for months. The
-    new process loads the kernels from the cache. Should it return (it could not start the new
-    process), this one serves on."""
+    the same arguments and AFRESH set. It is called when loading the model compiled kernels (a
+    cold Numba cache), before anything is opened, read or restored: compiling leaves some 300
+    MB of LLVM's structures in the process for good (runtime/memory.py), and a daemon runs for
+    months. The new process loads the kernels from the cache. Not when the kernels could not
+    be kept (the new process would compile them all again), and never twice. Should it
+    return (it could not start the new process), this one serves on."""
 
     async def main() -> int:
         daemon = Daemon(config)
-        if daemon.compiled_at_start and start_afresh is not None:
-            log.info(
-                "kernels compiled at start; starting afresh to leave the compiler's memory behind",
-                extra={"kernels": daemon.compiled_at_start, "rss_mib": resident_mib()},
-            )
-            start_afresh()
+        if daemon.compiled_at_start:
+            _after_compiling_at_start(daemon.compiled_at_start, start_afresh)
         return await daemon.run()
 
     return asyncio.run(main())
+
+
+def _after_compiling_at_start(kernels: int, start_afresh: Callable[[], None] | None) -> None:
+    fields = {"kernels": kernels, "rss_mib": resident_mib()}
+    if os.environ.get(AFRESH):
+        log.warning(
+            "kernels compiled again after starting afresh: the Numba cache is not kept "
+            "(are NUMBA_CACHE_DIR and EDGESEQ_KERNEL_DIR writable?)",
+            extra=fields,
+        )
+    elif not kernels_are_kept():
+        log.warning(
+            "kernels compiled at start into a folder of this process only (the kernel "
+            "folder is not writable): serving from this process",
+            extra=fields,
+        )
+    elif start_afresh is not None:
+        log.info(
+            "kernels compiled at start; starting afresh to leave the compiler's memory behind",
+            extra=fields,
+        )
+        start_afresh()
 
 
 def resident_mib() -> float | None:

@@ -114,7 +114,7 @@ def reset_sums(p, cand, rh, hid, off_rh):
             cand[j] += w[j] * rh[k]
 
 
-@njit(cache=True, nogil=True, fastmath=FASTMATH, error_model="numpy")
+@njit(cache=True, nogil=True, fastmath=FASTMATH, error_model="numpy", _nrt=False)
 def activate_any(kind, alpha, beta, v):
     """Any activation of the ONNX RNN operators, with its alpha and beta (recurrent_ops.py
     defines them; plan.py resolves the defaults). Called, not inlined, like the *_any cells."""
@@ -198,7 +198,9 @@ def gru(p, x, y, state, gates, n_in, hid, off_wx, off_rh, off_wb, off_rb, off_h,
 # [clip, then alpha and beta of each activation in order, then (LSTM) peepholes i, o, f].
 # They are called, not inlined: inlined into the interpreter's four kernels (which hold every
 # cell), their twelve-way activations made a cold compile take 246 s instead of 38 s.
-any_cell = njit(cache=True, nogil=True, fastmath=FASTMATH, error_model="numpy")
+# Without Numba's runtime, as the kernels that call them (specialize.py): a called function
+# otherwise takes the setting of whichever caller compiled it first, and the cache keeps that.
+any_cell = njit(cache=True, nogil=True, fastmath=FASTMATH, error_model="numpy", _nrt=False)
 
 
 @any_cell

@@ -9,8 +9,8 @@ is the difference between fitting and not. Linux 5.4+ only; elsewhere this does 
 
 What compiling itself leaves behind cannot be given back that way: a process that compiled its
 kernels (a cold cache: a first start, a new model shape, an upgrade) keeps some 300 MB of
-LLVM's live structures (the reference pump LSTM's daemon: 435 MiB after compiling, 125 MiB
-when it loads the same kernels from the cache; malloc_trim frees 3 MiB of it). `count_compiles`
+LLVM's live structures (the reference pump LSTM's daemon: 423 to 435 MiB after compiling, 125
+MiB when it loads the same kernels from the cache; malloc_trim frees 3 MiB of it). `count_compiles`
 tells a long-lived process that this happened, so that it can start afresh on the now warm
 cache (the daemon does: edgeseq/daemon/service.py).
 """

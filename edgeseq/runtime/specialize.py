@@ -24,12 +24,13 @@ core), and a pool's answers are bit for bit those of separate streams. Larger mo
 their weights from memory once per stream; the engine gives those to BLAS instead.
 
 All but the parallel one are compiled without Numba's reference-counting runtime (`_nrt=False`,
-a jit option of the pinned Numba; parfors need it): they allocate nothing, and with the runtime
-on, every array argument and every slice taken inside a kernel takes and drops a reference
-through it. That was 0.26 us of a 1.4 us call of the reference RNN's step, and 30% (LSTM) to 40%
-(RNN) of the time of a 64-stream pool step (measured here). Numba refuses at compile time any
-code that would need the runtime (a slice assignment that may copy, `ravel`), so nothing can
-quietly depend on it.
+a jit option of the pinned Numba; parfors need it), and so are the cells they call rather than
+inline (cells.py), which would otherwise take the runtime setting of whichever kernel compiled
+them first. They allocate nothing, and with the runtime on, every array argument and every slice
+taken inside a kernel takes and drops a reference through it: 0.26 us of a 1.4 us call of the
+reference RNN's step, and 30% (LSTM) to 40% (RNN) of the time of a 64-stream pool step
+(measured here). Code that needs the runtime (a slice assignment that may copy, `ravel`, an
+allocation) fails to compile in these kernels instead of running.
 
 The source goes to a file named by its own hash (Numba caches per source file) in
 kernel_dir(); a file whose contents differ from what would be written is rewritten, never
@@ -253,6 +254,13 @@ def _write(folder: Path, text: str) -> Path:
 
 
 _loaded: dict[str, ModuleType] = {}
+_private: list[Path] = []  # folders of this process only (kernel_dir() could not be written)
+
+
+def kernels_are_kept() -> bool:
+    """Whether every kernel this process generated is where the next process will find it
+    (False once kernel_dir() could not be written and a private folder was used)."""
+    return not _private
 
 
 def _module(plan: Plan) -> ModuleType:
@@ -265,6 +273,7 @@ def _module(plan: Plan) -> ModuleType:
         path = _write(kernel_dir(), text)
     except (OSError, RuntimeError):  # no or a read-only home: a private folder, no reuse
         path = _write(Path(tempfile.mkdtemp(prefix="edgeseq-kernels-")), text)
+        _private.append(path.parent)
     spec = importlib.util.spec_from_file_location(path.stem, path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
