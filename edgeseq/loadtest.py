@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -26,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from edgeseq.errors import EdgeseqError
+from edgeseq.runtime.memory import resident_mib
 
 IN_FLIGHT_TICKS = 4
 
@@ -85,9 +85,8 @@ class ServedDaemon:
             pass
 
     def rss_mib(self) -> float:
-        status = Path(f"/proc/{self.proc.pid}/status").read_text()
-        match = re.search(r"VmRSS:\s+(\d+) kB", status)
-        return int(match.group(1)) / 1024 if match else float("nan")
+        found = resident_mib(self.proc.pid)
+        return float("nan") if found is None else found
 
     def stop(self) -> None:
         self.proc.send_signal(signal.SIGTERM)

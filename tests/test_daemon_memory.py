@@ -15,17 +15,10 @@ import numpy as np
 import pytest
 from numba import njit
 
-from edgeseq.runtime.memory import count_compiles
+from edgeseq.runtime.memory import count_compiles, resident_mib
 from tests.daemon_harness import DEFAULT_MODEL, DaemonProcess, offline_predictions
 
 AFRESH = "kernels compiled at start; starting afresh to leave the compiler's memory behind"
-
-
-def _resident_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise AssertionError("no VmRSS")
 
 
 def test_count_compiles_counts_compilations_and_not_cache_loads():
@@ -58,7 +51,8 @@ def test_a_daemon_that_compiled_at_start_restarts_in_place_and_loses_no_input(tm
         ready = daemon.wait_for("ready", timeout=120)
         assert restart["kernels"] >= 1
         assert ready["pid"] == daemon.proc.pid  # the same process, as systemd tracks it
-        after = _resident_mib(daemon.proc.pid)
+        after = resident_mib(daemon.proc.pid)
+        assert after is not None
         assert after < restart["rss_mib"], (after, restart["rss_mib"])
         loaded = [e for e in daemon.logs if e.get("event") == "model loaded"]
         assert len(loaded) == 2 and loaded[1]["seconds"] < loaded[0]["seconds"]

@@ -25,7 +25,7 @@ from edgeseq.daemon.systemd import Notifier
 from edgeseq.daemon.table import StreamTable
 from edgeseq.errors import EdgeseqError
 from edgeseq.runtime import Model, load
-from edgeseq.runtime.memory import count_compiles, release_compiler_pages
+from edgeseq.runtime.memory import count_compiles, release_compiler_pages, resident_mib
 from edgeseq.runtime.specialize import kernels_are_kept
 from edgeseq.runtime.warmup import step_every_pool_path
 
@@ -39,7 +39,6 @@ class Daemon:
         self.notifier = Notifier()
         self.compiled = 0  # kernels the last _load compiled rather than loaded: see serve()
         self.model = self._load()
-        self.compiled_at_start = self.compiled
         self.table = StreamTable(self.model, config.max_streams)
         self.table.on_step = self._stepped
         self.table.on_event = self._event
@@ -279,8 +278,8 @@ def serve(config: DaemonConfig, start_afresh: Callable[[], None] | None = None) 
 
     async def main() -> int:
         daemon = Daemon(config)
-        if daemon.compiled_at_start:
-            _after_compiling_at_start(daemon.compiled_at_start, start_afresh)
+        if daemon.compiled:  # by the load at start: nothing is open or read yet
+            _after_compiling_at_start(daemon.compiled, start_afresh)
         return await daemon.run()
 
     return asyncio.run(main())
@@ -306,15 +305,3 @@ def _after_compiling_at_start(kernels: int, start_afresh: Callable[[], None] | N
             extra=fields,
         )
         start_afresh()
-
-
-def resident_mib() -> float | None:
-    """This process's resident memory (Linux), for the log."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as status:
-            for line in status:
-                if line.startswith("VmRSS:"):
-                    return round(int(line.split()[1]) / 1024, 1)
-    except OSError:
-        pass
-    return None
