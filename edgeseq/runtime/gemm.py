@@ -1,19 +1,28 @@
 """Large pool steps as matrix products: for a batch of streams, each layer's gates come from
 BLAS GEMMs (weights read once for the whole batch: one [B, I + H] @ [I + H, 4H] for an LSTM,
 separate x and h products where a GRU needs them apart) and one Numba pass for the gate
-nonlinearities, which for an LSTM also reads and writes the state table in place. Same program
-and state table as the kernels; the sums run in another order, so results agree with
-one-stream-at-a-time stepping to float32 rounding rather than bit for bit.
+nonlinearities, which for an LSTM also reads and writes the state table in place. Where numpy's
+OpenBLAS can be called from Numba (`blas.AVAILABLE`) and Numba has threads, an LSTM layer instead
+runs as `lstm_shares.lstm_layer`: each thread stacks, multiplies and applies the gates for its own
+share of the streams. Same program and state table as the kernels; the sums run in another order,
+so results agree with one-stream-at-a-time stepping to float32 rounding rather than bit for bit.
 """
 
 from __future__ import annotations
 
+import os
+from typing import Any
+
+import numba
 import numpy as np
 from numba import njit
 
+from edgeseq.runtime import blas
 from edgeseq.runtime import kernels as k
 from edgeseq.runtime.fastmath import FASTMATH, sigmoid, tanh
 from edgeseq.runtime.plan import Plan
+
+SHARES_ENV = "EDGESEQ_LSTM_SHARES"
 
 
 @njit(cache=True, nogil=True, fastmath=FASTMATH, error_model="numpy")
@@ -62,6 +71,16 @@ def activate_rows(v: np.ndarray, kind: int, alpha: float) -> None:
             row[j] = k._activate(kind, alpha, row[j])
 
 
+def _lstm_in_shares() -> Any | None:
+    """lstm_shares.lstm_layer where it can run (numpy's OpenBLAS callable, two threads or more;
+    EDGESEQ_LSTM_SHARES=0 turns it off), else None."""
+    if not blas.AVAILABLE or numba.get_num_threads() < 2 or os.environ.get(SHARES_ENV) == "0":
+        return None
+    from edgeseq.runtime.lstm_shares import lstm_layer
+
+    return lstm_layer
+
+
 Rows = np.ndarray | slice  # the table rows of a batch: an index array, or a contiguous range
 
 
@@ -93,6 +112,9 @@ class BatchRunner:
             row[0] < k.OP_RNN_ANY and not (row[0] == k.OP_GRU and row[8] == 0) for row in plan.code
         )  # the *_ANY cells and GRU with linear_before_reset=0 run per stream
         self._buffers: dict[tuple[int, int, int], np.ndarray] = {}
+        self.lstm_layer = _lstm_in_shares()  # None: numpy.matmul and one gate pass
+        self.parts = 1 if self.lstm_layer is None else numba.get_num_threads()
+        self.has_lstm = any(int(row[0]) == k.OP_LSTM for row in plan.code)
 
     def _buf(self, slot: int, batch: int, width: int) -> np.ndarray:
         key = (slot, batch, width)
@@ -144,6 +166,13 @@ class BatchRunner:
         batch = len(cur)
         if op == k.OP_LSTM:
             off_wt, off_b, off_h, off_c = (int(v) for v in row[3:7])
+            if self.lstm_layer is not None:
+                h = self._buf(3 * i + 1, batch, hid)
+                self.lstm_layer(cur, self._w(off_wt, n_in + hid, 4 * hid),
+                                p[off_b : off_b + 4 * hid], table, index, off_h, off_c,
+                                self._buf(3 * i + 2, batch, n_in + hid),
+                                self._buf(3 * i, batch, 4 * hid), h, self.parts)  # fmt: skip
+                return h
             xh = self._stacked_input(i, cur, table, rows, off_h, hid)
             g = np.matmul(xh, self._w(off_wt, n_in + hid, 4 * hid),
                           out=self._buf(3 * i, batch, 4 * hid))  # fmt: skip
@@ -169,6 +198,12 @@ class BatchRunner:
 
     def step(self, xs: np.ndarray, table: np.ndarray, rows: np.ndarray) -> np.ndarray:
         """(B, F) samples for streams table[rows] -> (B, n_outputs); the table is updated."""
+        if self.lstm_layer is not None and self.has_lstm:
+            with blas.single_threaded():
+                return self._step(xs, table, rows)
+        return self._step(xs, table, rows)
+
+    def _step(self, xs: np.ndarray, table: np.ndarray, rows: np.ndarray) -> np.ndarray:
         p, cur = self.plan.params, xs
         span = _as_slice(rows)  # a pool stepping the same streams in order: no fancy indexing
         for i, row in enumerate(self.plan.code):

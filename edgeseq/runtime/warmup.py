@@ -21,6 +21,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from edgeseq.runtime import blas
 from edgeseq.runtime.engines import GEMM_BATCH, GEMM_BATCH_CACHED, PARALLEL_ROWS
 from edgeseq.runtime.model import Model, load
 
@@ -48,7 +49,9 @@ def _signatures() -> dict[tuple[str, str], tuple[Any, ...]]:
     i1, i2 = types.Array(types.int64, 1, "C"), types.Array(types.int64, 2, "C")
     f1, f2, f3 = (types.Array(types.float32, n, "C") for n in (1, 2, 3))
     rows = (i2, f1, f2, f2, i1, f3, f2)
-    return {
+    i = types.int64
+    shares = {("lstm_shares", "lstm_layer"): (f2, f2, f1, f2, i1, i, i, f2, f2, f2, i)}
+    return (shares if blas.AVAILABLE else {}) | {
         ("kernels", "step"): (i2, f1, f1, f1, f2, f1),
         ("kernels", "feed"): (i2, f1, f2, f1, f2, f2),
         ("kernels", "step_rows"): rows,
