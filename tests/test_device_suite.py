@@ -4,6 +4,7 @@ numpy and edgeseq's runtime and daemon, as on a Raspberry Pi)."""
 
 from __future__ import annotations
 
+import platform
 from functools import cache
 from pathlib import Path
 
@@ -99,6 +100,24 @@ def test_a_pool_of_streams_equals_separate_streams(path):
     ids = [f"s{i}" for i in range(4)]
     pooled = np.stack([pool.step(ids, xs[t]) for t in range(xs.shape[0])], axis=1)
     for i in range(4):
+        np.testing.assert_allclose(pooled[i], model.stream().feed(xs[:, i]), rtol=0, atol=TOLERANCE)
+
+
+def test_a_large_lstm_pool_step_on_every_core_equals_separate_streams():
+    """From 512 streams an LSTM pool step runs each thread's share through numpy's OpenBLAS,
+    called by symbol from inside the kernel (lstm_shares.py): the one place the runtime calls a
+    native library directly, so it is proven on this CPU's numpy too."""
+    from edgeseq.runtime import blas
+
+    model, streams = _load(CELL_MODELS[1]), 520
+    if platform.system() == "Linux" and platform.machine() in ("x86_64", "aarch64"):
+        assert blas.AVAILABLE and model._engine.gemm.lstm_layer is not None  # numpy's wheels
+    xs = np.stack([_samples(model, 3, seed) for seed in range(streams)], axis=1)  # (T, N, F)
+    before = blas.threads()
+    pool, ids = model.pool(capacity=streams), [f"s{i}" for i in range(streams)]
+    pooled = np.stack([pool.step(ids, xs[t]) for t in range(xs.shape[0])], axis=1)
+    assert blas.threads() == before
+    for i in (0, 261, streams - 1):
         np.testing.assert_allclose(pooled[i], model.stream().feed(xs[:, i]), rtol=0, atol=TOLERANCE)
 
 
