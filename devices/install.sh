@@ -50,19 +50,35 @@ fi
 say "installing edgeseq $EDGESEQ_VERSION for $EDGESEQ_DEVICE (runtime and daemon, no PyTorch)"
 "$venv/bin/python" -m pip install --quiet --disable-pip-version-check "$@" \
   "$here/wheels/${EDGESEQ_WHEEL}[daemon]"
+# pip keeps an installed edgeseq of the same version number, and every bundle of this version is
+# numbered alike: reinstall edgeseq itself (only it) so that this bundle's code is what runs.
+"$venv/bin/python" -m pip install --quiet --disable-pip-version-check "$@" \
+  --force-reinstall --no-deps "$here/wheels/${EDGESEQ_WHEEL}"
 
-# Numba keys its cache on each source file's path and modification time. Each installed source
-# gets a time derived from its content, so the cache built below survives re-installing the same
-# code (an upgrade that changes a file changes its time, and Numba compiles that anew).
+# Numba keys its cache on each source file's path and modification time, and only on the file
+# of the function itself: a kernel's cached machine code also holds what it inlined or called
+# from other files. Each installed source gets a time derived from content, so the cache built
+# below survives re-installing the same code; every file of edgeseq/runtime (where all kernels
+# live) gets one derived from the whole folder, so an upgrade that changes any of them
+# recompiles every kernel rather than keep one built on the old cells.
 site=$("$venv/bin/python" -c 'import edgeseq, os; print(os.path.dirname(edgeseq.__file__))')
 "$venv/bin/python" - "$site" <<'PY'
 import hashlib, os, sys
+
+def content(path):
+    with open(path, "rb") as source:
+        return source.read()
+
+runtime = os.path.join(sys.argv[1], "runtime")
+kernels = hashlib.sha256()
+for name in sorted(os.listdir(runtime)):
+    if name.endswith(".py"):
+        kernels.update(name.encode() + b"\0" + content(os.path.join(runtime, name)))
 for folder, _, names in os.walk(sys.argv[1]):
     for name in names:
         if name.endswith(".py"):
             path = os.path.join(folder, name)
-            with open(path, "rb") as source:
-                digest = hashlib.sha256(source.read()).digest()
+            digest = kernels.digest() if folder == runtime else hashlib.sha256(content(path)).digest()
             stamp = 1_600_000_000 + int.from_bytes(digest[:3], "big")
             os.utime(path, (stamp, stamp))
 PY

@@ -4,7 +4,6 @@ numpy and edgeseq's runtime and daemon, as on a Raspberry Pi)."""
 
 from __future__ import annotations
 
-import platform
 from functools import cache
 from pathlib import Path
 
@@ -107,16 +106,31 @@ def test_a_large_lstm_pool_step_on_every_core_equals_separate_streams():
     """From 512 streams an LSTM pool step runs each thread's share through numpy's OpenBLAS,
     called by symbol from inside the kernel (lstm_shares.py): the one place the runtime calls a
     native library directly, so it is proven on this CPU's numpy too."""
+    import numba
+
     from edgeseq.runtime import blas
 
-    model, streams = _load(CELL_MODELS[1]), 520
-    if platform.system() == "Linux" and platform.machine() in ("x86_64", "aarch64"):
-        assert blas.AVAILABLE and model._engine.gemm.lstm_layer is not None  # numpy's wheels
+    model, streams = edgeseq.load(CELL_MODELS[1]), 520
+    if np.show_config(mode="dicts")["Build Dependencies"]["blas"]["name"] == "scipy-openblas":
+        assert blas.AVAILABLE  # numpy's own wheels: their ILP64 OpenBLAS is callable
+    runner, calls = model._engine.gemm, []
+    assert model._engine._uses_gemm(streams) and runner.has_lstm
+    if blas.AVAILABLE and numba.get_num_threads() >= 2:
+        layer = runner.lstm_layer
+        assert layer is not None
+
+        def counted(*args):
+            calls.append(blas.threads())
+            return layer(*args)
+
+        runner.lstm_layer = counted
     xs = np.stack([_samples(model, 3, seed) for seed in range(streams)], axis=1)  # (T, N, F)
     before = blas.threads()
     pool, ids = model.pool(capacity=streams), [f"s{i}" for i in range(streams)]
     pooled = np.stack([pool.step(ids, xs[t]) for t in range(xs.shape[0])], axis=1)
     assert blas.threads() == before
+    lstm_layers = sum(layer.cell == "lstm" for layer in model.plan.layers)
+    assert calls == ([1] * xs.shape[0] * lstm_layers if runner.lstm_layer is not None else [])
     for i in (0, 261, streams - 1):
         np.testing.assert_allclose(pooled[i], model.stream().feed(xs[:, i]), rtol=0, atol=TOLERANCE)
 
@@ -142,3 +156,14 @@ def test_the_daemon_answers_over_tcp_exactly_as_offline_streams():
         np.testing.assert_allclose(
             np.array(answers[sid]), model.stream().feed(xs), rtol=0, atol=1e-6
         )
+
+
+def test_an_installed_runtime_shares_one_source_stamp_so_upgrades_recompile_every_kernel():
+    """install.sh stamps every file of edgeseq/runtime with one time derived from the whole
+    folder: Numba keys a kernel's cache on its own file's time only, yet the machine code holds
+    what it inlined from the others (cells, fastmath, gemm)."""
+    package = Path(edgeseq.__file__).resolve().parent
+    if package.parent == ROOT:
+        pytest.skip("edgeseq runs from this checkout here, not from a bundle's install.sh")
+    stamps = {path.stat().st_mtime for path in (package / "runtime").glob("*.py")}
+    assert len(stamps) == 1, f"{len(stamps)} different times on edgeseq/runtime/*.py"

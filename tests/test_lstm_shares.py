@@ -4,7 +4,6 @@ and separate streams answer, and leave OpenBLAS's own thread count as it was."""
 
 from __future__ import annotations
 
-import platform
 from pathlib import Path
 
 import numba
@@ -20,10 +19,11 @@ TWO_LAYERS = ROOT / "export" / "bench-lstm.onnx"  # 8 inputs, 2 LSTM layers of 6
 
 
 def test_numpy_s_openblas_is_callable_from_kernels_here():
-    """numpy's Linux wheels ship an ILP64 OpenBLAS; without it the tests below would only
-    exercise the fallback, so on Linux its absence is a failure, not a skip."""
-    if platform.system() != "Linux":
-        pytest.skip("numpy's BLAS elsewhere may be another library")
+    """numpy's PyPI wheels ship an ILP64 OpenBLAS; without it the tests below would only
+    exercise the fallback, so with such a numpy its absence is a failure, not a skip."""
+    blas_name = np.show_config(mode="dicts")["Build Dependencies"]["blas"]["name"]
+    if blas_name not in ("scipy-openblas", "openblas64"):
+        pytest.skip(f"numpy was built against {blas_name}, not its own ILP64 OpenBLAS")
     assert blas.AVAILABLE
 
 
@@ -62,10 +62,19 @@ def test_an_lstm_step_in_shares_equals_the_one_pass_blas_step(batch):
     np.testing.assert_array_equal(table_a[untouched], _table(plan, batch + 7, seed=1)[untouched])
 
 
-@needs_shares
-def test_a_pool_step_in_shares_leaves_openblas_s_thread_count_as_it_was():
-    model = edgeseq.load(TWO_LAYERS)
+@pytest.fixture
+def three_blas_threads():
+    """OpenBLAS at 3 threads (not the 1 that single_threaded sets, nor a default that might be
+    1, as under the systemd unit's OPENBLAS_NUM_THREADS=1), restored after."""
     before = blas.threads()
+    blas._set_threads(3)
+    yield
+    blas._set_threads(before)
+
+
+@needs_shares
+def test_a_pool_step_in_shares_leaves_openblas_s_thread_count_as_it_was(three_blas_threads):
+    model = edgeseq.load(TWO_LAYERS)
     seen: list[int] = []
     runner = model._engine.gemm
     layer = runner.lstm_layer
@@ -78,7 +87,45 @@ def test_a_pool_step_in_shares_leaves_openblas_s_thread_count_as_it_was():
     pool = model.pool(capacity=1024)
     pool.step([f"s{i}" for i in range(1024)], np.zeros((1024, 8), np.float32))
     assert seen == [1, 1]  # one call per layer, OpenBLAS on one thread under Numba's
-    assert blas.threads() == before
+    assert blas.threads() == 3
+
+
+@needs_shares
+def test_a_failing_step_in_shares_still_restores_openblas_s_thread_count(three_blas_threads):
+    runner = BatchRunner(edgeseq.load(TWO_LAYERS).plan)
+
+    def failing(*args):
+        raise RuntimeError("in the kernel")
+
+    runner.lstm_layer = failing
+    table = _table(runner.plan, 600, seed=0)
+    with pytest.raises(RuntimeError, match="in the kernel"):
+        runner.step(np.zeros((600, 8), np.float32), table, np.arange(600))
+    assert blas.threads() == 3
+
+
+@needs_shares
+def test_the_layer_kernel_refuses_operands_that_sgemm_would_misread():
+    from edgeseq.runtime.lstm_shares import lstm_layer
+
+    n, n_in, hid = 64, 8, 16
+    rows = np.arange(n)
+    table = np.zeros((n, 2 * hid), np.float32)
+    cur, bias = np.zeros((n, n_in), np.float32), np.zeros(4 * hid, np.float32)
+    h_out, gates = np.empty((n, hid), np.float32), np.empty((n, 4 * hid), np.float32)
+    weights = np.zeros((n_in + hid, 4 * hid), np.float32)
+    xh = np.empty((n, n_in + hid), np.float32)
+    lstm_layer(cur, weights, bias, table, rows, 0, hid, xh, gates, h_out, 2)  # as it should be
+    for bad in (
+        dict(weights=np.zeros((n_in + hid + 1, 4 * hid), np.float32)),  # K disagrees
+        dict(gates=np.empty((n, 4 * hid), np.float32)[:, ::1][::2]),  # too few rows
+        dict(weights=np.asfortranarray(weights)),  # not row-major
+        dict(xh=np.empty((n, 2 * (n_in + hid)), np.float32)[:, ::2]),  # strided rows
+    ):
+        args = dict(weights=weights, xh=xh, gates=gates) | bad
+        with pytest.raises(ValueError, match="disagreeing shapes, or not C-contiguous"):
+            lstm_layer(cur, args["weights"], bias, table, rows, 0, hid, args["xh"],
+                       args["gates"], h_out, 2)  # fmt: skip
 
 
 def test_the_shares_can_be_turned_off(monkeypatch):

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import ctypes
 import importlib
+import importlib.machinery
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -25,39 +27,50 @@ from typing import Any
 SYMBOL = "edgeseq_sgemm64"
 ROW_MAJOR, NO_TRANS = 101, 111  # the CBLAS enums
 
-# (sgemm, set threads, get threads) as numpy's wheels name them: numpy 2 ships scipy-openblas,
-# numpy 1.22 to 1.26 their own openblas64_ build
+# (sgemm, set threads, get threads, threading model) as numpy's wheels name them: numpy 2 ships
+# scipy-openblas, numpy 1.22 to 1.26 their own openblas64_ build
 _CANDIDATES = (
     ("scipy_cblas_sgemm64_", "scipy_openblas_set_num_threads64_",
-     "scipy_openblas_get_num_threads64_"),
-    ("cblas_sgemm64_", "openblas_set_num_threads64_", "openblas_get_num_threads64_"),
+     "scipy_openblas_get_num_threads64_", "scipy_openblas_get_parallel64_"),
+    ("cblas_sgemm64_", "openblas_set_num_threads64_", "openblas_get_num_threads64_",
+     "openblas_get_parallel64_"),
 )  # fmt: skip
+_OWN_THREADS = (0, 1)  # openblas_get_parallel: sequential or pthreads; 2, OpenMP, counts threads
+# per calling thread, so a count of 1 set here would not hold on Numba's threads
 
 
 def _numpy_library() -> ctypes.CDLL | None:
     """A handle on numpy's compiled core: looking symbols up through it also searches the
-    libraries it links, which is where numpy's OpenBLAS is, whatever its file is called."""
-    try:
-        core = importlib.import_module("numpy._core._multiarray_umath")  # numpy 2
-    except ImportError:  # pragma: no cover - numpy 1
-        core = importlib.import_module("numpy.core._multiarray_umath")
-    try:
-        return ctypes.CDLL(core.__file__)
-    except OSError:  # pragma: no cover - a platform that cannot dlopen it again
-        return None
+    libraries it links, which is where numpy's OpenBLAS is, whatever its file is called. (numpy
+    1.26's `numpy._core._multiarray_umath` is a Python stub over `numpy.core`'s: skip it.)"""
+    for name in ("numpy._core._multiarray_umath", "numpy.core._multiarray_umath"):
+        try:
+            path = str(importlib.import_module(name).__file__)
+        except ImportError:
+            continue
+        if path.endswith(tuple(importlib.machinery.EXTENSION_SUFFIXES)):
+            try:
+                return ctypes.CDLL(path)
+            except OSError:  # pragma: no cover - a platform that cannot dlopen it again
+                return None
+    return None  # pragma: no cover
 
 
 def _find() -> tuple[int, Any, Any] | None:
-    """(sgemm's address, set threads, get threads) from the first naming numpy's BLAS has."""
+    """(sgemm's address, set threads, get threads) from the first naming numpy's BLAS has, if
+    its threads are its own (not OpenMP's)."""
     library = _numpy_library()
     if library is None:  # pragma: no cover
         return None
-    for gemm, set_threads, get_threads in _CANDIDATES:
-        if all(hasattr(library, name) for name in (gemm, set_threads, get_threads)):
-            setter, getter = getattr(library, set_threads), getattr(library, get_threads)
+    for names in _CANDIDATES:
+        if all(hasattr(library, name) for name in names):
+            gemm, setter, getter, parallel = (getattr(library, name) for name in names)
             setter.argtypes, setter.restype = [ctypes.c_int], None
             getter.argtypes, getter.restype = [], ctypes.c_int
-            address = ctypes.cast(getattr(library, gemm), ctypes.c_void_p).value
+            parallel.argtypes, parallel.restype = [], ctypes.c_int
+            if parallel() not in _OWN_THREADS:
+                return None
+            address = ctypes.cast(gemm, ctypes.c_void_p).value
             return int(address or 0), setter, getter
     return None
 
@@ -82,21 +95,27 @@ if AVAILABLE:
     """sgemm(order, trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc), ILP64."""
 
 
+_ONE_AT_A_TIME = threading.Lock()  # the count is process-wide: one holder sets and restores it
+
+
 @contextmanager
 def single_threaded() -> Iterator[None]:
     """OpenBLAS on the calling thread only while the body runs (each of Numba's threads calls it
-    for its own share), then back to the thread count it had; a no-op without OpenBLAS."""
+    for its own share), then back to the thread count it had; a no-op without OpenBLAS. Bodies
+    run one at a time. Meanwhile numpy's matrix products elsewhere in the process run on one
+    thread too."""
     if not AVAILABLE:
         yield
         return
-    before = int(_get_threads())
-    if before != 1:
-        _set_threads(1)
-    try:
-        yield
-    finally:
-        if before != 1:
-            _set_threads(before)
+    with _ONE_AT_A_TIME:
+        before = int(_get_threads())
+        try:
+            if before != 1:
+                _set_threads(1)
+            yield
+        finally:
+            if before != 1:
+                _set_threads(before)
 
 
 def threads() -> int:

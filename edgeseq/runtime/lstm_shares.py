@@ -63,8 +63,17 @@ def lstm_layer(
 ) -> None:  # fmt: skip
     """One LSTM layer for streams table[rows]: cur (B, I) in, h_out (B, H) out, c and h updated
     in the table. weights (I + H, 4H) and the buffers xh (B, I + H), gates (B, 4H) are
-    C-contiguous; `parts` shares, one per thread."""
-    n = cur.shape[0]
+    C-contiguous (checked: sgemm would read past them or leave gates unwritten); `parts` shares,
+    one per thread."""
+    n, hid = cur.shape[0], h_out.shape[1]
+    if (
+        weights.shape[0] != xh.shape[1] or xh.shape[1] != cur.shape[1] + hid
+        or weights.shape[1] != 4 * hid or gates.shape[1] != 4 * hid or bias.shape[0] != 4 * hid
+        or min(xh.shape[0], gates.shape[0], h_out.shape[0], rows.shape[0]) < n
+        or not (weights.flags.c_contiguous and xh.flags.c_contiguous
+                and gates.flags.c_contiguous)
+    ):  # fmt: skip
+        raise ValueError("lstm_layer: operands of disagreeing shapes, or not C-contiguous")
     size = (n + parts - 1) // parts
     for part in prange(parts):
         lo = part * size
