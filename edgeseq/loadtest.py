@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from edgeseq.errors import EdgeseqError
-from edgeseq.runtime.memory import resident_mib
+from edgeseq.resident import resident_mib
 
 IN_FLIGHT_TICKS = 4
 

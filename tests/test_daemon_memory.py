@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 from numba import njit
 
-from edgeseq.runtime.memory import count_compiles, resident_mib
+from edgeseq.resident import resident_mib
+from edgeseq.runtime.memory import count_compiles
 from tests.daemon_harness import DEFAULT_MODEL, DaemonProcess, offline_predictions
 
 AFRESH = "kernels compiled at start; starting afresh to leave the compiler's memory behind"

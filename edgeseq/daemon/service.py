@@ -24,8 +24,9 @@ from edgeseq.daemon.metrics import Metrics, age, serve_metrics
 from edgeseq.daemon.systemd import Notifier
 from edgeseq.daemon.table import StreamTable
 from edgeseq.errors import EdgeseqError
+from edgeseq.resident import resident_mib
 from edgeseq.runtime import Model, load
-from edgeseq.runtime.memory import count_compiles, release_compiler_pages, resident_mib
+from edgeseq.runtime.memory import count_compiles, release_compiler_pages
 from edgeseq.runtime.specialize import kernels_are_kept
 from edgeseq.runtime.warmup import step_every_pool_path
 

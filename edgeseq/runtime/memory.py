@@ -45,18 +45,6 @@ def release_compiler_pages() -> int:
     return accepted
 
 
-def resident_mib(pid: int | str = "self") -> float | None:
-    """A process's resident memory in MiB, to 0.1 (Linux's /proc), None where it cannot be read."""
-    try:
-        with open(f"/proc/{pid}/status", encoding="ascii") as status:
-            for line in status:
-                if line.startswith("VmRSS:"):
-                    return round(int(line.split()[1]) / 1024, 1)
-    except (OSError, ValueError):
-        pass
-    return None
-
-
 class CompileCount:
     """How many kernels Numba compiled (rather than loaded from its cache) in a block."""
 
