@@ -26,6 +26,7 @@ from edgeseq.runtime.engines import (
 
 _F32 = np.dtype(np.float32)  # a dtype object, not the type: np.empty resolves it 2x faster
 _empty = np.empty
+_NDARRAY = np.ndarray
 MAX_CAPACITY = 1 << 22  # streams in one pool (4 Mi: a table of a few GiB for a large model)
 
 
@@ -100,9 +101,12 @@ class Stream:
             arr = _sample(x, self.n_features)
             _refuse(self._engine.step(arr, self._state, out), arr, "sample")
             return out
+        if x.__class__ is not _NDARRAY or x.dtype is not _F32:
+            x = _sample(x, self.n_features)  # a list, float64...: converting first costs ~1 us,
+            # where letting Numba's dispatcher refuse the type costs ~180 us (its error message)
         try:
             bad = self._kernel(self._params, x, self._work, out)
-        except TypeError:  # not a plain float32 vector: convert a copy, then check it
+        except TypeError:  # float32 but not a plain vector (strided, 2-D): convert a copy
             x = _sample(x, self.n_features)
             bad = self._kernel(self._params, x, self._work, out)
         if bad != -1:
