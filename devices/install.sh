@@ -55,12 +55,13 @@ say "installing edgeseq $EDGESEQ_VERSION for $EDGESEQ_DEVICE (runtime and daemon
 "$venv/bin/python" -m pip install --quiet --disable-pip-version-check "$@" \
   --force-reinstall --no-deps "$here/wheels/${EDGESEQ_WHEEL}"
 
-# Numba keys its cache on each source file's path and modification time, and only on the file
-# of the function itself: a kernel's cached machine code also holds what it inlined or called
-# from other files. Each installed source gets a time derived from content, so the cache built
-# below survives re-installing the same code; every file of edgeseq/runtime (where all kernels
-# live) gets one derived from the whole folder, so an upgrade that changes any of them
-# recompiles every kernel rather than keep one built on the old cells.
+# Each installed source gets a time derived from content, so a cache keyed on times survives
+# re-installing the same code; every file of edgeseq/runtime (where all kernels live) gets one
+# derived from the whole folder, so that an upgrade changing any of them changes all their times.
+# That recompiles every kernel only where Numba keys its cache on the source file's time. The
+# pinned Numba (0.68) keys it on a hash of the kernel's own file instead, and a kernel's cached
+# machine code also holds what it inlined from other files (cells, fastmath, gemm): there an
+# upgrade that changes only such a file keeps the old code. Known and open (session 9's note).
 site=$("$venv/bin/python" -c 'import edgeseq, os; print(os.path.dirname(edgeseq.__file__))')
 "$venv/bin/python" - "$site" <<'PY'
 import hashlib, os, sys

@@ -160,8 +160,9 @@ def test_the_daemon_answers_over_tcp_exactly_as_offline_streams():
 
 def test_an_installed_runtime_shares_one_source_stamp_so_upgrades_recompile_every_kernel():
     """install.sh stamps every file of edgeseq/runtime with one time derived from the whole
-    folder: Numba keys a kernel's cache on its own file's time only, yet the machine code holds
-    what it inlined from the others (cells, fastmath, gemm)."""
+    folder, so that a Numba keying its cache on a file's time recompiles every kernel after an
+    upgrade (the machine code holds what a kernel inlined from other files). The pinned Numba
+    keys on the file's own content instead: see install.sh."""
     package = Path(edgeseq.__file__).resolve().parent
     if package.parent == ROOT:
         pytest.skip("edgeseq runs from this checkout here, not from a bundle's install.sh")
