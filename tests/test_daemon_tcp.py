@@ -421,7 +421,10 @@ def test_reset_zeroes_the_state_before_the_sample_and_end_drops_the_stream() -> 
             }
             assert metric(mport, "edgeseq_evictions_total", reason="end") == 2
             assert metric(mport, "edgeseq_active_streams") == 1
-            got = client.ask(sample("e", 1, xs[10]))["y"]
+            # an ended stream is unknown: it begins again at seq 0 (or with start), not later
+            refused = client.ask(sample("e", 1, xs[10]))["error"]
+            assert (refused["code"], refused["resend_from"]) == ("resend", 0)
+            got = client.ask(sample("e", 0, xs[10]))["y"]
             assert got == pytest.approx(offline_predictions(MODEL, xs[10:11])[0], abs=TOL)
         finally:
             client.close()
@@ -453,8 +456,10 @@ def test_a_silent_stream_is_evicted_after_the_idle_timeout_and_a_chatty_one_is_n
             # the chatty stream kept its state all along
             got = client.ask(sample("chatty", t, xs[t]))["y"]
             assert got == pytest.approx(offline_predictions(MODEL, xs[: t + 1])[t], abs=TOL)
-            # the evicted one starts fresh
-            got = client.ask(sample("quiet", 1, xs[1]))["y"]
+            # the evicted one is unknown now: asked to resend from 0, or begun afresh by start
+            refused = client.ask(sample("quiet", 1, xs[1]))["error"]
+            assert (refused["code"], refused["resend_from"]) == ("resend", 0)
+            got = client.ask(sample("quiet", 1, xs[1], start=True))["y"]
             assert got == pytest.approx(offline_predictions(MODEL, xs[1:2])[0], abs=TOL)
         finally:
             client.close()
@@ -496,7 +501,7 @@ def test_metrics_endpoint_serves_probes_and_every_metric_with_the_model_fingerpr
         assert steps is not None and 1 <= steps <= 150
         assert metric(mport, "edgeseq_batch_size_sum") == 150
         assert metric(mport, "edgeseq_step_seconds_count") == steps
-        assert metric(mport, "edgeseq_latency_seconds_count") == 151  # what went through a batch
+        assert metric(mport, "edgeseq_latency_seconds_count") == 152  # every line's answer
         assert metric(mport, "edgeseq_active_streams") == 5
         assert metric(mport, "edgeseq_queue_depth") == 0
         assert metric(mport, "edgeseq_checkpoint_age_seconds") == -1  # no --state-dir

@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 
 import edgeseq
-from edgeseq.daemon.batcher import Pending, _rounds
+from edgeseq.daemon.batcher import TOO_LONG, Parcel, Refused, _rounds
 from edgeseq.daemon.config import build_config, parse_duration
+from edgeseq.daemon.lines import LineSplitter
 from edgeseq.daemon.protocol import BadMessage, Sample, encode, parse_csv, parse_json
 from edgeseq.daemon.table import StreamTable
-from edgeseq.daemon.transports.stdin import LineSplitter
 from edgeseq.errors import UsageError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -89,13 +89,11 @@ def test_csv_lines_parse_to_the_same_samples_and_refuse_the_same_way():
 
 def test_the_line_splitter_reports_an_overlong_line_once_and_keeps_the_next():
     split = LineSplitter(limit=10)
-    lines, skipped = split.push(b"short\n" + b"x" * 25)
-    assert (lines, skipped) == ([b"short"], 1)
-    lines, skipped = split.push(b"y" * 30)  # still the same over-long line
-    assert (lines, skipped) == ([], 0)
-    lines, skipped = split.push(b"zz\nnext\nlast")
-    assert (lines, skipped) == ([b"next"], 0)
+    assert split.push(b"short\n" + b"x" * 25) == [b"short", TOO_LONG]
+    assert split.push(b"y" * 30) == []  # still the same over-long line
+    assert split.push(b"zz\nnext\n  \nlast") == [b"next"]  # a blank line gets no answer
     assert split.finish() == [b"last"]
+    assert split.push(b"ok\n" + b"w" * 11 + b"\nend\n") == [b"ok", TOO_LONG, b"end"]
 
 
 def test_durations_take_units_and_refuse_nonsense():
@@ -122,15 +120,20 @@ def test_a_config_file_is_validated_and_the_command_line_wins(tmp_path):
             build_config(conf, {})
 
 
-def _pending(sid: str, seq: int) -> Pending:
-    return Pending(Sample(sid, seq, [0.0, 0.0, 0.0]), lambda answer: None, 0.0, None, sid)
+def _sample(sid: str, seq: int) -> Sample:
+    return Sample(sid, seq, [0.0, 0.0, 0.0])
 
 
-def test_rounds_keep_each_streams_samples_in_arrival_order():
-    batch = [_pending("a", 1), _pending("b", 1), _pending("a", 2), _pending("a", 3),
-             _pending("b", 2), _pending("c", 1)]  # fmt: skip
-    rounds = [[(p.stream_id, p.sample.seq) for p in r if p.sample] for r in _rounds(batch)]
-    assert rounds == [[("a", 1), ("b", 1), ("c", 1)], [("a", 2), ("b", 2)], [("a", 3)]]
+def test_rounds_keep_each_streams_samples_in_arrival_order_across_parcels():
+    sink = None  # rounds never touch the sink
+    first = Parcel(sink, [_sample("a", 1), _sample("b", 1), _sample("a", 2)])  # type: ignore[arg-type]
+    second = Parcel(sink, [_sample("a", 3), Refused("b", {}), _sample("c", 1), Refused(None, {})])  # type: ignore[arg-type]
+    rounds = [[(b, k, e.stream_id) for b, k, e in r] for r in _rounds([first, second])]
+    assert rounds == [
+        [(0, 0, "a"), (0, 1, "b"), (1, 2, "c"), (1, 3, None)],
+        [(0, 2, "a"), (1, 1, "b")],
+        [(1, 0, "a")],
+    ]
 
 
 def test_the_table_applies_each_seq_once_answers_duplicates_and_refuses_stale():
@@ -153,17 +156,17 @@ def test_a_full_table_refuses_new_streams_and_keeps_serving_the_old():
     model = edgeseq.load(MODEL)
     table = StreamTable(model, capacity=2)
     x = [0.1, 0.2, 0.3]
-    answers = table.apply([Sample("a", 1, x), Sample("b", 1, x), Sample("c", 1, x)])
+    answers = table.apply([Sample("a", 0, x), Sample("b", 0, x), Sample("c", 0, x)])
     assert [("error" in a) for a in answers] == [False, False, True]
     assert answers[2]["error"]["code"] == "capacity"
-    assert "y" in table.apply([Sample("a", 2, x)])[0]
-    table.apply([Sample("b", 2, x, end=True)])
-    assert "y" in table.apply([Sample("c", 1, x)])[0]  # room again after an end
+    assert "y" in table.apply([Sample("a", 1, x)])[0]
+    table.apply([Sample("b", 1, x, end=True)])
+    assert "y" in table.apply([Sample("c", 0, x)])[0]  # room again after an end
 
 
 def test_idle_streams_expire_and_are_counted():
     table = StreamTable(edgeseq.load(MODEL), capacity=4)
-    table.apply([Sample("a", 1, [0.1, 0.2, 0.3])])
+    table.apply([Sample("a", 0, [0.1, 0.2, 0.3])])
     assert table.expire(idle_timeout=3600) == []
     assert table.expire(idle_timeout=0.0) == ["a"]
     assert len(table) == 0 and table.counters.evictions["idle"] == 1
@@ -201,12 +204,12 @@ def test_a_one_feature_model_takes_a_bare_number_and_a_csv_header_is_recognised(
 def test_stdin_csv_skips_a_header_row_and_answers_every_sample():
     proc = subprocess.run(
         [sys.executable, "-m", "edgeseq", "serve", str(MODEL), "--format", "csv"],
-        input="id,seq,x1,x2,x3\np1,1,0.1,0.2,0.3\np1,2,0.1,0.2,0.3\n",
+        input="id,seq,x1,x2,x3\np1,0,0.1,0.2,0.3\np1,1,0.1,0.2,0.3\n",
         capture_output=True, text=True, timeout=120, cwd=ROOT,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     answers = [json.loads(line) for line in proc.stdout.splitlines()]
-    assert [a["seq"] for a in answers] == [1, 2] and all("y" in a for a in answers)
+    assert [a["seq"] for a in answers] == [0, 1] and all("y" in a for a in answers)
 
 
 def test_a_sample_that_overflows_the_model_is_refused_and_its_stream_state_kept():
@@ -231,3 +234,85 @@ def test_an_answer_holding_a_lone_surrogate_is_written_as_escaped_json():
     line = encode(answer)
     assert line.endswith(b"\n") and line.isascii()
     assert json.loads(line) == answer
+
+
+def test_an_unknown_stream_starts_only_at_its_beginning_else_it_is_asked_to_resend_from_0():
+    """After a crash, a stream that began after the last checkpoint is unknown: its seq 9 on a
+    zero state would be silently wrong."""
+    table = StreamTable(edgeseq.load(MODEL), capacity=8)
+    x = [0.1, 0.2, 0.3]
+    refused = table.apply([Sample("late", 9, x)])[0]
+    assert refused["error"]["code"] == "resend" and refused["error"]["resend_from"] == 0
+    assert "late" not in table.info  # nothing was started
+    begun = table.apply([Sample("a", 0, x), Sample("b", 7, x, reset=True), Sample("c", None, x)])
+    assert all("y" in answer for answer in begun)
+    assert "y" in table.apply([Sample("late", 0, x)])[0]
+    assert parse_json(b'{"id": "d", "seq": 5, "x": [1, 2, 3], "start": true}', 3, 999).reset
+
+
+def test_answers_carry_the_seq_of_the_last_completed_checkpoint_of_this_stream_only():
+    table = StreamTable(edgeseq.load(MODEL), capacity=8)
+    table.durable = True
+    x = [0.1, 0.2, 0.3]
+    assert table.apply([Sample("a", 0, x)])[0]["durable"] is None
+    _, extra = table.snapshot()
+    infos = dict(table.info)
+    table.apply([Sample("a", 1, x)])
+    table.made_durable(extra, infos)  # the snapshot of seq 0 is on disk now
+    assert table.apply([Sample("a", 2, x)])[0]["durable"] == 0
+    assert table.apply([Sample("a", 2, x)])[0]["durable"] == 0  # a duplicate says it too
+    _, extra = table.snapshot()
+    infos = dict(table.info)
+    table.apply([Sample("a", 3, x, end=True)])
+    assert table.apply([Sample("a", 0, x)])[0]["durable"] is None  # a new incarnation
+    table.made_durable(extra, infos)  # of the ended stream: says nothing of the new one
+    assert table.apply([Sample("a", 1, x)])[0]["durable"] is None
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        b'{"id": "a", "seq": 1, "x": ' + b"[" * 1000 + b"]" * 1000 + b"}",
+        b'{"id": "a", "seq": 1, "x": [1, 2, ' + b"[" * 1000 + b"]" * 1000 + b"]}",
+        b'{"id": "a", "seq": ' + b"[" * 1000 + b"]" * 1000 + b', "x": [1, 2, 3]}',
+        b'{"id": ' + b"{" * 500 + b"}" * 500 + b"}",
+        b"[" * 1020 + b"]" * 1020,
+        b"[" * 5000 + b"]" * 5000,
+    ],
+)
+def test_deeply_nested_values_are_refused_with_an_error_that_names_them(line: bytes) -> None:
+    """A RecursionError while describing such a value used to kill the connection's handler."""
+    with pytest.raises(BadMessage) as caught:
+        parse_json(line, 3, 1 << 20)
+    assert caught.value.code in ("bad_x", "wrong_features", "bad_seq", "bad_id", "bad_json")
+    assert len(caught.value.message) < 300
+
+
+def test_the_fast_path_reads_every_message_as_the_full_checks_do():
+    """The common-message shortcut must agree with sample_from_object on what it accepts."""
+    from edgeseq.daemon.protocol import sample_from_object
+
+    rng = np.random.default_rng(7)
+    values = [0, 1, -1, 0.5, 3.4e38, -3.4e38, 3.5e38, 1e39, True, None, "1", [1], 2**70, -0.0]
+    for _ in range(3000):
+        message = {
+            "id": rng.choice(["a", "", "x" * 257, "ok-id"]),
+            "seq": rng.choice([0, 5, -1, 1.5, "3", True, None], p=[0.4, 0.3] + [0.06] * 5),
+            "x": [values[i] for i in rng.integers(0, len(values), rng.integers(2, 5))],
+        }
+        line = json.dumps(message).encode()
+        try:
+            expected: object = sample_from_object(json.loads(line), 3)
+        except BadMessage as bad:
+            expected = bad.code
+        try:
+            got: object = parse_json(line, 3, 10_000)
+        except BadMessage as bad:
+            got = bad.code
+        if isinstance(expected, Sample) and isinstance(got, Sample):
+            assert (got.stream_id, got.seq, got.reset, got.end) == (
+                expected.stream_id, expected.seq, expected.reset, expected.end
+            )  # fmt: skip
+            assert [float(v) for v in got.x or []] == expected.x
+        else:
+            assert got == expected, line

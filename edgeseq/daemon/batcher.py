@@ -1,10 +1,15 @@
-"""From raw lines to answers: parse at the edge, queue (bounded), batch, apply in order.
+"""From raw lines to answers, in bulk: parse at the edge, queue (bounded), batch, apply in order.
 
-Transports call `submit(line, reply)`; `reply(answer_dict)` sends one answer back on the
-connection (or topic, or stdout) the sample came from. Samples that arrive together, for
-different streams, go through one batched pool step; a batch holding several samples of one
-stream is cut into *rounds* (round k holds each stream's k-th sample), so every stream's samples
-are applied strictly in the order they arrived.
+A transport hands over what arrived together (a chunk read from a socket or stdin, a burst of
+MQTT messages) as one `Parcel`: its lines parsed in one loop, and the `Sink` its answers go back
+to. The batcher takes every parcel waiting, cuts them into *rounds* (round k holds each
+stream's k-th message, so every stream's messages apply strictly in arrival order), steps each
+round's streams in batched pool steps, encodes the answers and hands each parcel's answers to
+its sink at once: one write per connection per batch, and metrics counted per batch, never
+per sample.
+
+Whatever goes wrong with one message becomes an error answer to that message: every message
+gets exactly one answer, in its parcel's order.
 """
 
 from __future__ import annotations
@@ -12,29 +17,51 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import Counter
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from collections import Counter, deque
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 from edgeseq.daemon.config import DaemonConfig
 from edgeseq.daemon.metrics import Metrics
-from edgeseq.daemon.protocol import BadMessage, Sample, error, parse_csv, parse_json
+from edgeseq.daemon.protocol import BadMessage, Sample, encode, error, parse_csv, parse_json
 from edgeseq.daemon.table import StreamTable
 from edgeseq.errors import EdgeseqError
 
 log = logging.getLogger("edgeseq.daemon")
-Reply = Callable[[dict[str, Any]], None]
 Parser = Callable[[bytes, int, int], Sample]
+TOO_LONG = None  # a line splitter's mark for a line over the limit (its bytes were dropped)
+
+
+class Sink(Protocol):
+    def deliver(self, parcel: Parcel, answers: list[bytes]) -> None:
+        """Send a parcel's answers (one encoded line each, in the parcel's order)."""
 
 
 @dataclass(slots=True)
-class Pending:
-    sample: Sample | None
-    reply: Reply
-    arrived: float  # perf_counter() at parse time
-    refused: dict[str, Any] | None = None  # the error answer of a message refused at the edge
-    stream_id: Any = None  # the stream it belongs to (for ordering), also when refused
+class Refused:
+    """A message refused at the edge; queued like a sample so that its stream's answers keep
+    the order of its messages (stream_id None: it names no stream, no order to keep)."""
+
+    stream_id: Any
+    answer: dict[str, Any]
+
+
+Entry = Sample | Refused
+
+
+@dataclass(slots=True)
+class Parcel:
+    """Messages that arrived together from one sink, parsed, in arrival order."""
+
+    sink: Sink
+    entries: list[Entry]
+    arrived: float = field(default_factory=time.perf_counter)
+    context: Any = None  # the transport's own per-message data (MQTT: topic ids, mids)
+
+
+def refusal(bad: BadMessage) -> Refused:
+    return Refused(bad.stream_id, error(bad.code, bad.message, bad.stream_id, bad.seq))
 
 
 class Batcher:
@@ -42,126 +69,142 @@ class Batcher:
 
     def __init__(self, config: DaemonConfig, table: StreamTable, metrics: Metrics) -> None:
         self.config, self.table, self.metrics = config, table, metrics
-        self.queue: asyncio.Queue[Pending] = asyncio.Queue(config.queue_size)
+        self._parcels: deque[Parcel] = deque()
+        self.queued = 0  # messages in waiting parcels: past queue_size, transports stop reading
+        self._wake = asyncio.Event()
+        self._room_waiters: list[Callable[[], None]] = []
         self._parse = parse_csv if config.format == "csv" else parse_json
         self.after_batch: list[Callable[[], None]] = []  # e.g. flush stdout once per batch
+
+    # -- the edge --------------------------------------------------------------------------------
 
     def parse(self, line: bytes, parse: Parser | None = None) -> Sample:
         return (parse or self._parse)(line, self.table.model.n_features, self.config.max_line_bytes)
 
-    def reject(self, bad: BadMessage, reply: Reply) -> None:
-        """Answer a refused message at once: it never reaches a stream."""
-        self.metrics.errors.labels(bad.code).inc()
-        log.debug("message refused", extra={"code": bad.code, "detail": bad.message})
-        _safe(reply, error(bad.code, bad.message, bad.stream_id, bad.seq))
-
-    def _refused(self, bad: BadMessage, reply: Reply) -> Pending | None:
-        """A refused message of a known stream is queued like a sample, so that a stream's
-        answers keep the order of its messages; one of no known stream is answered at once."""
-        if bad.stream_id is None:
-            self.reject(bad, reply)
-            return None
-        refused = error(bad.code, bad.message, bad.stream_id, bad.seq)
-        return Pending(None, reply, time.perf_counter(), refused, bad.stream_id)
-
-    async def submit(self, line: bytes, reply: Reply, parse: Parser | None = None) -> None:
-        """Parse one line and queue it; waits while the queue is full (backpressure)."""
-        try:
-            sample = self.parse(line, parse)
-        except BadMessage as bad:
-            pending = self._refused(bad, reply)
-            if pending is not None:
-                await self.queue.put(pending)
-            return
-        await self.queue.put(Pending(sample, reply, time.perf_counter(), None, sample.stream_id))
-
-    def offer_refused(self, bad: BadMessage, reply: Reply) -> None:
-        """`offer` for a message refused at the edge."""
-        pending = self._refused(bad, reply)
-        if pending is not None:
+    def parse_lines(self, lines: Iterable[bytes | None]) -> list[Entry]:
+        """Every line as a Sample or a Refused; TOO_LONG marks a line cut off at the limit."""
+        parse, width, limit = self._parse, self.table.model.n_features, self.config.max_line_bytes
+        entries: list[Entry] = []
+        for line in lines:
+            if line is TOO_LONG:
+                bad = BadMessage("too_long", f"the line is longer than {limit} bytes; ignored")
+                entries.append(refusal(bad))
+                continue
             try:
-                self.queue.put_nowait(pending)
-            except asyncio.QueueFull:
-                self.reject(bad, reply)
+                entries.append(parse(line, width, limit))
+            except BadMessage as bad:
+                entries.append(refusal(bad))
+        return entries
 
-    def offer(self, sample: Sample, reply: Reply) -> None:
-        """Queue without waiting (for transports that cannot be slowed down, like MQTT's
-        callback thread): a full queue drops the sample, counted, with an `overloaded` answer."""
-        try:
-            pending = Pending(sample, reply, time.perf_counter(), None, sample.stream_id)
-            self.queue.put_nowait(pending)
-        except asyncio.QueueFull:
-            self.reject(
-                BadMessage(
-                    "overloaded",
-                    f"the daemon's queue is full ({self.config.queue_size} samples); "
-                    "this sample was dropped, not applied (with seq, a resend is applied "
-                    "only if no later seq of its stream was)",
-                    sample.stream_id,
-                    sample.seq,
-                ),
-                reply,
-            )
+    @property
+    def full(self) -> bool:
+        return self.queued >= self.config.queue_size
+
+    def put(self, parcel: Parcel) -> None:
+        """Queue a parcel whatever the queue holds (a chunk already read must be answered);
+        transports that can wait stop reading while `full` (TCP flow control does the rest)."""
+        if parcel.entries:
+            self._parcels.append(parcel)
+            self.queued += len(parcel.entries)
+            self._wake.set()
+
+    def when_room(self, callback: Callable[[], None]) -> None:
+        """Call `callback` once the queue is below its limit again (a paused reader resumes)."""
+        if not self.full:
+            callback()
+        else:
+            self._room_waiters.append(callback)
+
+    async def room(self) -> None:
+        """Wait until the queue is below its limit."""
+        if self.full:
+            ready = asyncio.get_running_loop().create_future()
+
+            def wake() -> None:
+                if not ready.done():
+                    ready.set_result(None)
+
+            self.when_room(wake)
+            await ready
+
+    # -- the loop --------------------------------------------------------------------------------
 
     async def run(self) -> None:
-        """Forever: wait for samples, take what has arrived together, apply it."""
+        """Forever: wait for parcels, take what has arrived together, apply it."""
         while True:
-            batch = [await self.queue.get()]
-            try:
-                self._drain(batch)
-                await asyncio.sleep(0)  # let readers with buffered lines add theirs
-                self._drain(batch)
-                if self.config.max_wait > 0 and 1 < len(batch) < self.config.max_batch:
-                    await asyncio.sleep(self.config.max_wait)  # concurrent traffic: gather more
-                    self._drain(batch)
-            finally:  # also when cancelled on the way out: what was taken is answered
-                self.process(batch)
+            await self._wake.wait()
+            self._wake.clear()
+            while self._parcels:
+                batch = self._take()
+                try:
+                    n = sum(len(p.entries) for p in batch)
+                    if self.config.max_wait > 0 and 1 < n < self.config.max_batch:
+                        await asyncio.sleep(self.config.max_wait)  # concurrent traffic: gather
+                        batch += self._take(self.config.max_batch - n)
+                finally:  # also when cancelled on the way out: what was taken is answered
+                    self.process(batch)
+                await asyncio.sleep(0)  # let readers and writers run between batches
 
-    def _drain(self, batch: list[Pending]) -> None:
-        while len(batch) < self.config.max_batch:
-            try:
-                batch.append(self.queue.get_nowait())
-            except asyncio.QueueEmpty:
-                return
+    def _take(self, wanted: int | None = None) -> list[Parcel]:
+        """Whole parcels, until `wanted` (max_batch) messages are taken."""
+        wanted = self.config.max_batch if wanted is None else wanted
+        batch: list[Parcel] = []
+        taken = 0
+        while self._parcels and taken < wanted:
+            parcel = self._parcels.popleft()
+            batch.append(parcel)
+            taken += len(parcel.entries)
+        self.queued -= taken
+        if self._room_waiters and not self.full:
+            waiters, self._room_waiters = self._room_waiters, []
+            for resume in waiters:
+                resume()
+        return batch
 
     def drain_all(self) -> None:
         """Apply everything still queued (on the way out)."""
-        batch: list[Pending] = []
-        while not self.queue.empty():
-            self._drain(batch)
-            self.process(batch)
-            batch = []
+        while self._parcels:
+            self.process(self._take())
 
-    def process(self, batch: list[Pending]) -> None:
-        outcomes: Counter[str] = Counter()
-        observe = self.metrics.latency.observe
+    def process(self, batch: Sequence[Parcel]) -> None:
+        """Answer every message of `batch`; each parcel's answers go to its sink at once."""
+        answers: list[list[Any]] = [[None] * len(p.entries) for p in batch]
         for round_ in _rounds(batch):
-            answers = self._apply(round_)
-            done = time.perf_counter()
-            for pending, answer in zip(round_, answers, strict=True):
-                outcomes[_outcome(answer)] += 1
-                observe(done - pending.arrived)
-                _safe(pending.reply, answer)
+            applied = iter(self._apply([e for _, _, e in round_ if type(e) is Sample]))
+            for b, k, entry in round_:
+                answers[b][k] = entry.answer if isinstance(entry, Refused) else next(applied)
+        done = time.perf_counter()
+        outcomes: Counter[str] = Counter()
+        for parcel, given in zip(batch, answers, strict=True):
+            _safe(parcel, [_encoded(answer, outcomes) for answer in given])
         for flush in self.after_batch:
             flush()
+        self.metrics.latency.observe_many([done - p.arrived for p in batch],
+                                          [len(p.entries) for p in batch])  # fmt: skip
         for outcome, n in outcomes.items():  # once per batch, not per sample
             if outcome in ("applied", "duplicate"):
                 self.metrics.samples.labels(outcome).inc(n)
             else:
                 self.metrics.errors.labels(outcome).inc(n)
 
-    def _apply(self, round_: list[Pending]) -> list[dict[str, Any]]:
-        samples = [p.sample for p in round_ if p.sample is not None]
+    def _apply(self, samples: list[Sample]) -> list[dict[str, Any]]:
+        """One round's samples through the table, in pool steps of at most max_batch."""
+        size = self.config.max_batch
+        answers: list[dict[str, Any]] = []
+        for start in range(0, len(samples), size):
+            answers += self._apply_step(samples[start : start + size])
+        return answers
+
+    def _apply_step(self, samples: list[Sample]) -> list[dict[str, Any]]:
         try:
-            applied = iter(self.table.apply(samples))
+            return self.table.apply(samples)
         except EdgeseqError as exc:  # not expected: every sample was checked at the edge
             log.error("batch refused; stepping its samples one by one", extra={"detail": str(exc)})
-            applied = iter([self._apply_alone(sample) for sample in samples])
+            return [self._apply_alone(sample) for sample in samples]
         except Exception as exc:  # a defect, perhaps after the pool stepped: a retry could
             detail = f"{type(exc).__name__}: {exc}"  # apply samples twice; answer, serve on
             log.error("batch failed", extra={"detail": detail})
-            applied = iter([error("internal", detail, s.stream_id, s.seq) for s in samples])
-        return [p.refused if p.refused is not None else next(applied) for p in round_]
+            return [error("internal", detail, s.stream_id, s.seq) for s in samples]
 
     def _apply_alone(self, sample: Sample) -> dict[str, Any]:
         """One sample on its own, so that one bad sample cannot spoil a whole round."""
@@ -172,32 +215,50 @@ class Batcher:
             return error("internal", str(exc), sample.stream_id, sample.seq)
 
 
-def _outcome(answer: dict[str, Any]) -> str:
-    """ "applied", "duplicate", or the error code."""
+def _encoded(answer: dict[str, Any], outcomes: Counter[str]) -> bytes:
+    """One answer line, its outcome counted: "applied", "duplicate", or the error code."""
     if "error" in answer:
-        return str(answer["error"]["code"])
-    return "duplicate" if answer.get("duplicate") else "applied"
+        outcomes[str(answer["error"]["code"])] += 1
+    elif "duplicate" in answer:
+        outcomes["duplicate"] += 1
+    else:
+        outcomes["applied"] += 1
+    try:
+        return encode(answer)
+    except Exception as exc:  # a defect: the message still gets its one answer
+        detail = f"the answer could not be encoded: {type(exc).__name__}"
+        return encode(error("internal", detail, None, None))
 
 
-def _rounds(batch: list[Pending]) -> list[list[Pending]]:
-    """Round k holds the k-th sample of each stream in the batch, in arrival order."""
-    rounds: list[list[Pending]] = []
-    depth: dict[str, int] = {}
-    for pending in batch:
-        k = depth.get(pending.stream_id, 0)
-        depth[pending.stream_id] = k + 1
-        if k == len(rounds):
-            rounds.append([])
-        rounds[k].append(pending)
+def _rounds(batch: Sequence[Parcel]) -> list[list[tuple[int, int, Entry]]]:
+    """Round k holds the k-th message of each stream in the batch, in arrival order, as
+    (parcel index, entry index, entry). Messages that name no stream go in round 0."""
+    rounds: list[list[tuple[int, int, Entry]]] = [[]]
+    depth: dict[Any, int] = {}
+    first = rounds[0]
+    for b, parcel in enumerate(batch):
+        for k, entry in enumerate(parcel.entries):
+            sid = entry.stream_id
+            if sid is None:
+                first.append((b, k, entry))
+                continue
+            d = depth.get(sid, 0)
+            depth[sid] = d + 1
+            if d == 0:
+                first.append((b, k, entry))
+            else:
+                if d == len(rounds):
+                    rounds.append([])
+                rounds[d].append((b, k, entry))
     return rounds
 
 
-def _safe(reply: Reply, answer: dict[str, Any]) -> None:
-    """A client that went away, or an answer that cannot be written, must not take the daemon
-    (or other streams' answers) with it."""
+def _safe(parcel: Parcel, answers: list[bytes]) -> None:
+    """A client that went away, or answers that cannot be written, must not take the daemon
+    (or other parcels' answers) with them."""
     try:
-        reply(answer)
+        parcel.sink.deliver(parcel, answers)
     except (OSError, RuntimeError) as exc:
-        log.debug("answer not delivered", extra={"detail": str(exc)})
+        log.debug("answers not delivered", extra={"detail": str(exc)})
     except Exception as exc:  # a defect, not a client's doing: say so, and keep serving
-        log.error("answer not delivered", extra={"detail": f"{type(exc).__name__}: {exc}"})
+        log.error("answers not delivered", extra={"detail": f"{type(exc).__name__}: {exc}"})

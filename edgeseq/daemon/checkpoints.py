@@ -25,6 +25,7 @@ STATE_FILE = "state.npz"
 class Checkpointer:
     def __init__(self, state_dir: str | Path, table: StreamTable) -> None:
         self.dir, self.table = Path(state_dir), table
+        table.durable = True  # answers say what the last checkpoint holds
         self.path = self.dir / STATE_FILE
         self.last: float | None = None  # monotonic time of the last complete checkpoint
         self.written = 0
@@ -71,19 +72,23 @@ class Checkpointer:
     def write_now(self) -> None:
         """Synchronous checkpoint (on shutdown)."""
         states, extra = self.table.snapshot()
+        infos = dict(self.table.info)
         save_snapshot(self.path, self.table.model.fingerprint, states, extra)
+        self.table.made_durable(extra, infos)
         self._done(len(states))
 
     async def write(self) -> None:
         """Snapshot now, write in a worker thread; one write at a time."""
         async with self._lock:
             states, extra = self.table.snapshot()
+            infos = dict(self.table.info)  # these streams, as they are now
             fingerprint = self.table.model.fingerprint
             loop = asyncio.get_running_loop()
             self._inflight = loop.run_in_executor(
                 None, save_snapshot, self.path, fingerprint, states, extra
             )
             await asyncio.shield(self._inflight)
+            self.table.made_durable(extra, infos)
             self._done(len(states))
 
     async def settle(self) -> None:

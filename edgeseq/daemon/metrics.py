@@ -7,6 +7,7 @@ the two probes, run by wsgiref in a daemon thread: scraping never waits on the e
 
 from __future__ import annotations
 
+import bisect
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -18,6 +19,23 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make
 
 LATENCY_BUCKETS = (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 0.1, 1)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+
+class BulkHistogram(Histogram):
+    """A Histogram that also takes many observations in one call: the daemon counts a whole
+    batch's latencies at once (a Python call per sample would cost more than the sample).
+    It adds to the parent's own bucket and sum values (prometheus_client's attributes, pinned
+    in constraints.txt), so the exposition is exactly a Histogram's."""
+
+    def observe_many(self, amounts: list[float], counts: list[int]) -> None:
+        """`counts[i]` observations of `amounts[i]` each."""
+        bounds, buckets = self._upper_bounds, self._buckets
+        total = 0.0
+        for amount, count in zip(amounts, counts, strict=True):
+            if count:
+                buckets[bisect.bisect_left(bounds, amount)].inc(count)
+                total += amount * count
+        self._sum.inc(total)
 
 
 class Metrics:
@@ -32,7 +50,7 @@ class Metrics:
                                buckets=BATCH_BUCKETS, registry=r)  # fmt: skip
         self.step = Histogram("edgeseq_step_seconds", "Time of one batched pool step",
                               buckets=LATENCY_BUCKETS, registry=r)  # fmt: skip
-        self.latency = Histogram("edgeseq_latency_seconds",
+        self.latency = BulkHistogram("edgeseq_latency_seconds",
                                  "From a sample's arrival to its answer being sent",
                                  buckets=LATENCY_BUCKETS, registry=r)  # fmt: skip
         self.streams = Gauge("edgeseq_active_streams", "Streams in the table", registry=r)

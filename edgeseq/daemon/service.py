@@ -103,7 +103,7 @@ class Daemon:
 
     def _track(self) -> None:
         self.metrics.track("streams", lambda: len(self.table))
-        self.metrics.track("queue", lambda: self.batcher.queue.qsize() if self.batcher else 0)
+        self.metrics.track("queue", lambda: self.batcher.queued if self.batcher else 0)
         checkpointer = self.checkpointer
         last = (lambda: checkpointer.last) if checkpointer is not None else (lambda: None)
         self.metrics.track("checkpoint_age", age(last))
@@ -235,7 +235,7 @@ class Daemon:
 
     async def _shutdown(self, tasks: list[asyncio.Task[Any]], batcher: Batcher) -> None:
         self.notifier.stopping()
-        log.info("stopping", extra={"queued": batcher.queue.qsize()})
+        log.info("stopping", extra={"queued": batcher.queued})
         for transport in self.transports:
             if hasattr(transport, "server") and transport.server is not None:
                 transport.server.close()  # no new connections

@@ -5,6 +5,12 @@ stream was last heard from. `apply` takes one *round* (at most one sample per st
 advances all of its streams in one batched pool step; duplicates are answered from memory,
 stale samples refused, and nothing is ever applied twice. Capacity and idle expiry live here
 too, so eviction is always counted and logged by the one place that does it.
+
+A stream the table does not know may start only at its beginning: seq 0, a message without
+seq, or an explicit `reset`/`start`. Any other seq is answered `resend` from 0: after a crash,
+a stream whose first samples came after the last checkpoint is unknown again, and applying its
+seq 9 to a zero state would be silently wrong. With checkpoints on, every answer carries
+`durable`, the stream's last seq inside a completed checkpoint: what a client may forget.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ class StreamInfo:
     # until seq+1 arrives, a newer seq would skip samples the state never saw, so it is refused
     # with the seq to resend from (a `reset` or a message without seq also clears this).
     resync: bool = False
+    durable: int | None = None  # its seq in the last completed checkpoint (Checkpointer sets it)
 
 
 @dataclass
@@ -65,6 +72,7 @@ class StreamTable:
             ) from None
         self.info: dict[str, StreamInfo] = {}
         self.counters = Counters()
+        self.durable = False  # answers carry "durable" (the daemon checkpoints)
         self.on_step: Callable[[int, float], None] = lambda batch, seconds: None
         self.on_event: Callable[[str, str], None] = lambda event, label: None  # gap, eviction
 
@@ -76,7 +84,21 @@ class StreamTable:
         answers: list[dict[str, Any] | None] = [None] * len(round_)
         step_at: list[int] = []
         now = time.monotonic()
+        known, width = self.info.get, self.model.n_features
         for k, sample in enumerate(round_):
+            info = known(sample.stream_id)
+            if (  # the usual sample: the next seq of a live stream, nothing else asked
+                info is not None
+                and sample.seq is not None
+                and info.seq is not None
+                and sample.seq == info.seq + 1
+                and not (info.resync or sample.reset or sample.end)
+                and sample.x is not None
+                and len(sample.x) == width
+            ):
+                info.seen = now
+                step_at.append(k)
+                continue
             refused = self._admit(sample, now)
             if refused is not None:
                 answers[k] = refused
@@ -100,12 +122,18 @@ class StreamTable:
         out = self.pool.step(ids, xs)
         self.on_step(len(ids), time.perf_counter() - start)
         finite = np.isfinite(out).all(axis=1)
+        durable, info_of = self.durable, self.info
+        applied = 0
         for k, y, ok in zip(step_at, out.tolist(), finite.tolist(), strict=True):
-            sample, info = round_[k], self.info[round_[k].stream_id]
-            if ok and not self._poisoned(sample.stream_id, saved):
+            sample = round_[k]
+            info = info_of[sample.stream_id]
+            if ok and (not saved or not self._poisoned(sample.stream_id, saved)):
                 info.seq, info.y = sample.seq, y
-                answers[k] = answer(sample.stream_id, sample.seq, y)
-                self.counters.applied += 1
+                done = {"id": sample.stream_id, "seq": sample.seq, "y": y}
+                if durable:
+                    done["durable"] = info.durable
+                answers[k] = done
+                applied += 1
                 continue
             kept = self._roll_back(sample.stream_id, saved) or self.pool.undoes_overflow(len(ids))
             if not kept:  # applied after all: a resend must not apply it twice
@@ -118,6 +146,7 @@ class StreamTable:
                 sample.stream_id,
                 sample.seq,
             )
+        self.counters.applied += applied
 
     def _save_if_extreme(self, ids: list[str], xs: np.ndarray) -> dict[str, Any]:
         """States of the streams whose samples could overflow float32 inside the model (scaled
@@ -157,9 +186,10 @@ class StreamTable:
             if sample.seq == info.seq:
                 self.counters.duplicates += 1
                 info.seen = now
+                extra = {"durable": info.durable} if self.durable else {}
                 if info.y is None:
-                    return {"id": sid, "seq": sample.seq, "ok": True, "duplicate": True}
-                return answer(sid, sample.seq, info.y, duplicate=True)
+                    return {"id": sid, "seq": sample.seq, "ok": True, "duplicate": True, **extra}
+                return answer(sid, sample.seq, info.y, duplicate=True, **extra)
             if sample.seq < info.seq:
                 return error(
                     "stale",
@@ -182,6 +212,16 @@ class StreamTable:
                 self.on_event("gap", "")
         if info is None and sample.x is None and not sample.reset:
             return {"id": sid, "seq": sample.seq, "ok": True}  # ending a stream never started
+        if info is None and sample.seq and not sample.reset:
+            refused = error(
+                "resend",
+                f"stream {sid!r} is not known here (new, or it began after the last checkpoint "
+                f'before a restart); send it from seq 0, or begin it with "start": true',
+                sid,
+                sample.seq,
+            )
+            refused["error"]["resend_from"] = 0
+            return refused
         if info is None:
             if len(self.info) >= self.capacity:
                 return error(
@@ -222,7 +262,8 @@ class StreamTable:
     def snapshot(self) -> tuple[dict[str, Any], dict[str, Any]]:
         """(states, extra) for save_snapshot: states of every stream and their seq bookkeeping.
         An answer of another output width (given before a reload) is not written: `restore`
-        would refuse it."""
+        would refuse it. Once the snapshot is on disk, `made_durable(extra)` tells each stream
+        (this incarnation of it: not one ended and begun again since) what it holds."""
         states = pool_snapshot(self.pool)
         width = self.model.n_outputs
         ys = {sid: info.y for sid, info in self.info.items()}
@@ -232,6 +273,14 @@ class StreamTable:
         }
         return states, extra
 
+    def made_durable(self, extra: dict[str, Any], infos: dict[str, StreamInfo]) -> None:
+        """A snapshot taken when the table's streams were `infos` (a copy of `self.info` at
+        that instant) is on disk: each of those streams' seq in it is now durable."""
+        for sid, seq in extra["seq"].items():
+            info = infos.get(sid)
+            if info is not None and seq is not None:
+                info.durable = seq
+
     def restore(self, snap: Snapshot) -> None:
         """Put a snapshot's streams back, with their seq numbers and last answers. Malformed
         bookkeeping is refused (CheckpointError) before anything is restored."""
@@ -240,7 +289,7 @@ class StreamTable:
         now = time.monotonic()
         for sid in snap.ids:
             seq = seqs.get(sid)
-            self.info[sid] = StreamInfo(seq, ys.get(sid), now, resync=seq is not None)
+            self.info[sid] = StreamInfo(seq, ys.get(sid), now, seq is not None, seq)
 
     def swap_model(self, model: Model) -> bool:
         """Move every stream onto `model`'s pool; True if states carried over, False if the new

@@ -7,9 +7,8 @@ only after its answer is published, so a sample in flight when the daemon dies i
 rather than lost; and per-stream `seq` numbers make a redelivered sample a duplicate that is
 answered from memory, never applied twice.
 
-paho runs its network loop in its own thread; messages cross to the event loop with
-call_soon_threadsafe. That thread cannot be slowed down, so a full queue drops the sample with
-an `overloaded` answer (counted), and acknowledges it: the client owns the retry.
+paho runs its network loop in its own thread; messages gather in a list that the event loop
+takes whole (one wake-up per burst, not per message) and queues as one parcel.
 """
 
 from __future__ import annotations
@@ -24,7 +23,7 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 
-from edgeseq.daemon.batcher import Batcher
+from edgeseq.daemon.batcher import Batcher, Entry, Parcel, refusal
 from edgeseq.daemon.protocol import BadMessage, decode, encode, sample_from_object
 
 log = logging.getLogger("edgeseq.daemon")
@@ -66,6 +65,12 @@ class MqttTransport:
         # stale one must not match a later answer.
         self._published_early: dict[int, float] = {}
         self._acks_lock = threading.Lock()
+        self._inbox: list[
+            tuple[str, bytes | bytearray, int, int]
+        ] = []  # (topic, payload, mid, qos)
+        self._inbox_lock = threading.Lock()
+        self._woken = False  # a wake-up of the event loop is on its way
+        self._out, self._qos = config.mqtt_out, config.mqtt_qos
 
     def _status_payload(self, state: str) -> bytes:
         return json.dumps({"status": state, **self._status}).encode()
@@ -110,11 +115,16 @@ class MqttTransport:
         log.warning("mqtt disconnected", extra={"reason": str(reason)})
 
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+        """Messages gather in a list; the event loop is woken once per burst, not per message."""
+        with self._inbox_lock:
+            self._inbox.append((message.topic, message.payload, message.mid, message.qos))
+            if self._woken:
+                return
+            self._woken = True
         assert self._loop is not None
-        args = (message.topic, message.payload, message.mid, message.qos)
         # A closed loop (shutting down) raises: not acknowledged, so the broker keeps it.
         with contextlib.suppress(RuntimeError):
-            self._loop.call_soon_threadsafe(self._arrive, *args)
+            self._loop.call_soon_threadsafe(self._arrive)
 
     # -- the event loop ------------------------------------------------------------------------
 
@@ -135,19 +145,26 @@ class MqttTransport:
         if sample is not None:
             client.ack(*sample)
 
-    def _arrive(self, topic: str, payload: bytes | bytearray, mid: int, qos: int) -> None:
-        if not mqtt.topic_matches_sub(self.config.mqtt_in, topic):
-            # The persistent session may hold a subscription of an earlier configuration.
-            log.warning("message on a topic no longer served; dropped", extra={"topic": topic})
-            if qos > 0:
-                self.client.ack(mid, qos)
-            return
-        topic_id = topic[len(self._prefix) : len(topic) - len(self._suffix)]
-        reply = self._replier(topic_id, mid, qos)
-        try:
-            self.batcher.offer(self._parse(topic_id, payload), reply)
-        except BadMessage as bad:
-            self.batcher.offer_refused(bad, reply)
+    def _arrive(self) -> None:
+        """Every message that has come since the last wake-up, as one parcel."""
+        with self._inbox_lock:
+            inbox, self._inbox, self._woken = self._inbox, [], False
+        entries: list[Entry] = []
+        context: list[tuple[str, int, int]] = []
+        for topic, payload, mid, qos in inbox:
+            if not mqtt.topic_matches_sub(self.config.mqtt_in, topic):
+                # The persistent session may hold a subscription of an earlier configuration.
+                log.warning("message on a topic no longer served; dropped", extra={"topic": topic})
+                if qos > 0:
+                    self.client.ack(mid, qos)
+                continue
+            topic_id = topic[len(self._prefix) : len(topic) - len(self._suffix)]
+            try:
+                entries.append(self._parse(topic_id, payload))
+            except BadMessage as bad:
+                entries.append(refusal(bad))
+            context.append((topic_id, mid, qos))
+        self.batcher.put(Parcel(self, entries, context=context))
 
     def _parse(self, topic_id: str, payload: bytes | bytearray) -> Any:
         limit = self.config.max_line_bytes
@@ -170,24 +187,23 @@ class MqttTransport:
                 )
         return sample_from_object(message, self.batcher.table.model.n_features)
 
-    def _replier(self, topic_id: str, mid: int, qos: int) -> Any:
-        out = self.config.mqtt_out.replace("{id}", topic_id)
-
-        def reply(answer: dict[str, Any]) -> None:
-            if answer.get("id") is None:
-                answer = {**answer, "id": topic_id}
-            body = encode(answer)[:-1]
+    def deliver(self, parcel: Parcel, answers: list[bytes]) -> None:
+        """Publish each answer on its stream's topic; a QoS 1 sample is acknowledged once the
+        broker has its answer (_on_publish), so after a crash at any point either the answer
+        was delivered or the sample is redelivered."""
+        out, publish, ack, qos_out = self._out, self.client.publish, self.client.ack, self._qos
+        for (topic_id, mid, qos), body in zip(parcel.context, answers, strict=True):
+            if body.startswith(b'{"id":null'):  # refused before its id was read: the topic's
+                body = b'{"id":' + encode(topic_id)[:-1] + body[10:]
             # Never hold our lock across publish(): paho calls _on_publish holding its own.
-            info = self.client.publish(out, body, qos=self.config.mqtt_qos)
+            info = publish(out.replace("{id}", topic_id), body[:-1], qos=qos_out)
             if qos == 0:
-                return
+                continue
             queued = info.rc in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN)
             with self._acks_lock:
                 acked_at = self._published_early.pop(info.mid, None)
                 early = acked_at is not None and time.monotonic() - acked_at < EARLY_TTL
-                if queued and not early:
+                if queued and not early and qos_out > 0:
                     self._pending_acks[info.mid] = (mid, qos)  # acked in _on_publish
-                    return
-            self.client.ack(mid, qos)
-
-        return reply
+                    continue
+            ack(mid, qos)

@@ -1,19 +1,24 @@
 """JSON lines over TCP: many concurrent clients, each answer on the connection that sent it.
 
-Backpressure is TCP's own: each connection's reader waits while the shared queue is full or
-while its own unsent answers exceed a high-water mark, and a reader that does not read makes
-the kernel's buffers fill and the client's writes block. Memory stays bounded either way.
+Each connection is an asyncio Protocol: every chunk the socket gives is split and parsed in one
+go and queued as one parcel; the batcher hands back each parcel's answers, written with one
+`write` per connection per batch. Answers to one chunk keep the order of its lines.
+
+Backpressure is TCP's own: a connection stops reading while the shared queue is full or while
+its own unsent answers exceed a high-water mark (the client does not read), so the kernel's
+buffers fill and the client's writes block. Memory stays bounded either way. At end of input
+(the client half-closed) every line sent is answered before the connection closes.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+import socket
 from typing import Any
 
-from edgeseq.daemon.batcher import Batcher
-from edgeseq.daemon.protocol import BadMessage, encode
+from edgeseq.daemon.batcher import Batcher, Parcel
+from edgeseq.daemon.lines import LineSplitter
 
 log = logging.getLogger("edgeseq.daemon")
 HIGH_WATER = 1 << 20  # bytes of answers a client may leave unread before its reader pauses
@@ -23,11 +28,13 @@ class TcpTransport:
     def __init__(self, batcher: Batcher, host: str, port: int) -> None:
         self.batcher, self.host, self.port = batcher, host, port
         self.server: asyncio.Server | None = None
-        self.connections: set[asyncio.StreamWriter] = set()
+        self.connections: set[Connection] = set()
 
     async def start(self) -> None:
-        limit = self.batcher.config.max_line_bytes + 1  # + the newline
-        self.server = await asyncio.start_server(self._serve, self.host, self.port, limit=limit)
+        loop = asyncio.get_running_loop()
+        self.server = await loop.create_server(
+            lambda: Connection(self), self.host, self.port, reuse_address=True
+        )
         self.port = self.server.sockets[0].getsockname()[1]
         log.info("listening", extra={"transport": "tcp", "host": self.host, "port": self.port})
 
@@ -37,82 +44,92 @@ class TcpTransport:
             await self.server.wait_closed()
 
     def close_connections(self) -> None:
-        for writer in list(self.connections):
-            writer.close()
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        peer = writer.get_extra_info("peername")
-        self.connections.add(writer)
-        conn = _Connection(writer)
-        log.debug("client connected", extra={"peer": str(peer)})
-        try:
-            await self._read_lines(reader, conn)
-            await conn.finish()  # EOF: answer everything this client sent before closing
-        except (ConnectionError, asyncio.IncompleteReadError):
-            pass
-        except asyncio.CancelledError:
-            pass
-        finally:
-            self.connections.discard(writer)
-            writer.close()
-            log.debug("client disconnected", extra={"peer": str(peer)})
-
-    async def _read_lines(self, reader: asyncio.StreamReader, conn: _Connection) -> None:
-        limit = self.batcher.config.max_line_bytes
-        while True:
-            try:
-                line = await reader.readuntil(b"\n")
-            except asyncio.IncompleteReadError as end:  # EOF, perhaps after a last line
-                if end.partial.strip():
-                    await self.batcher.submit(end.partial, conn.expect())
-                return
-            except asyncio.LimitOverrunError:
-                ended = not await _discard_line(reader)
-                bad = BadMessage("too_long", f"the line is longer than {limit} bytes; ignored")
-                self.batcher.reject(bad, conn.expect())
-                if ended:  # the client half-closed in the middle of the long line
-                    return
-                continue
-            if line.strip():
-                await self.batcher.submit(line, conn.expect())
-            if conn.writer.transport.get_write_buffer_size() > HIGH_WATER:
-                await conn.writer.drain()
+        for connection in list(self.connections):
+            connection.close()
 
 
-class _Connection:
-    """One client: its writer, and how many of its samples still wait for an answer."""
+class Connection(asyncio.Protocol):
+    """One client: its line splitter, its transport, and how many answers it is owed."""
 
-    def __init__(self, writer: asyncio.StreamWriter) -> None:
-        self.writer, self.waiting = writer, 0
-        self._idle = asyncio.Event()
-        self._idle.set()
+    def __init__(self, owner: TcpTransport) -> None:
+        self.owner, self.batcher = owner, owner.batcher
+        self.split = LineSplitter(self.batcher.config.max_line_bytes)
+        self.transport: asyncio.Transport | None = None
+        self.owed = 0  # lines queued and not yet answered
+        self.ended = False  # the client half-closed: close once every line is answered
+        self._writing_paused = self._reading_paused = False
+        self.peer: Any = None
 
-    def expect(self) -> Callable[[dict[str, Any]], None]:
-        """A reply function for one more sample."""
-        self.waiting += 1
-        self._idle.clear()
-        return self._reply
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        self.peer = transport.get_extra_info("peername")
+        sock = transport.get_extra_info("socket")
+        if sock is not None:  # answers to a lone sample must not wait for Nagle
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        transport.set_write_buffer_limits(high=HIGH_WATER)
+        self.owner.connections.add(self)
+        log.debug("client connected", extra={"peer": str(self.peer)})
 
-    def _reply(self, answer: dict[str, Any]) -> None:
-        self.waiting -= 1
-        if self.waiting == 0:
-            self._idle.set()
-        if not self.writer.is_closing():
-            self.writer.write(encode(answer))
+    def data_received(self, data: bytes) -> None:
+        self._queue(self.split.push(data))
 
-    async def finish(self) -> None:
-        await self._idle.wait()
-        await self.writer.drain()
+    def eof_received(self) -> bool:
+        self.ended = True
+        self._queue(self.split.finish())
+        self._close_if_done()
+        return True  # keep the transport open to write the answers still owed
 
+    def _queue(self, lines: list[bytes | None]) -> None:
+        if not lines:
+            return
+        entries = self.batcher.parse_lines(lines)
+        self.owed += len(entries)
+        self.batcher.put(Parcel(self, entries))
+        if self.batcher.full:
+            self._pause()
+            self.batcher.when_room(self._resume)
 
-async def _discard_line(reader: asyncio.StreamReader) -> bool:
-    """Skip the rest of an over-long line, chunk by chunk (never holding it whole); False if
-    the input ended first."""
-    while True:
-        try:
-            await reader.readuntil(b"\n")
-            return True
-        except asyncio.LimitOverrunError as over:
-            await reader.readexactly(over.consumed)
-        except asyncio.IncompleteReadError:
-            return False
+    def deliver(self, parcel: Parcel, answers: list[bytes]) -> None:
+        self.owed -= len(answers)
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.write(b"".join(answers))
+        self._close_if_done()
+
+    def _close_if_done(self) -> None:
+        if self.ended and self.owed == 0 and self.transport is not None:
+            self.transport.close()
+
+    # -- flow control ------------------------------------------------------------------------
+
+    def pause_writing(self) -> None:  # the client leaves its answers unread
+        self._writing_paused = True
+        self._pause()
+
+    def resume_writing(self) -> None:
+        self._writing_paused = False
+        self._resume()
+
+    def _pause(self) -> None:
+        if not self._reading_paused and self.transport is not None:
+            self._reading_paused = True
+            self.transport.pause_reading()
+
+    def _resume(self) -> None:
+        if self._writing_paused or self.batcher.full:
+            if self.batcher.full:
+                self.batcher.when_room(self._resume)
+            return
+        if self._reading_paused and self.transport is not None and not self.transport.is_closing():
+            self._reading_paused = False
+            self.transport.resume_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.owner.connections.discard(self)
+        self.transport = None  # answers still owed are dropped; their samples were applied
+        log.debug("client disconnected", extra={"peer": str(self.peer)})
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
