@@ -41,7 +41,7 @@ def test_a_daemon_that_compiled_at_start_restarts_in_place_and_loses_no_input(tm
     env = {"EDGESEQ_KERNEL_DIR": str(tmp_path / "kernels")}
     xs = np.random.default_rng(3).standard_normal((3, 3)).astype(np.float32)
     lines = "".join(
-        json.dumps({"id": "p1", "seq": t + 1, "x": [float(v) for v in x]}) + "\n"
+        json.dumps({"id": "p1", "seq": t, "x": [float(v) for v in x]}) + "\n"
         for t, x in enumerate(xs)
     )
     with DaemonProcess(str(DEFAULT_MODEL), stdin=subprocess.PIPE, env=env) as daemon:
@@ -61,7 +61,7 @@ def test_a_daemon_that_compiled_at_start_restarts_in_place_and_loses_no_input(tm
         daemon.proc.stdin.close()
         assert daemon.proc.wait(60) == 0
     expected = offline_predictions(DEFAULT_MODEL, xs)
-    assert [a["seq"] for a in answers] == [1, 2, 3]
+    assert [a["seq"] for a in answers] == [0, 1, 2]
     np.testing.assert_allclose([a["y"] for a in answers], expected, atol=1e-5)
 
     # The cache is warm now: the next start serves from its first process.
