@@ -24,7 +24,15 @@ from typing import Any, Protocol
 
 from edgeseq.daemon.config import DaemonConfig
 from edgeseq.daemon.metrics import Metrics
-from edgeseq.daemon.protocol import BadMessage, Sample, encode, error, parse_csv, parse_json
+from edgeseq.daemon.protocol import (
+    BadMessage,
+    Sample,
+    encode,
+    encode_many,
+    error,
+    parse_csv,
+    parse_json,
+)
 from edgeseq.daemon.table import StreamTable
 from edgeseq.errors import EdgeseqError
 
@@ -34,8 +42,8 @@ TOO_LONG = None  # a line splitter's mark for a line over the limit (its bytes w
 
 
 class Sink(Protocol):
-    def deliver(self, parcel: Parcel, answers: list[bytes]) -> None:
-        """Send a parcel's answers (one encoded line each, in the parcel's order)."""
+    def deliver(self, parcel: Parcel, lines: bytes) -> None:
+        """Send a parcel's answers: one JSON line per entry, in the parcel's order."""
 
 
 @dataclass(slots=True)
@@ -176,7 +184,8 @@ class Batcher:
         done = time.perf_counter()
         outcomes: Counter[str] = Counter()
         for parcel, given in zip(batch, answers, strict=True):
-            _safe(parcel, [_encoded(answer, outcomes) for answer in given])
+            _count(given, outcomes)
+            _safe(parcel, _encoded(given))
         for flush in self.after_batch:
             flush()
         self.metrics.latency.observe_many([done - p.arrived for p in batch],
@@ -215,19 +224,24 @@ class Batcher:
             return error("internal", str(exc), sample.stream_id, sample.seq)
 
 
-def _encoded(answer: dict[str, Any], outcomes: Counter[str]) -> bytes:
-    """One answer line, its outcome counted: "applied", "duplicate", or the error code."""
-    if "error" in answer:
-        outcomes[str(answer["error"]["code"])] += 1
-    elif "duplicate" in answer:
-        outcomes["duplicate"] += 1
-    else:
-        outcomes["applied"] += 1
+def _count(answers: list[dict[str, Any]], outcomes: Counter[str]) -> None:
+    """Each answer's outcome: "applied", "duplicate", or the error code."""
+    for answer in answers:
+        if "error" in answer:
+            outcomes[str(answer["error"]["code"])] += 1
+        elif "duplicate" in answer:
+            outcomes["duplicate"] += 1
+        else:
+            outcomes["applied"] += 1
+
+
+def _encoded(answers: list[dict[str, Any]]) -> bytes:
+    """A parcel's answer lines; a defect while encoding still leaves one line per message."""
     try:
-        return encode(answer)
-    except Exception as exc:  # a defect: the message still gets its one answer
+        return encode_many(answers)
+    except Exception as exc:
         detail = f"the answer could not be encoded: {type(exc).__name__}"
-        return encode(error("internal", detail, None, None))
+        return encode(error("internal", detail, None, None)) * len(answers)
 
 
 def _rounds(batch: Sequence[Parcel]) -> list[list[tuple[int, int, Entry]]]:
@@ -253,11 +267,11 @@ def _rounds(batch: Sequence[Parcel]) -> list[list[tuple[int, int, Entry]]]:
     return rounds
 
 
-def _safe(parcel: Parcel, answers: list[bytes]) -> None:
+def _safe(parcel: Parcel, lines: bytes) -> None:
     """A client that went away, or answers that cannot be written, must not take the daemon
     (or other parcels' answers) with them."""
     try:
-        parcel.sink.deliver(parcel, answers)
+        parcel.sink.deliver(parcel, lines)
     except (OSError, RuntimeError) as exc:
         log.debug("answers not delivered", extra={"detail": str(exc)})
     except Exception as exc:  # a defect, not a client's doing: say so, and keep serving

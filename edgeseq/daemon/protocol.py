@@ -292,6 +292,30 @@ _SHORT.maxlevel, _SHORT.maxlist, _SHORT.maxdict = 3, 4, 4
 _SHORT.maxstring = _SHORT.maxlong = _SHORT.maxother = 40
 
 
+SEPARATOR, NEWLINE_SEPARATOR = b'},{"id":', b'}\n{"id":'
+
+
+def encode_many(answers: list[dict[str, Any]]) -> bytes:
+    """Answer lines for a whole parcel in one call: `len(answers)` lines, each ending "\n".
+
+    orjson writes the list at once and its object separators become newlines. That is exact:
+    every answer begins with its "id", no nested object has one, and inside a string a quote is
+    always escaped. It is also much faster than a call per answer: each call allocates a fresh
+    output buffer, which costs a microsecond when a thousand results are kept (per batch)."""
+    if not answers:
+        return b""
+    if orjson is not None:
+        try:
+            text = orjson.dumps(answers)
+        except TypeError:  # text orjson will not write (a lone surrogate): one by one
+            pass
+        else:
+            lines = text[1:-1].replace(SEPARATOR, NEWLINE_SEPARATOR) + b"\n"
+            if lines.count(b"\n") == len(answers):
+                return lines
+    return b"".join(map(encode, answers))
+
+
 def _brief(value: object) -> str:
     """A short, safe description of a client's value for an error message: JSON where it is
     plain, else a depth-limited repr (a value nested 1,000 deep must not recurse)."""

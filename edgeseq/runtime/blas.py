@@ -118,6 +118,13 @@ def single_threaded() -> Iterator[None]:
                 _set_threads(before)
 
 
+def set_threads(count: int) -> None:
+    """OpenBLAS's thread count for the whole process from now on (a no-op without it)."""
+    if AVAILABLE:
+        with _ONE_AT_A_TIME:
+            _set_threads(count)
+
+
 def threads() -> int:
     """OpenBLAS's thread count now (0 without it)."""
     return int(_get_threads()) if AVAILABLE else 0

@@ -187,16 +187,17 @@ class MqttTransport:
                 )
         return sample_from_object(message, self.batcher.table.model.n_features)
 
-    def deliver(self, parcel: Parcel, answers: list[bytes]) -> None:
+    def deliver(self, parcel: Parcel, lines: bytes) -> None:
         """Publish each answer on its stream's topic; a QoS 1 sample is acknowledged once the
         broker has its answer (_on_publish), so after a crash at any point either the answer
         was delivered or the sample is redelivered."""
         out, publish, ack, qos_out = self._out, self.client.publish, self.client.ack, self._qos
+        answers = lines.split(b"\n")[:-1]
         for (topic_id, mid, qos), body in zip(parcel.context, answers, strict=True):
             if body.startswith(b'{"id":null'):  # refused before its id was read: the topic's
                 body = b'{"id":' + encode(topic_id)[:-1] + body[10:]
             # Never hold our lock across publish(): paho calls _on_publish holding its own.
-            info = publish(out.replace("{id}", topic_id), body[:-1], qos=qos_out)
+            info = publish(out.replace("{id}", topic_id), body, qos=qos_out)
             if qos == 0:
                 continue
             queued = info.rc in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN)

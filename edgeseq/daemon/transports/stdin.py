@@ -34,8 +34,8 @@ class StdinTransport:
         self._first = True  # no line seen yet (a CSV header may come)
         batcher.after_batch.append(self._flush)
 
-    def deliver(self, parcel: Parcel, answers: list[bytes]) -> None:
-        self.sink.write(b"".join(answers))
+    def deliver(self, parcel: Parcel, lines: bytes) -> None:
+        self.sink.write(lines)
 
     def _flush(self) -> None:
         try:

@@ -90,11 +90,11 @@ class Connection(asyncio.Protocol):
             self._pause()
             self.batcher.when_room(self._resume)
 
-    def deliver(self, parcel: Parcel, answers: list[bytes]) -> None:
-        self.owed -= len(answers)
+    def deliver(self, parcel: Parcel, lines: bytes) -> None:
+        self.owed -= len(parcel.entries)
         transport = self.transport
         if transport is not None and not transport.is_closing():
-            transport.write(b"".join(answers))
+            transport.write(lines)
         self._close_if_done()
 
     def _close_if_done(self) -> None:
