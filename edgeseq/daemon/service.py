@@ -10,6 +10,7 @@ it always sees the table between two batches.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -48,6 +49,20 @@ def one_kernel_thread() -> None:
         numba.set_num_threads(1)
     if not os.environ.get("OPENBLAS_NUM_THREADS"):
         blas.set_threads(1)
+
+
+GC_YOUNG = 20_000  # container allocations between young collections (Python's default: 700)
+
+
+def settle_garbage_collector() -> None:
+    """Everything loaded so far (the model, Numba's and LLVM's objects: some hundred thousand)
+    lives as long as the process: freeze it out of the collector's sight, and collect the young
+    generation less often. Serving allocates a few containers per sample (a parsed message, its
+    answer), and with every collection walking the whole heap that cost 40% of the daemon's time
+    (1,000,000 stdin lines: 5.9 s, 3.3-3.6 s frozen). Cycles are still collected."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(GC_YOUNG, *gc.get_threshold()[1:])
 
 
 class Daemon:
@@ -110,6 +125,7 @@ class Daemon:
         loop.add_signal_handler(signal.SIGHUP, lambda: self._spawn(self.reload()))
         tasks = [asyncio.create_task(batcher.run(), name="batcher")]
         tasks += [asyncio.create_task(job(), name=job.__name__) for job in self._periodic()]
+        settle_garbage_collector()
         self.metrics.ready = True
         self.notifier.ready(f"serving {os.path.basename(self.config.model)}")
         log.info("ready", extra={"streams": len(self.table), "pid": os.getpid()})
