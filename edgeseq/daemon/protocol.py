@@ -167,24 +167,28 @@ def parse_json(line: bytes, n_features: int, max_bytes: int) -> Sample:
     if len(line) > max_bytes:
         raise BadMessage("too_long", f"the line has {len(line)} bytes; the limit is {max_bytes}")
     try:
-        message = _fast_loads(line)
-        if type(message) is dict and len(message) == 3:
-            sample = _common(message, n_features)
-            if sample is not None:
-                return sample
-        if message is _UNREAD:
-            message = decode(line, "line")
-        return sample_from_object(message, n_features)
+        message, checked_text = decode_fast(line, "line")
+        return read_message(message, n_features, checked_text)
     except BadMessage:
         raise
     except Exception as exc:  # a defect: this message is refused, the connection serves on
         raise BadMessage("internal", f"the message could not be read: {_defect(exc)}") from None
 
 
+def read_message(message: Any, n_features: int, checked_text: bool) -> Sample:
+    """A decoded message (a line's, an MQTT payload's) -> Sample, or BadMessage.
+    `checked_text`: orjson decoded it, so its strings are valid UTF-8 (decode_fast)."""
+    if checked_text and type(message) is dict and len(message) == 3:
+        sample = _common(message, n_features)
+        if sample is not None:
+            return sample
+    return sample_from_object(message, n_features)
+
+
 _UNREAD = object()
 
 
-def _fast_loads(line: bytes) -> Any:
+def _fast_loads(line: bytes | bytearray) -> Any:
     """orjson's reading of the line, or _UNREAD when orjson refuses it (the standard library's
     then reads what it can: its strings may hold lone surrogates, so they take the full checks)."""
     if orjson is None:  # pragma: no cover - the daemon extra installs it
@@ -218,6 +222,14 @@ def _common(message: dict[str, Any], n_features: int) -> Sample | None:
 
 def _defect(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {_brief(str(exc))}"
+
+
+def decode_fast(data: bytes | bytearray, what: str) -> tuple[Any, bool]:
+    """(decode(data), whether orjson read it): orjson first, without a second call for the
+    common case; orjson's strings are valid UTF-8, the standard library's may hold a lone
+    surrogate."""
+    message = _fast_loads(data)
+    return (decode(data, what), False) if message is _UNREAD else (message, True)
 
 
 def decode(data: bytes | bytearray, what: str) -> Any:

@@ -3,32 +3,39 @@ status topic with a last will, so a fleet dashboard sees "offline" when the daem
 
 QoS 1 is at-least-once: the broker may deliver a message again. Two things make that harmless.
 The session is persistent (clean_session=False, fixed client id) and a message is acknowledged
-only after its answer is published, so a sample in flight when the daemon dies is redelivered
+only after the broker has its answer, so a sample in flight when the daemon dies is redelivered
 rather than lost; and per-stream `seq` numbers make a redelivered sample a duplicate that is
 answered from memory, never applied twice.
 
-paho runs its network loop in its own thread; messages gather in a list that the event loop
-takes whole (one wake-up per burst, not per message) and queues as one parcel.
+paho runs on the daemon's event loop (paho_asyncio.py): every message a read brings becomes
+part of one parcel, and the parcel's answers are published together. Everything here runs on
+the loop's thread. While the batcher's queue is full the socket is not read, so the broker
+holds what comes next (TCP flow control), as TCP clients are held.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
-import threading
 import time
+from collections import deque
 from typing import Any
 
 import paho.mqtt.client as mqtt
 
 from edgeseq.daemon.batcher import Batcher, Entry, Parcel, refusal
-from edgeseq.daemon.protocol import BadMessage, decode, encode, sample_from_object
+from edgeseq.daemon.protocol import BadMessage, decode_fast, encode, read_message
+from edgeseq.daemon.transports.paho_asyncio import PahoOnLoop
 
 log = logging.getLogger("edgeseq.daemon")
-EARLY_TTL, EARLY_PRUNE_AT = 10.0, 64  # seconds an unclaimed early ack is kept; when to prune
 SUBSCRIBE_WAIT = 10.0  # seconds start() waits for the broker before going on without it
+GOODBYE_WAIT = 2.0  # seconds stop() waits for the broker to take the "offline" status
+# Answers in flight (awaiting the broker's PUBACK) at most; later ones wait here until earlier
+# ones are acknowledged. MQTT's message ids are 16 bits and paho keys its messages in flight by
+# id, so past 65,535 answers would collide: a burst of 100,000 lost a third of them so. (The
+# socket must be read all along: the acknowledgements come on it.)
+UNACKED_MAX = 16_384
 
 
 class MqttTransport:
@@ -49,27 +56,19 @@ class MqttTransport:
         # while their samples' acknowledgements went out, and a crash would lose both.
         self.client.max_inflight_messages_set(0)
         self.client.will_set(config.mqtt_status, self._status_payload("offline"), 1, retain=True)
-        self.client.reconnect_delay_set(min_delay=1, max_delay=30)
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
         self.client.on_message = self._on_message
         self.client.on_subscribe = self._on_subscribe
         self.client.on_publish = self._on_publish
-        self._subscribed = threading.Event()
+        self._subscribed = asyncio.Event()
+        self._paho: PahoOnLoop | None = None
         # answer's mid -> (sample's mid, qos): the sample is acknowledged once the broker has
         # its answer, so after a crash at any point either the answer was delivered or the
-        # sample is redelivered.
+        # sample is redelivered. paho only writes on the loop, after deliver() recorded the mid.
         self._pending_acks: dict[int, tuple[int, int]] = {}
-        # mids the broker acknowledged before reply() recorded them -> when. Status messages
-        # land here too and are never claimed, so entries expire: mids wrap at 65,535, and a
-        # stale one must not match a later answer.
-        self._published_early: dict[int, float] = {}
-        self._acks_lock = threading.Lock()
-        self._inbox: list[
-            tuple[str, bytes | bytearray, int, int]
-        ] = []  # (topic, payload, mid, qos)
-        self._inbox_lock = threading.Lock()
-        self._woken = False  # a wake-up of the event loop is on its way
+        self._held: deque[tuple[str, bytes, int, int]] = deque()  # past UNACKED_MAX
+        self._inbox: list[tuple[str, bytes | bytearray, int, int]] = []  # topic, payload, mid, qos
         self._out, self._qos = config.mqtt_out, config.mqtt_qos
 
     def _status_payload(self, state: str) -> bytes:
@@ -81,22 +80,33 @@ class MqttTransport:
             self.client.connect_async(self.host, self.port, keepalive=30)
         except (OSError, ValueError) as exc:
             raise ConnectionError(f"mqtt://{self.host}:{self.port}: {exc}") from None
-        self.client.loop_start()
+        self._paho = PahoOnLoop(self.client, self._loop)
+        self._paho.connect()
         broker = f"{self.host}:{self.port}"
         log.info("mqtt client started", extra={"transport": "mqtt", "broker": broker})
         # Ready means subscribed: a client that publishes on seeing "ready" must not be lost.
-        loop = asyncio.get_running_loop()
-        if not await loop.run_in_executor(None, self._subscribed.wait, SUBSCRIBE_WAIT):
+        try:
+            await asyncio.wait_for(self._subscribed.wait(), SUBSCRIBE_WAIT)
+        except TimeoutError:
             log.warning("mqtt broker not reachable yet; retrying in the background",
                         extra={"broker": broker})  # fmt: skip
 
     async def stop(self) -> None:
         info = self.client.publish(self.config.mqtt_status, self._status_payload("offline"), 1,
                                    retain=True)  # fmt: skip
-        with contextlib.suppress(RuntimeError, ValueError):
-            await asyncio.get_running_loop().run_in_executor(None, info.wait_for_publish, 2.0)
+        deadline = time.monotonic() + GOODBYE_WAIT
+        while not info.is_published() and time.monotonic() < deadline and self._connected():
+            await asyncio.sleep(0.01)
+        if self._paho is not None:
+            self._paho.closing_now()
         self.client.disconnect()
-        self.client.loop_stop()
+        while self._connected() and time.monotonic() < deadline:  # DISCONNECT goes out
+            await asyncio.sleep(0.01)
+        if self._paho is not None:
+            self._paho.close()
+
+    def _connected(self) -> bool:
+        return self._paho is not None and self._paho.connected
 
     # -- paho's thread -------------------------------------------------------------------------
 
@@ -112,21 +122,23 @@ class MqttTransport:
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any,
                        properties: Any) -> None:  # fmt: skip
-        log.warning("mqtt disconnected", extra={"reason": str(reason)})
+        level = logging.INFO if self._paho is None or self._paho.closing else logging.WARNING
+        log.log(level, "mqtt disconnected", extra={"reason": str(reason)})
+        # Samples whose answers were not acknowledged come again (persistent session): they
+        # are answered as duplicates then, and acknowledged.
+        self._pending_acks.clear()
+        self._held.clear()
+        if self._paho is not None:
+            self._paho.lost()
 
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
-        """Messages gather in a list; the event loop is woken once per burst, not per message."""
-        with self._inbox_lock:
-            self._inbox.append((message.topic, message.payload, message.mid, message.qos))
-            if self._woken:
-                return
-            self._woken = True
-        assert self._loop is not None
-        # A closed loop (shutting down) raises: not acknowledged, so the broker keeps it.
-        with contextlib.suppress(RuntimeError):
-            self._loop.call_soon_threadsafe(self._arrive)
-
-    # -- the event loop ------------------------------------------------------------------------
+        """Messages of one read gather here; the loop takes them as one parcel right after."""
+        if self._paho is not None:
+            self._paho.packets += 1
+        if not self._inbox:
+            assert self._loop is not None
+            self._loop.call_soon(self._arrive)
+        self._inbox.append((message.topic, message.payload, message.mid, message.qos))
 
     def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, reasons: Any,
                       properties: Any) -> None:  # fmt: skip
@@ -134,21 +146,17 @@ class MqttTransport:
 
     def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason: Any,
                     properties: Any) -> None:  # fmt: skip
-        with self._acks_lock:
-            sample = self._pending_acks.pop(mid, None)
-            if sample is None:  # the broker answered before reply() recorded the mid
-                now = time.monotonic()
-                self._published_early[mid] = now
-                if len(self._published_early) > EARLY_PRUNE_AT:
-                    self._published_early = {m: t for m, t in self._published_early.items()
-                                             if now - t < EARLY_TTL}  # fmt: skip
+        if self._paho is not None:
+            self._paho.packets += 1
+        sample = self._pending_acks.pop(mid, None)
         if sample is not None:
             client.ack(*sample)
+            if self._held:
+                self._publish_held()
 
     def _arrive(self) -> None:
-        """Every message that has come since the last wake-up, as one parcel."""
-        with self._inbox_lock:
-            inbox, self._inbox, self._woken = self._inbox, [], False
+        """Every message that has come since the last read, as one parcel."""
+        inbox, self._inbox = self._inbox, []
         entries: list[Entry] = []
         context: list[tuple[str, int, int]] = []
         for topic, payload, mid, qos in inbox:
@@ -165,6 +173,13 @@ class MqttTransport:
                 entries.append(refusal(bad))
             context.append((topic_id, mid, qos))
         self.batcher.put(Parcel(self, entries, context=context))
+        if self.batcher.full and self._paho is not None:
+            self._paho.pause_reading("queue")
+            self.batcher.when_room(self._resume_after_queue)
+
+    def _resume_after_queue(self) -> None:
+        if self._paho is not None:
+            self._paho.resume_reading("queue")
 
     def _parse(self, topic_id: str, payload: bytes | bytearray) -> Any:
         limit = self.config.max_line_bytes
@@ -173,7 +188,7 @@ class MqttTransport:
                 "too_long", f"the payload has {len(payload)} bytes; the limit is {limit}"
             )
         try:
-            message = decode(payload, "payload")
+            message, checked_text = decode_fast(payload, "payload")
         except BadMessage as bad:
             raise BadMessage(bad.code, bad.message, topic_id) from None
         if isinstance(message, dict):
@@ -185,26 +200,35 @@ class MqttTransport:
                     topic_id,
                     message.get("seq"),
                 )
-        return sample_from_object(message, self.batcher.table.model.n_features)
+        return read_message(message, self.batcher.table.model.n_features, checked_text)
 
     def deliver(self, parcel: Parcel, lines: bytes) -> None:
         """Publish each answer on its stream's topic; a QoS 1 sample is acknowledged once the
         broker has its answer (_on_publish), so after a crash at any point either the answer
         was delivered or the sample is redelivered."""
-        out, publish, ack, qos_out = self._out, self.client.publish, self.client.ack, self._qos
+        out, held = self._out, self._held
         answers = lines.split(b"\n")[:-1]
         for (topic_id, mid, qos), body in zip(parcel.context, answers, strict=True):
             if body.startswith(b'{"id":null'):  # refused before its id was read: the topic's
                 body = b'{"id":' + encode(topic_id)[:-1] + body[10:]
-            # Never hold our lock across publish(): paho calls _on_publish holding its own.
-            info = publish(out.replace("{id}", topic_id), body, qos=qos_out)
+            held.append((out.replace("{id}", topic_id), body, mid, qos))
+        self._publish_held()
+
+    def _publish_held(self) -> None:
+        publish, ack, qos_out, pending, held = (
+            self.client.publish,
+            self.client.ack,
+            self._qos,
+            self._pending_acks,
+            self._held,
+        )
+        while held and len(pending) < UNACKED_MAX:
+            topic, body, mid, qos = held.popleft()
+            info = publish(topic, body, qos=qos_out)
             if qos == 0:
                 continue
-            queued = info.rc in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN)
-            with self._acks_lock:
-                acked_at = self._published_early.pop(info.mid, None)
-                early = acked_at is not None and time.monotonic() - acked_at < EARLY_TTL
-                if queued and not early and qos_out > 0:
-                    self._pending_acks[info.mid] = (mid, qos)  # acked in _on_publish
-                    continue
-            ack(mid, qos)
+            if info.rc == mqtt.MQTT_ERR_SUCCESS:
+                pending[info.mid] = (mid, qos)  # acked in _on_publish
+            elif info.rc != mqtt.MQTT_ERR_NO_CONN:  # refused by paho: the client's retry
+                ack(mid, qos)
+            # No connection: not acknowledged, so the broker delivers the sample again.
