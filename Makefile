@@ -40,7 +40,7 @@ test-aarch64: install
 bench: install
 	$(BIN)/python -m pytest -q -s -m slow
 	$(BIN)/edgeseq bench export/bench-lstm.onnx export/bench-gru.onnx export/bench-rnn.onnx --write BENCHMARKS.md
-	$(BIN)/edgeseq loadtest export/pump-lstm.onnx --streams 1000 --soak 600 --write BENCHMARKS.md
+	$(BIN)/edgeseq loadtest export/pump-lstm.onnx --streams 1000 --connections 4 --seconds 20 --soak 600 --stdin-lines 200000 --mqtt --write BENCHMARKS.md
 
 # Regenerate every reference model in export/ (model + golden I/O) from its recipe.
 reference-models: install
