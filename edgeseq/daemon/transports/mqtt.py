@@ -26,7 +26,7 @@ import paho.mqtt.client as mqtt
 
 from edgeseq.daemon.batcher import Batcher, Entry, Parcel, refusal
 from edgeseq.daemon.protocol import BadMessage, decode_fast, encode, read_message
-from edgeseq.daemon.transports.paho_asyncio import PahoOnLoop
+from edgeseq.daemon.transports.paho_asyncio import PahoOnLoop, ReadAheadClient
 
 log = logging.getLogger("edgeseq.daemon")
 SUBSCRIBE_WAIT = 10.0  # seconds start() waits for the broker before going on without it
@@ -45,7 +45,7 @@ class MqttTransport:
         self._prefix, self._suffix = config.mqtt_in.split("+")
         self._status = status
         self._loop: asyncio.AbstractEventLoop | None = None
-        self.client = mqtt.Client(
+        self.client = ReadAheadClient(
             mqtt.CallbackAPIVersion.VERSION2,
             client_id=config.mqtt_client_id,
             clean_session=False,
@@ -160,7 +160,7 @@ class MqttTransport:
         entries: list[Entry] = []
         context: list[tuple[str, int, int]] = []
         for topic, payload, mid, qos in inbox:
-            if not mqtt.topic_matches_sub(self.config.mqtt_in, topic):
+            if not self._served(topic):
                 # The persistent session may hold a subscription of an earlier configuration.
                 log.warning("message on a topic no longer served; dropped", extra={"topic": topic})
                 if qos > 0:
@@ -180,6 +180,16 @@ class MqttTransport:
     def _resume_after_queue(self) -> None:
         if self._paho is not None:
             self._paho.resume_reading("queue")
+
+    def _served(self, topic: str) -> bool:
+        """topic_matches_sub(mqtt_in, topic) for mqtt_in's one "+": a tenth of the cost."""
+        prefix, suffix = self._prefix, self._suffix
+        return (
+            topic.startswith(prefix)
+            and topic.endswith(suffix)
+            and len(topic) >= len(prefix) + len(suffix)
+            and "/" not in topic[len(prefix) : len(topic) - len(suffix)]
+        )
 
     def _parse(self, topic_id: str, payload: bytes | bytearray) -> Any:
         limit = self.config.max_line_bytes
