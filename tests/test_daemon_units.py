@@ -316,3 +316,66 @@ def test_the_fast_path_reads_every_message_as_the_full_checks_do():
             assert [float(v) for v in got.x or []] == expected.x
         else:
             assert got == expected, line
+
+
+def test_the_read_ahead_socket_serves_pahos_small_reads_from_one_large_one():
+    import socket
+
+    from edgeseq.daemon.transports.paho_asyncio import ReadAhead
+
+    mine, theirs = socket.socketpair()
+    mine.setblocking(False)
+    wrapped = ReadAhead(mine)
+    try:
+        theirs.sendall(b"\x30\x05hello" + b"\x30\x02hi")
+        assert (wrapped.recv(1), wrapped.recv(1), wrapped.recv(5)) == (b"\x30", b"\x05", b"hello")
+        assert wrapped.buffered == 4  # read ahead: no more system calls for these
+        assert wrapped.recv(10) == b"\x30\x02hi" and wrapped.buffered == 0
+        with pytest.raises(BlockingIOError):
+            wrapped.recv(1)  # drained: paho sees EAGAIN as from the socket itself
+        assert wrapped.fileno() == mine.fileno()
+    finally:
+        mine.close()
+        theirs.close()
+
+
+def test_mqtt_answers_past_the_in_flight_limit_wait_and_every_sample_is_acked_after_its_answer(
+    monkeypatch,
+):
+    """MQTT's 16-bit message ids: past 65,535 answers in flight paho's would collide."""
+    from edgeseq.daemon.config import DaemonConfig
+    from edgeseq.daemon.transports import mqtt as transport
+
+    monkeypatch.setattr(transport, "UNACKED_MAX", 3)
+
+    class Batcher:
+        config = DaemonConfig(model="m")
+
+    mqtt = transport.MqttTransport(Batcher(), "127.0.0.1", 1883, {})  # type: ignore[arg-type]
+    published: list[tuple[str, bytes, int]] = []
+    acked: list[int] = []
+
+    class Info:
+        def __init__(self, mid: int) -> None:
+            self.rc, self.mid = 0, mid
+
+    def publish(topic: str, body: bytes, qos: int) -> Info:
+        published.append((topic, body, qos))
+        return Info(1000 + len(published))
+
+    monkeypatch.setattr(mqtt.client, "publish", publish)
+    monkeypatch.setattr(mqtt.client, "ack", lambda mid, qos: acked.append(mid))
+    context = [(f"s{k}", k, 1) for k in range(5)]
+    lines = b"".join(b'{"id":"s%d","seq":0,"y":[1.0]}\n' % k for k in range(5))
+    mqtt.deliver(Parcel(mqtt, [None] * 5, context=context), lines)  # type: ignore[list-item]
+    assert [topic for topic, _, _ in published] == [
+        "edgeseq/s0/out",
+        "edgeseq/s1/out",
+        "edgeseq/s2/out",
+    ]
+    assert acked == []  # no sample before the broker has its answer
+    mqtt._on_publish(mqtt.client, None, 1001, None, None)  # the broker acknowledges s0's answer
+    assert acked == [0] and len(published) == 4  # s3's answer goes out in its place
+    for mid in (1002, 1003, 1004, 1005):
+        mqtt._on_publish(mqtt.client, None, mid, None, None)
+    assert acked == [0, 1, 2, 3, 4] and published[-1][1] == b'{"id":"s4","seq":0,"y":[1.0]}'

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -33,8 +34,13 @@ def measure_in_child(model: Path, streams: int, seconds: float) -> float:
         "--seconds",
         str(seconds),
     ]
+    # One kernel thread, as the daemon steps its pool (service.one_kernel_thread): the same work
+    # it does, and a parallel step beside a busy core would measure the neighbours instead.
+    env = {**os.environ, "NUMBA_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
     try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT + seconds)
+        done = subprocess.run(
+            cmd, capture_output=True, text=True, timeout=TIMEOUT + seconds, env=env
+        )
     except subprocess.TimeoutExpired:
         raise EdgeseqError(f"measuring the runtime's pool took over {TIMEOUT:.0f} s") from None
     if done.returncode != 0:

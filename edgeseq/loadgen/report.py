@@ -51,7 +51,7 @@ def _context(f: Figures) -> list[Target]:
     return [
         ("generator ceiling: null server, same TCP load", ceiling,
          f"context (credible at >= {CREDIBLE:.0f}x)", None),
-        (f"runtime: model.pool({f.streams:,}).step", pool, "context", None),
+        (f"runtime: model.pool({f.streams:,}).step, one thread", pool, "context", None),
     ]  # fmt: skip
 
 
@@ -161,7 +161,7 @@ def _workloads(f: Figures) -> list[str]:
             )
     if f.pool_rate:
         out.append(
-            f"| runtime, own process | model.pool({f.streams:,}).step | "
+            f"| runtime, own process, one thread | model.pool({f.streams:,}).step | "
             f"{f.pool_rate:,.0f} | - | - | - | - |"
         )
     return out
