@@ -247,7 +247,25 @@ def test_an_unknown_stream_starts_only_at_its_beginning_else_it_is_asked_to_rese
     begun = table.apply([Sample("a", 0, x), Sample("b", 7, x, reset=True), Sample("c", None, x)])
     assert all("y" in answer for answer in begun)
     assert "y" in table.apply([Sample("late", 0, x)])[0]
-    assert parse_json(b'{"id": "d", "seq": 5, "x": [1, 2, 3], "start": true}', 3, 999).reset
+    assert parse_json(b'{"id": "d", "seq": 5, "x": [1, 2, 3], "start": true}', 3, 999).start
+
+
+def test_start_begins_a_known_stream_anew_with_its_numbering_and_reset_keeps_the_numbering():
+    """A device that rebooted starts its stream over at seq 0 with "start"."""
+    model = edgeseq.load(MODEL)
+    table = StreamTable(model, capacity=4)
+    table.durable = True
+    xs = np.random.default_rng(5).normal(size=(6, 3)).astype(np.float32)
+    for t in range(4):
+        table.apply([Sample("a", t, xs[t].tolist())])
+    assert table.apply([Sample("a", 0, xs[4].tolist())])[0]["error"]["code"] == "stale"
+    table.made_durable({"seq": {"a": 3}}, dict(table.info))
+    begun = table.apply([Sample("a", 0, xs[4].tolist(), start=True)])[0]
+    fresh = model.stream().feed(xs[4:6])[:, 0]
+    assert begun["y"][0] == pytest.approx(fresh[0], abs=1e-6) and begun["durable"] is None
+    assert table.apply([Sample("a", 1, xs[5].tolist())])[0]["y"][0] == pytest.approx(fresh[1])
+    refused = table.apply([Sample("a", 0, xs[4].tolist(), reset=True)])[0]
+    assert refused["error"]["code"] == "stale"  # reset zeroes the state, not the numbering
 
 
 def test_answers_carry_the_seq_of_the_last_completed_checkpoint_of_this_stream_only():

@@ -7,7 +7,9 @@ Bad: {"id": ..., "seq": ..., "error": {"code": "...", "message": "..."}}
 Everything a client sends is checked here, before it can reach a stream: a message that fails
 any check becomes a `BadMessage` with a stable `code`, and no state is touched. CSV lines
 (`id,seq,x1,...,xn`) parse to the same `Sample`. `"start": true` (Triton's sequence start) says
-the message begins its stream: the state starts from zero, as with `"reset": true`.
+the message begins its stream anew: the state starts from zero and the stream's seq numbering
+starts over at this message's seq (a device that rebooted); `"reset": true` zeroes the state
+within the same numbering.
 
 The common message (id, seq and x, nothing else) takes a fast path of a few type checks; every
 other message goes through the checks that name what is wrong. Nothing a client sends may
@@ -51,6 +53,7 @@ class Sample:
     x: list[float] | None
     reset: bool = False
     end: bool = False
+    start: bool = False  # a new sequence begins: zero state, and seq numbering starts over
 
 
 def _is_int(value: object) -> bool:
@@ -151,14 +154,14 @@ def sample_from_object(message: object, n_features: int) -> Sample:
             seq,
         )
     reset, end = _check_flag(message, "reset", sid, seq), _check_flag(message, "end", sid, seq)
-    reset = _check_flag(message, "start", sid, seq) or reset
+    start = _check_flag(message, "start", sid, seq)
     if "x" not in message:
-        if not (reset or end):
+        if not (reset or end or start):
             raise BadMessage(
                 "missing_x", 'the message has no "x" (and no "reset", "start" or "end")', sid, seq
             )
-        return Sample(sid, seq, None, reset, end)
-    return Sample(sid, seq, _check_x(message["x"], n_features, sid, seq), reset, end)
+        return Sample(sid, seq, None, reset, end, start)
+    return Sample(sid, seq, _check_x(message["x"], n_features, sid, seq), reset, end, start)
 
 
 def parse_json(line: bytes, n_features: int, max_bytes: int) -> Sample:

@@ -92,7 +92,7 @@ class StreamTable:
                 and sample.seq is not None
                 and info.seq is not None
                 and sample.seq == info.seq + 1
-                and not (info.resync or sample.reset or sample.end)
+                and not (info.resync or sample.reset or sample.end or sample.start)
                 and sample.x is not None
                 and len(sample.x) == width
             ):
@@ -175,6 +175,9 @@ class StreamTable:
     def _admit(self, sample: Sample, now: float) -> dict[str, Any] | None:
         """Seq, capacity and reset checks for one sample; an answer if it must not be applied."""
         sid, info = sample.stream_id, self.info.get(sample.stream_id)
+        if sample.start and info is not None:  # a new sequence: the old one's seq are no guide
+            info = self.info[sid] = StreamInfo(seen=now)
+            self.pool.reset(sid)
         if sample.x is not None and len(sample.x) != self.model.n_features:  # after a reload
             return error(
                 "wrong_features",
@@ -210,9 +213,9 @@ class StreamTable:
                     return refused
                 self.counters.gaps += 1
                 self.on_event("gap", "")
-        if info is None and sample.x is None and not sample.reset:
+        if info is None and sample.x is None and not (sample.reset or sample.start):
             return {"id": sid, "seq": sample.seq, "ok": True}  # ending a stream never started
-        if info is None and sample.seq and not sample.reset:
+        if info is None and sample.seq and not (sample.reset or sample.start):
             refused = error(
                 "resend",
                 f"stream {sid!r} is not known here (new, or it began after the last checkpoint "
@@ -233,7 +236,7 @@ class StreamTable:
                 )
             info = self.info[sid] = StreamInfo(seen=now)
         info.seen, info.resync = now, False
-        if sample.reset:
+        if sample.reset or sample.start:
             self.pool.reset(sid)
         if sample.x is None:
             if sid not in self.pool:
