@@ -47,7 +47,7 @@ def test_the_daemon_serves_from_stdin_without_torch():
     proc = subprocess.run(
         [sys.executable, "-c", BLOCK_TORCH + code],
         capture_output=True, text=True, timeout=120,
-        input='{"id": "a", "seq": 1, "x": [0.1, 0.2, 0.3]}\n',
+        input='{"id": "a", "seq": 0, "x": [0.1, 0.2, 0.3]}\n',
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert '"y":' in proc.stdout, proc.stdout
