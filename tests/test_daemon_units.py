@@ -336,14 +336,14 @@ def test_the_fast_path_reads_every_message_as_the_full_checks_do():
             assert got == expected, line
 
 
-def test_the_read_ahead_socket_serves_pahos_small_reads_from_one_large_one():
+def test_the_buffered_socket_serves_pahos_small_reads_from_one_and_sends_its_packets_in_one():
     import socket
 
-    from edgeseq.daemon.transports.paho_asyncio import ReadAhead
+    from edgeseq.daemon.transports.paho_asyncio import BufferedSocket
 
     mine, theirs = socket.socketpair()
     mine.setblocking(False)
-    wrapped = ReadAhead(mine)
+    wrapped = BufferedSocket(mine)
     try:
         theirs.sendall(b"\x30\x05hello" + b"\x30\x02hi")
         assert (wrapped.recv(1), wrapped.recv(1), wrapped.recv(5)) == (b"\x30", b"\x05", b"hello")
@@ -352,6 +352,13 @@ def test_the_read_ahead_socket_serves_pahos_small_reads_from_one_large_one():
         with pytest.raises(BlockingIOError):
             wrapped.recv(1)  # drained: paho sees EAGAIN as from the socket itself
         assert wrapped.fileno() == mine.fileno()
+        assert wrapped.send(b"\x40\x02\x00\x01") == 4 and wrapped.send(b"\xe0\x00") == 2
+        assert wrapped.unsent == 6  # gathered, not yet on the wire
+        assert wrapped.flush() and wrapped.unsent == 0
+        assert theirs.recv(100) == b"\x40\x02\x00\x01\xe0\x00"
+        wrapped.send(b"\xe0\x00")  # a DISCONNECT paho 'sent' just before closing
+        wrapped.close()
+        assert theirs.recv(100) == b"\xe0\x00"
     finally:
         mine.close()
         theirs.close()
@@ -383,7 +390,8 @@ def test_mqtt_answers_past_the_in_flight_limit_wait_and_every_sample_is_acked_af
 
     monkeypatch.setattr(mqtt.client, "publish", publish)
     monkeypatch.setattr(mqtt.client, "ack", lambda mid, qos: acked.append(mid))
-    context = [(f"s{k}", k, 1) for k in range(5)]
+    mqtt._online = True  # as after CONNACK
+    context = [(f"s{k}", k, 1, 0) for k in range(5)]
     lines = b"".join(b'{"id":"s%d","seq":0,"y":[1.0]}\n' % k for k in range(5))
     mqtt.deliver(Parcel(mqtt, [None] * 5, context=context), lines)  # type: ignore[list-item]
     assert [topic for topic, _, _ in published] == [
@@ -397,3 +405,75 @@ def test_mqtt_answers_past_the_in_flight_limit_wait_and_every_sample_is_acked_af
     for mid in (1002, 1003, 1004, 1005):
         mqtt._on_publish(mqtt.client, None, mid, None, None)
     assert acked == [0, 1, 2, 3, 4] and published[-1][1] == b'{"id":"s4","seq":0,"y":[1.0]}'
+
+
+def test_mqtt_answers_to_qos_0_samples_count_in_flight_and_old_connections_samples_are_not_acked(
+    monkeypatch,
+):
+    from edgeseq.daemon.config import DaemonConfig
+    from edgeseq.daemon.transports import mqtt as transport
+
+    monkeypatch.setattr(transport, "UNACKED_MAX", 2)
+
+    class Batcher:
+        config = DaemonConfig(model="m")
+
+    mqtt = transport.MqttTransport(Batcher(), "127.0.0.1", 1883, {})  # type: ignore[arg-type]
+    published: list[bytes] = []
+    acked: list[int] = []
+
+    class Info:
+        def __init__(self, mid: int) -> None:
+            self.rc, self.mid = 0, mid
+
+    def publish(topic: str, body: bytes, qos: int) -> Info:
+        published.append(body)
+        return Info(len(published))
+
+    monkeypatch.setattr(mqtt.client, "publish", publish)
+    monkeypatch.setattr(mqtt.client, "ack", lambda mid, qos: acked.append(mid))
+    lines = b"".join(b'{"id":"s","seq":%d,"y":[1.0]}\n' % k for k in range(4))
+    mqtt.deliver(Parcel(mqtt, [None] * 4, context=[("s", 0, 0, 0)] * 4), lines)  # type: ignore[list-item]
+    assert published == []  # not connected yet: the answers wait
+    mqtt._online = True
+    mqtt._publish_held()
+    assert len(published) == 2  # QoS 0 samples' answers are in flight too (16-bit ids)
+    mqtt._on_publish(mqtt.client, None, 1, None, None)
+    mqtt._on_publish(mqtt.client, None, 2, None, None)
+    assert len(published) == 4 and acked == []
+    mqtt._connection = 1  # the connection dropped and came back: mid 7 was the old one's
+    mqtt.deliver(Parcel(mqtt, [None], context=[("s", 7, 1, 0)]), b'{"id":"s","seq":9}\n')  # type: ignore[list-item]
+    mqtt._on_publish(mqtt.client, None, 5, None, None)
+    assert acked == []  # the broker redelivers it on this connection, with its own ack
+
+
+def test_an_mqtt_payload_whose_id_or_seq_is_nested_deep_is_refused_not_raised():
+    from edgeseq.daemon.config import DaemonConfig
+    from edgeseq.daemon.transports import mqtt as transport
+
+    class Table:
+        class model:
+            n_features = 3
+
+    class Batcher:
+        config = DaemonConfig(model="m")
+        table = Table()
+
+    mqtt = transport.MqttTransport(Batcher(), "127.0.0.1", 1883, {})  # type: ignore[arg-type]
+    deep = b"[" * 1000 + b"]" * 1000
+    for payload in (b'{"id":' + deep + b',"seq":1,"x":[1,2,3]}', b'{"id":"x","seq":' + deep + b"}"):
+        with pytest.raises(BadMessage) as caught:
+            mqtt._parse("dev", payload)
+        assert caught.value.code == "id_mismatch" and caught.value.seq in (1, None)
+        assert len(caught.value.message) < 200  # the raw value is never echoed
+
+
+def test_an_answer_that_cannot_be_encoded_spoils_only_its_own_line():
+    from edgeseq.daemon.batcher import _encoded
+
+    deep: object = 1
+    for _ in range(1000):
+        deep = [deep]
+    lines = _encoded([{"id": "a", "seq": 1, "y": [1.0]}, {"id": "b", "seq": deep}, {"id": "c"}])
+    first, second, third = (json.loads(line) for line in lines.splitlines())
+    assert first["id"] == "a" and second["error"]["code"] == "internal" and third["id"] == "c"

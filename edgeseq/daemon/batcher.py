@@ -239,9 +239,16 @@ def _encoded(answers: list[dict[str, Any]]) -> bytes:
     """A parcel's answer lines; a defect while encoding still leaves one line per message."""
     try:
         return encode_many(answers)
+    except Exception:  # one answer at a time: only the one that fails is replaced
+        return b"".join(map(_encoded_one, answers))
+
+
+def _encoded_one(answer: dict[str, Any]) -> bytes:
+    try:
+        return encode(answer)
     except Exception as exc:
         detail = f"the answer could not be encoded: {type(exc).__name__}"
-        return encode(error("internal", detail, None, None)) * len(answers)
+        return encode(error("internal", detail, None, None))
 
 
 def _rounds(batch: Sequence[Parcel]) -> list[list[tuple[int, int, Entry]]]:

@@ -68,7 +68,6 @@ def settle_garbage_collector() -> None:
 class Daemon:
     def __init__(self, config: DaemonConfig) -> None:
         self.config = config
-        one_kernel_thread()  # before the model is loaded: engines read the count then
         self.metrics = Metrics()
         self.notifier = Notifier()
         self.compiled = 0  # kernels the last _load compiled rather than loaded: see serve()
@@ -86,6 +85,7 @@ class Daemon:
         self.batcher: Batcher | None = None
 
     def _load(self) -> Model:
+        one_kernel_thread()  # per thread in Numba: a reload runs in a worker thread
         start = time.perf_counter()
         with count_compiles() as compiled:
             model = load(self.config.model, self.config.backend)
@@ -282,6 +282,9 @@ class Daemon:
                 pass
             except Exception as exc:  # a failed task must not cost the final checkpoint
                 log.error("task failed", extra={"detail": f"{type(exc).__name__}: {exc}"})
+        for transport in self.transports:  # what was read is answered; nothing more is read
+            if hasattr(transport, "stop_reading"):
+                transport.stop_reading()
         batcher.drain_all()
         if self.checkpointer is not None:
             try:

@@ -25,8 +25,8 @@ from typing import Any
 import paho.mqtt.client as mqtt
 
 from edgeseq.daemon.batcher import Batcher, Entry, Parcel, refusal
-from edgeseq.daemon.protocol import BadMessage, decode_fast, encode, read_message
-from edgeseq.daemon.transports.paho_asyncio import PahoOnLoop, ReadAheadClient
+from edgeseq.daemon.protocol import BadMessage, _brief, decode_fast, encode, read_message
+from edgeseq.daemon.transports.paho_asyncio import BufferedClient, PahoOnLoop
 
 log = logging.getLogger("edgeseq.daemon")
 SUBSCRIBE_WAIT = 10.0  # seconds start() waits for the broker before going on without it
@@ -45,7 +45,7 @@ class MqttTransport:
         self._prefix, self._suffix = config.mqtt_in.split("+")
         self._status = status
         self._loop: asyncio.AbstractEventLoop | None = None
-        self.client = ReadAheadClient(
+        self.client = BufferedClient(
             mqtt.CallbackAPIVersion.VERSION2,
             client_id=config.mqtt_client_id,
             clean_session=False,
@@ -60,14 +60,19 @@ class MqttTransport:
         self.client.on_disconnect = self._on_disconnect
         self.client.on_message = self._on_message
         self.client.on_subscribe = self._on_subscribe
-        self.client.on_publish = self._on_publish
+        if config.mqtt_qos > 0:  # at QoS 0 nothing waits for a publish (and paho builds a
+            self.client.on_publish = self._on_publish  # reason code per call for the callback)
         self._subscribed = asyncio.Event()
         self._paho: PahoOnLoop | None = None
         # answer's mid -> (sample's mid, qos): the sample is acknowledged once the broker has
         # its answer, so after a crash at any point either the answer was delivered or the
         # sample is redelivered. paho only writes on the loop, after deliver() recorded the mid.
-        self._pending_acks: dict[int, tuple[int, int]] = {}
-        self._held: deque[tuple[str, bytes, int, int]] = deque()  # past UNACKED_MAX
+        self._pending_acks: dict[int, tuple[int, int] | None] = {}
+        # answers waiting for a slot in flight (UNACKED_MAX) or for the connection:
+        # (topic, body, sample's mid, its qos, the connection it came on)
+        self._held: deque[tuple[str, bytes, int, int, int]] = deque()
+        self._online = False  # CONNACK received; cleared when the connection drops
+        self._connection = 0  # which connection this is (a sample's mid is only its own)
         self._inbox: list[tuple[str, bytes | bytearray, int, int]] = []  # topic, payload, mid, qos
         self._out, self._qos = config.mqtt_out, config.mqtt_qos
 
@@ -90,6 +95,11 @@ class MqttTransport:
         except TimeoutError:
             log.warning("mqtt broker not reachable yet; retrying in the background",
                         extra={"broker": broker})  # fmt: skip
+
+    def stop_reading(self) -> None:
+        """On the way out: no more samples (what was read is still answered)."""
+        if self._paho is not None:
+            self._paho.pause_reading("stopping")
 
     async def stop(self) -> None:
         info = self.client.publish(self.config.mqtt_status, self._status_payload("offline"), 1,
@@ -115,8 +125,10 @@ class MqttTransport:
         if reason.is_failure:
             log.error("mqtt connection refused", extra={"reason": str(reason)})
             return
+        self._online = True
         client.subscribe(self.config.mqtt_in, qos=self.config.mqtt_qos)
         client.publish(self.config.mqtt_status, self._status_payload("online"), 1, retain=True)
+        self._publish_held()  # answers that waited for the connection
         log.info("mqtt connected", extra={"broker": f"{self.host}:{self.port}",
                                           "topic": self.config.mqtt_in})  # fmt: skip
 
@@ -126,8 +138,9 @@ class MqttTransport:
         log.log(level, "mqtt disconnected", extra={"reason": str(reason)})
         # Samples whose answers were not acknowledged come again (persistent session): they
         # are answered as duplicates then, and acknowledged.
+        self._online = False
+        self._connection += 1  # message ids of the old connection must not be acked on the next
         self._pending_acks.clear()
-        self._held.clear()
         if self._paho is not None:
             self._paho.lost()
 
@@ -148,17 +161,19 @@ class MqttTransport:
                     properties: Any) -> None:  # fmt: skip
         if self._paho is not None:
             self._paho.packets += 1
-        sample = self._pending_acks.pop(mid, None)
+        if mid not in self._pending_acks:
+            return
+        sample = self._pending_acks.pop(mid)
         if sample is not None:
             client.ack(*sample)
-            if self._held:
-                self._publish_held()
+        if self._held:
+            self._publish_held()
 
     def _arrive(self) -> None:
         """Every message that has come since the last read, as one parcel."""
         inbox, self._inbox = self._inbox, []
         entries: list[Entry] = []
-        context: list[tuple[str, int, int]] = []
+        context: list[tuple[str, int, int, int]] = []
         for topic, payload, mid, qos in inbox:
             if not self._served(topic):
                 # The persistent session may hold a subscription of an earlier configuration.
@@ -171,7 +186,10 @@ class MqttTransport:
                 entries.append(self._parse(topic_id, payload))
             except BadMessage as bad:
                 entries.append(refusal(bad))
-            context.append((topic_id, mid, qos))
+            except Exception as exc:  # a defect: this message is refused, the rest carry on
+                detail = f"the message could not be read: {type(exc).__name__}"
+                entries.append(refusal(BadMessage("internal", detail, topic_id)))
+            context.append((topic_id, mid, qos, self._connection))
         self.batcher.put(Parcel(self, entries, context=context))
         if self.batcher.full and self._paho is not None:
             self._paho.pause_reading("queue")
@@ -204,11 +222,13 @@ class MqttTransport:
         if isinstance(message, dict):
             message.setdefault("id", topic_id)
             if message["id"] != topic_id:
+                seq = message.get("seq")
                 raise BadMessage(
                     "id_mismatch",
-                    f"the payload's id {message['id']!r} differs from the topic's {topic_id!r}",
+                    f"the payload's id {_brief(message['id'])} differs from the topic's "
+                    f"{_brief(topic_id)}",
                     topic_id,
-                    message.get("seq"),
+                    seq if type(seq) is int and seq >= 0 else None,  # never a client's raw value
                 )
         return read_message(message, self.batcher.table.model.n_features, checked_text)
 
@@ -218,27 +238,31 @@ class MqttTransport:
         was delivered or the sample is redelivered."""
         out, held = self._out, self._held
         answers = lines.split(b"\n")[:-1]
-        for (topic_id, mid, qos), body in zip(parcel.context, answers, strict=True):
+        for (topic_id, mid, qos, connection), body in zip(parcel.context, answers, strict=True):
             if body.startswith(b'{"id":null'):  # refused before its id was read: the topic's
                 body = b'{"id":' + encode(topic_id)[:-1] + body[10:]
-            held.append((out.replace("{id}", topic_id), body, mid, qos))
+            held.append((out.replace("{id}", topic_id), body, mid, qos, connection))
         self._publish_held()
 
     def _publish_held(self) -> None:
-        publish, ack, qos_out, pending, held = (
+        """Publish held answers while connected and fewer than UNACKED_MAX are in flight. Every
+        answer published at QoS 1 counts (its sample's ack, if any, waits for its PUBACK)."""
+        publish, pending, held, qos_out = (
             self.client.publish,
-            self.client.ack,
-            self._qos,
             self._pending_acks,
             self._held,
+            self._qos,
         )
-        while held and len(pending) < UNACKED_MAX:
-            topic, body, mid, qos = held.popleft()
+        while held and self._online and len(pending) < UNACKED_MAX:
+            topic, body, mid, qos, connection = held[0]
             info = publish(topic, body, qos=qos_out)
-            if qos == 0:
-                continue
-            if info.rc == mqtt.MQTT_ERR_SUCCESS:
-                pending[info.mid] = (mid, qos)  # acked in _on_publish
-            elif info.rc != mqtt.MQTT_ERR_NO_CONN:  # refused by paho: the client's retry
-                ack(mid, qos)
-            # No connection: not acknowledged, so the broker delivers the sample again.
+            if info.rc == mqtt.MQTT_ERR_QUEUE_SIZE:
+                return  # paho is full: this answer goes out after the next acknowledgement
+            held.popleft()
+            if info.rc != mqtt.MQTT_ERR_SUCCESS:
+                continue  # no connection: a QoS 1 sample is not acked, so it comes again
+            ack = (mid, qos) if qos > 0 and connection == self._connection else None
+            if qos_out > 0:
+                pending[info.mid] = ack  # acked, if at all, in _on_publish
+            elif ack is not None:
+                self.client.ack(*ack)  # a QoS 0 answer is as far as it goes once written

@@ -30,28 +30,38 @@ RETRY_FIRST, RETRY_MAX = 1.0, 30.0  # seconds between reconnection attempts
 
 
 READ_AHEAD = 1 << 18  # bytes one recv may bring for paho to take its packets from
+WRITE_BEHIND = 1 << 22  # bytes of paho's packets gathered before paho is told to wait (EAGAIN)
 
 
-class ReadAheadClient(mqtt.Client):
-    """paho's client on a read-ahead socket: paho reads each packet with three recv calls (one
-    byte of type, the length byte by byte, the rest), a system call each, 16% of the daemon's
-    time at QoS 0; here one recv brings whatever has arrived and paho's reads take from it.
-    `_create_socket` is paho's own (private) factory of the connected socket, in the version
-    pinned in constraints.txt."""
+class BufferedClient(mqtt.Client):
+    """paho's client on a buffered socket (BufferedSocket). `_create_socket` is paho's own
+    (private) factory of the connected socket, in the version pinned in constraints.txt."""
 
     def _create_socket(self) -> Any:
-        return ReadAhead(super()._create_socket())
+        return BufferedSocket(super()._create_socket())
 
 
-class ReadAhead:
-    """A socket whose recv() serves from what one larger recv() brought (`buffered`)."""
+class BufferedSocket:
+    """A socket that reads ahead and writes behind, for paho's packet-at-a-time I/O.
+
+    paho reads each packet with three recv calls (one byte of type, the length byte by byte,
+    the rest) and sends each packet with a call of its own: a system call each, and without
+    Nagle each send pushed a segment through the whole TCP stack (together 40% of the daemon's
+    time at QoS 0). Here one recv brings whatever has arrived and paho's reads take from it
+    (`buffered` says what is left), and paho's sends gather until `flush()`, which the event
+    loop calls once paho has written everything it queued."""
 
     def __init__(self, sock: Any) -> None:
         self._sock, self._data, self._at = sock, b"", 0
+        self._out = bytearray()
 
     @property
     def buffered(self) -> int:
         return len(self._data) - self._at
+
+    @property
+    def unsent(self) -> int:
+        return len(self._out)
 
     def recv(self, size: int) -> bytes:
         if self._at >= len(self._data):
@@ -60,10 +70,34 @@ class ReadAhead:
         self._at += len(chunk)
         return chunk
 
+    def send(self, data: bytes | bytearray | memoryview) -> int:
+        if len(self._out) >= WRITE_BEHIND and not self.flush():
+            raise BlockingIOError  # paho keeps the packet queued and tries again later
+        self._out += data
+        return len(data)
+
+    def flush(self) -> bool:
+        """Send what was gathered, as far as the socket takes it; True when all is sent. A
+        broken connection drops it (the reader sees the connection end and paho reconnects)."""
+        while self._out:
+            try:
+                sent = self._sock.send(self._out)
+            except BlockingIOError:
+                return False
+            except OSError:
+                self._out.clear()
+                return True
+            del self._out[:sent]
+        return True
+
+    def close(self) -> None:
+        self.flush()  # a DISCONNECT paho "sent" just before closing must leave
+        self._sock.close()
+
     def fileno(self) -> int:
         return int(self._sock.fileno())
 
-    def __getattr__(self, name: str) -> Any:  # send, setblocking, close, setsockopt...
+    def __getattr__(self, name: str) -> Any:  # setblocking, setsockopt, ...
         return getattr(self._sock, name)
 
 
@@ -76,6 +110,7 @@ class PahoOnLoop:
         self._misc: asyncio.Task[None] | None = None
         self._retry: asyncio.Task[None] | None = None
         self._closing = False
+        self._paho_wants_write = False  # paho has packets queued (its register callbacks)
         self._paused: set[str] = set()  # why reading stopped; it goes on when this is empty
         self.packets = 0  # PUBLISH and PUBACK packets read: the transport's callbacks count
         client.on_socket_open = self._opened
@@ -87,8 +122,10 @@ class PahoOnLoop:
         """Start connecting in the background (retrying until it succeeds)."""
         self._retry = self.loop.create_task(self._connect_until_done(), name="mqtt-connect")
 
-    async def _connect_until_done(self) -> None:
+    async def _connect_until_done(self, wait_first: bool = False) -> None:
         delay = RETRY_FIRST
+        if wait_first:  # a refused CONNACK or a session taken over: no reconnect storm
+            await asyncio.sleep(delay)
         while not self._closing:
             try:
                 await self.loop.run_in_executor(None, self.client.reconnect)
@@ -104,7 +141,9 @@ class PahoOnLoop:
     def lost(self) -> None:
         """The connection dropped (paho's on_disconnect): connect again unless closing."""
         if not self._closing and (self._retry is None or self._retry.done()):
-            self._retry = self.loop.create_task(self._connect_until_done(), name="mqtt-connect")
+            self._retry = self.loop.create_task(
+                self._connect_until_done(wait_first=True), name="mqtt-connect"
+            )
 
     @property
     def closing(self) -> bool:
@@ -172,10 +211,21 @@ class PahoOnLoop:
             self._sock = None
 
     def _want_write(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
-        self._on_loop(self.loop.add_writer, sock, self._writable)
+        self._on_loop(self._paho_writes, sock, True)
 
     def _wrote(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
-        self._on_loop(self.loop.remove_writer, sock)
+        self._on_loop(self._paho_writes, sock, False)
+
+    def _paho_writes(self, sock: Any, wants: bool) -> None:
+        self._paho_wants_write = wants
+        self._watch_writes(sock)
+
+    def _watch_writes(self, sock: Any) -> None:
+        """Wait for the socket to take more while paho has packets queued or some are unsent."""
+        if self._paho_wants_write or getattr(sock, "unsent", 0) > 0:
+            self.loop.add_writer(sock, self._writable)
+        else:
+            self.loop.remove_writer(sock)
 
     # -- I/O ----------------------------------------------------------------------------------
 
@@ -195,30 +245,18 @@ class PahoOnLoop:
             self.loop.call_soon(self._readable)
 
     def _writable(self) -> None:
-        """Write what paho queued, corked: paho sends each packet with a call of its own, and
-        on a socket without Nagle each call pushed a segment through the whole TCP stack
-        (28% of the daemon's time at QoS 0); corked they leave as full segments at the end."""
+        """paho writes what it queued (into the socket's buffer), then it leaves in one send."""
         sock = self._sock
-        corked = sock is not None and _cork(sock, 1)
-        try:
-            self.client.loop_write()
-        finally:
-            if corked and sock is self._sock:
-                _cork(sock, 0)
+        self.client.loop_write()
+        if sock is not None and sock is self._sock:
+            flush = getattr(sock, "flush", None)
+            if flush is not None and not flush() and sock.unsent >= WRITE_BEHIND:
+                self.pause_reading("writes")  # the broker does not take our answers: wait
+            else:
+                self.resume_reading("writes")
+            self._watch_writes(sock)
 
     async def _housekeeping(self) -> None:
         while self._sock is not None:
             self.client.loop_misc()
             await asyncio.sleep(MISC_EVERY)
-
-
-def _cork(sock: Any, on: int) -> bool:
-    """TCP_CORK (Linux) on or off; False where there is none."""
-    cork = getattr(socket, "TCP_CORK", None)
-    if cork is None:
-        return False
-    try:
-        sock.setsockopt(socket.IPPROTO_TCP, cork, on)
-    except OSError:
-        return False
-    return True

@@ -43,6 +43,11 @@ class TcpTransport:
             self.server.close()
             await self.server.wait_closed()
 
+    def stop_reading(self) -> None:
+        """On the way out: no more lines from any client (what was read is still answered)."""
+        for connection in list(self.connections):
+            connection.stop_reading()
+
     def close_connections(self) -> None:
         for connection in list(self.connections):
             connection.close()
@@ -58,6 +63,7 @@ class Connection(asyncio.Protocol):
         self.owed = 0  # lines queued and not yet answered
         self.ended = False  # the client half-closed: close once every line is answered
         self._writing_paused = self._reading_paused = False
+        self._stopped = False  # the daemon is stopping: never read again
         self.peer: Any = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -116,7 +122,13 @@ class Connection(asyncio.Protocol):
             self._reading_paused = True
             self.transport.pause_reading()
 
+    def stop_reading(self) -> None:
+        self._stopped = True
+        self._pause()
+
     def _resume(self) -> None:
+        if self._stopped:
+            return
         if self._writing_paused or self.batcher.full:
             if self.batcher.full:
                 self.batcher.when_room(self._resume)
