@@ -118,6 +118,19 @@ class DaemonProcess:
                 self.proc.stderr.close()
 
 
+def release(d: DaemonProcess) -> None:
+    """Kill the daemon if it still runs and close the harness's pipes (an unclosed pipe is a
+    ResourceWarning, an error under this pytest setup)."""
+    if d.proc.poll() is None:
+        d.kill9()
+    d.close()
+
+
+def assert_no_traceback(d: DaemonProcess) -> None:
+    text = "\n".join(d.raw_stderr)
+    assert "Traceback" not in text, text[-3000:]
+
+
 class LineClient:
     """A blocking JSON-lines TCP client."""
 

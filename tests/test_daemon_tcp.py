@@ -36,7 +36,9 @@ from tests.daemon_harness import (
     ROOT,
     DaemonProcess,
     LineClient,
+    assert_no_traceback,
     offline_predictions,
+    release,
 )
 
 pytestmark = pytest.mark.timeout(120)
@@ -65,19 +67,6 @@ def daemon(*args: str, tcp: bool = True, **kwargs: Any) -> Iterator[DaemonProces
         assert_no_traceback(d)
     finally:
         release(d)
-
-
-def release(d: DaemonProcess) -> None:
-    """Kill the daemon if it still runs and close the harness's pipes (an unclosed pipe is a
-    ResourceWarning, an error under this pytest setup)."""
-    if d.proc.poll() is None:
-        d.kill9()
-    d.close()
-
-
-def assert_no_traceback(d: DaemonProcess) -> None:
-    text = "\n".join(d.raw_stderr)
-    assert "Traceback" not in text, text[-3000:]
 
 
 def sample(sid: str, seq: int | None, x: Sequence[float], **extra: Any) -> bytes:

@@ -364,87 +364,73 @@ def test_the_buffered_socket_serves_pahos_small_reads_from_one_and_sends_its_pac
         theirs.close()
 
 
+class _FakeBroker:
+    """An MqttTransport whose paho client publishes into lists: mids from 1001, rc success."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, unacked_max: int) -> None:
+        from edgeseq.daemon.config import DaemonConfig
+        from edgeseq.daemon.transports import mqtt as transport
+
+        monkeypatch.setattr(transport, "UNACKED_MAX", unacked_max)
+
+        class Batcher:
+            config = DaemonConfig(model="m")
+
+        self.mqtt = transport.MqttTransport(Batcher(), "127.0.0.1", 1883, {})  # type: ignore[arg-type]
+        self.published: list[tuple[str, bytes]] = []
+        self.acked: list[int] = []
+        monkeypatch.setattr(self.mqtt.client, "publish", self._publish)
+        monkeypatch.setattr(self.mqtt.client, "ack", lambda mid, qos: self.acked.append(mid))
+
+    def _publish(self, topic: str, body: bytes, qos: int) -> object:
+        self.published.append((topic, body))
+        return type("Info", (), {"rc": 0, "mid": 1000 + len(self.published)})()
+
+    def broker_acknowledges(self, *mids: int) -> None:
+        for mid in mids:
+            self.mqtt._on_publish(self.mqtt.client, None, mid, None, None)
+
+
 def test_mqtt_answers_past_the_in_flight_limit_wait_and_every_sample_is_acked_after_its_answer(
     monkeypatch,
 ):
     """MQTT's 16-bit message ids: past 65,535 answers in flight paho's would collide."""
-    from edgeseq.daemon.config import DaemonConfig
-    from edgeseq.daemon.transports import mqtt as transport
-
-    monkeypatch.setattr(transport, "UNACKED_MAX", 3)
-
-    class Batcher:
-        config = DaemonConfig(model="m")
-
-    mqtt = transport.MqttTransport(Batcher(), "127.0.0.1", 1883, {})  # type: ignore[arg-type]
-    published: list[tuple[str, bytes, int]] = []
-    acked: list[int] = []
-
-    class Info:
-        def __init__(self, mid: int) -> None:
-            self.rc, self.mid = 0, mid
-
-    def publish(topic: str, body: bytes, qos: int) -> Info:
-        published.append((topic, body, qos))
-        return Info(1000 + len(published))
-
-    monkeypatch.setattr(mqtt.client, "publish", publish)
-    monkeypatch.setattr(mqtt.client, "ack", lambda mid, qos: acked.append(mid))
+    broker = _FakeBroker(monkeypatch, unacked_max=3)
+    mqtt = broker.mqtt
     mqtt._online = True  # as after CONNACK
     context = [(f"s{k}", k, 1, 0) for k in range(5)]
     lines = b"".join(b'{"id":"s%d","seq":0,"y":[1.0]}\n' % k for k in range(5))
     mqtt.deliver(Parcel(mqtt, [None] * 5, context=context), lines)  # type: ignore[list-item]
-    assert [topic for topic, _, _ in published] == [
+    assert [topic for topic, _ in broker.published] == [
         "edgeseq/s0/out",
         "edgeseq/s1/out",
         "edgeseq/s2/out",
     ]
-    assert acked == []  # no sample before the broker has its answer
-    mqtt._on_publish(mqtt.client, None, 1001, None, None)  # the broker acknowledges s0's answer
-    assert acked == [0] and len(published) == 4  # s3's answer goes out in its place
-    for mid in (1002, 1003, 1004, 1005):
-        mqtt._on_publish(mqtt.client, None, mid, None, None)
-    assert acked == [0, 1, 2, 3, 4] and published[-1][1] == b'{"id":"s4","seq":0,"y":[1.0]}'
+    assert broker.acked == []  # no sample before the broker has its answer
+    broker.broker_acknowledges(1001)  # s0's answer
+    assert broker.acked == [0] and len(broker.published) == 4  # s3's answer goes out in its place
+    broker.broker_acknowledges(1002, 1003, 1004, 1005)
+    assert broker.acked == [0, 1, 2, 3, 4]
+    assert broker.published[-1][1] == b'{"id":"s4","seq":0,"y":[1.0]}'
 
 
 def test_mqtt_answers_to_qos_0_samples_count_in_flight_and_old_connections_samples_are_not_acked(
     monkeypatch,
 ):
-    from edgeseq.daemon.config import DaemonConfig
-    from edgeseq.daemon.transports import mqtt as transport
-
-    monkeypatch.setattr(transport, "UNACKED_MAX", 2)
-
-    class Batcher:
-        config = DaemonConfig(model="m")
-
-    mqtt = transport.MqttTransport(Batcher(), "127.0.0.1", 1883, {})  # type: ignore[arg-type]
-    published: list[bytes] = []
-    acked: list[int] = []
-
-    class Info:
-        def __init__(self, mid: int) -> None:
-            self.rc, self.mid = 0, mid
-
-    def publish(topic: str, body: bytes, qos: int) -> Info:
-        published.append(body)
-        return Info(len(published))
-
-    monkeypatch.setattr(mqtt.client, "publish", publish)
-    monkeypatch.setattr(mqtt.client, "ack", lambda mid, qos: acked.append(mid))
+    broker = _FakeBroker(monkeypatch, unacked_max=2)
+    mqtt = broker.mqtt
     lines = b"".join(b'{"id":"s","seq":%d,"y":[1.0]}\n' % k for k in range(4))
     mqtt.deliver(Parcel(mqtt, [None] * 4, context=[("s", 0, 0, 0)] * 4), lines)  # type: ignore[list-item]
-    assert published == []  # not connected yet: the answers wait
+    assert broker.published == []  # not connected yet: the answers wait
     mqtt._online = True
     mqtt._publish_held()
-    assert len(published) == 2  # QoS 0 samples' answers are in flight too (16-bit ids)
-    mqtt._on_publish(mqtt.client, None, 1, None, None)
-    mqtt._on_publish(mqtt.client, None, 2, None, None)
-    assert len(published) == 4 and acked == []
+    assert len(broker.published) == 2  # QoS 0 samples' answers are in flight too (16-bit ids)
+    broker.broker_acknowledges(1001, 1002)
+    assert len(broker.published) == 4 and broker.acked == []
     mqtt._connection = 1  # the connection dropped and came back: mid 7 was the old one's
     mqtt.deliver(Parcel(mqtt, [None], context=[("s", 7, 1, 0)]), b'{"id":"s","seq":9}\n')  # type: ignore[list-item]
-    mqtt._on_publish(mqtt.client, None, 5, None, None)
-    assert acked == []  # the broker redelivers it on this connection, with its own ack
+    broker.broker_acknowledges(1005)
+    assert broker.acked == []  # the broker redelivers it on this connection, with its own ack
 
 
 def test_an_mqtt_payload_whose_id_or_seq_is_nested_deep_is_refused_not_raised():

@@ -24,7 +24,13 @@ from typing import Any, BinaryIO
 import numpy as np
 import pytest
 
-from tests.daemon_harness import DEFAULT_MODEL, DaemonProcess, LineClient
+from tests.daemon_harness import (
+    DEFAULT_MODEL,
+    DaemonProcess,
+    LineClient,
+    assert_no_traceback,
+    release,
+)
 from tests.wire_fuzz import TOL, Fuzzer, Ledger, converse, offline, stdin_ledger
 
 pytestmark = pytest.mark.timeout(300)
@@ -50,14 +56,7 @@ def serving(*args: str) -> Iterator[DaemonProcess]:
         assert code == 0, "\n".join(d.raw_stderr[-20:])
         assert_no_traceback(d)
     finally:
-        if d.proc.poll() is None:
-            d.kill9()
-        d.close()
-
-
-def assert_no_traceback(d: DaemonProcess) -> None:
-    text = "\n".join(d.raw_stderr)
-    assert "Traceback" not in text, text[-3000:]
+        release(d)
 
 
 def fuzz_connections(port: int, seed: int, lines: int, timeout: float) -> list[Ledger]:
