@@ -94,6 +94,9 @@ def test_the_line_splitter_reports_an_overlong_line_once_and_keeps_the_next():
     assert split.push(b"zz\nnext\n  \nlast") == [b"next"]  # a blank line gets no answer
     assert split.finish() == [b"last"]
     assert split.push(b"ok\n" + b"w" * 11 + b"\nend\n") == [b"ok", TOO_LONG, b"end"]
+    crlf = b"c" * 10 + b"\r"  # at the limit: its CR belongs to the line ending
+    assert split.push(crlf + b"\n" + b"c" * 11 + b"\r\n") == [crlf, TOO_LONG]
+    assert split.push(b"d" * 10) == [] and split.push(b"\r\n") == [b"d" * 10 + b"\r"]
 
 
 def test_durations_take_units_and_refuse_nonsense():

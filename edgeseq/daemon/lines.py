@@ -24,11 +24,11 @@ class LineSplitter:
             lines.pop(0)
         limit = self.limit
         if lines and max(map(len, lines)) > limit:
-            kept: list[bytes | None] = [TOO_LONG if len(line) > limit else line for line in lines]
+            kept: list[bytes | None] = [TOO_LONG if _over(line, limit) else line for line in lines]
             kept = [line for line in kept if line is TOO_LONG or line.strip()]
         else:
             kept = [line for line in lines if line.strip()]
-        if len(self._buf) > limit:
+        if len(self._buf) > limit + 1:  # + the CR of a CRLF ending still to come
             if not self._skipping:
                 kept.append(TOO_LONG)
             self._skipping, self._buf = True, b""
@@ -38,3 +38,9 @@ class LineSplitter:
         """The last line, if the input ended without a newline."""
         rest, self._buf = self._buf, b""
         return [rest] if rest.strip() and not self._skipping else []
+
+
+def _over(line: bytes, limit: int) -> bool:
+    """Longer than `limit` without its line ending (a CRLF's CR is the ending's, as the
+    parsers strip it)."""
+    return len(line) - line.endswith(b"\r") > limit
