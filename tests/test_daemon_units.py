@@ -367,6 +367,42 @@ def test_the_buffered_socket_serves_pahos_small_reads_from_one_and_sends_its_pac
         theirs.close()
 
 
+def test_the_lean_puback_handler_acts_as_pahos_own_and_leaves_mqtt_5_and_bad_packets_to_it():
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.exception import MalformedPacket
+
+    from edgeseq.daemon.transports.paho_asyncio import BufferedClient
+
+    def client_with_one_answer_in_flight(
+        kind: type[mqtt.Client], protocol: int = mqtt.MQTTv311
+    ) -> tuple[mqtt.Client, list[tuple[int, str]]]:
+        client = kind(mqtt.CallbackAPIVersion.VERSION2, protocol=protocol)
+        calls: list[tuple[int, str]] = []
+        client.on_publish = lambda c, u, mid, reason, props: calls.append((mid, str(reason)))
+        info = client.publish("edgeseq/s/out", b"{}", qos=1)  # not connected: kept in flight
+        assert info.mid == 1 and list(client._out_messages) == [1]
+        return client, calls
+
+    for kind in (mqtt.Client, BufferedClient):  # paho's own handler, then ours: the same
+        client, calls = client_with_one_answer_in_flight(kind)
+        client._in_packet["packet"] = b"\x00\x07"  # a PUBACK for an id not in flight
+        assert client._handle_pubackcomp("PUBACK") == mqtt.MQTT_ERR_SUCCESS and calls == []
+        client._in_packet["packet"] = b"\x00\x01"
+        assert client._handle_pubackcomp("PUBACK") == mqtt.MQTT_ERR_SUCCESS
+        assert calls == [(1, "Success")] and client._out_messages == {}
+        assert client._handle_pubackcomp("PUBACK") == mqtt.MQTT_ERR_SUCCESS  # again: no call
+        assert calls == [(1, "Success")], kind
+        client._in_packet["packet"] = b"\x00\x01\x00"  # 3 bytes: malformed under 3.1.1
+        with pytest.raises(MalformedPacket):  # which paho's reader turns into a disconnect
+            client._handle_pubackcomp("PUBACK")
+    client, calls = client_with_one_answer_in_flight(BufferedClient, mqtt.MQTTv5)
+    client._in_packet["packet"] = b"\x00\x01\x10"  # MQTT 5 reason "no matching subscribers"
+    assert client._handle_pubackcomp("PUBACK") == mqtt.MQTT_ERR_SUCCESS
+    assert calls == [(1, "No matching subscribers")]  # decoded by paho, reason and all
+    with pytest.raises(NotImplementedError):
+        client.message_callback_add("edgeseq/+/in", lambda *a: None)
+
+
 class _FakeBroker:
     """An MqttTransport whose paho client publishes into lists: mids from 1001, rc success."""
 
