@@ -4,7 +4,8 @@ measured in one run on one machine (absolute figures on a shared machine are noi
 What it measures for a model: `stream.step` latency (median, p99) for each backend and for
 PyTorch eager when torch is installed; a C step built the fast way (benchmarks/step.c, the same
 program as the kernels, with the same fast-math licence); these and `feed` are measured in
-alternating rounds, best round each (see _interleaved); `feed` over a 10,000-step block; pool
+alternating rounds, best round each (see _interleaved); `step` with the sample in each layout a
+caller may hold (a row of a frame, float64, a list...); `feed` over a 10,000-step block; pool
 throughput for 1, 64 and 1,024 streams against ONNX Runtime on a batch of the same size; process
 start to first prediction with a cold and a warm Numba cache; resident memory.
 """
@@ -339,12 +340,55 @@ def _alternate_rounds(path: Path, model: Model, calls: int, rounds: int) -> dict
     return {"step": best, "feed_us_per_sample": feed_us, "c_step_us": c_us}
 
 
+def layouts(model: Model) -> dict[str, Any]:
+    """label -> the same sample in each layout a caller may hand to `stream.step`.
+
+    A pandas frame's `to_numpy(np.float32)` is Fortran-ordered (pandas keeps columns
+    contiguous), so its rows are strided; `frame.iloc[i].to_numpy()` of a float frame is a
+    float64 row of the same kind, and read-only. Both are built here with NumPy alone (the
+    runtime does not depend on pandas), in the layouts pandas gives."""
+    x = _inputs(model, 1)[0]
+    frame32 = np.asfortranarray(np.stack([x, x, x]))
+    frame64 = np.asfortranarray(frame32.astype(np.float64))
+    frame64.flags.writeable = False
+    read_only = x.copy()
+    read_only.flags.writeable = False
+    return {
+        "float32, contiguous (the fast path)": x,
+        "float32, a row of a frame: `frame.to_numpy(np.float32)[i]` (strided)": frame32[1],
+        "float64, a row of a frame: `frame.iloc[i].to_numpy()` (strided, read-only)": frame64[1],
+        "float32, a slice with a step: `a[::2]`": np.repeat(x, 2)[::2],
+        "float32, read-only": read_only,
+        "float64, contiguous": x.astype(np.float64),
+        "int64, contiguous": np.round(x).astype(np.int64),
+        "list of floats": x.tolist(),
+        "tuple of floats": tuple(x.tolist()),
+    }
+
+
+def sample_layouts(model: Model, calls: int = 5_000, rounds: int = 7) -> dict[str, Any]:
+    """`stream.step` latency for the same sample in each layout (layouts()), each on its own
+    stream, in alternating rounds on one core, best round each; the ratios to the first
+    layout, a contiguous float32 vector, are what count."""
+    samples = layouts(model)
+    steps = {name: (lambda s=model.stream(), x=x: s.step(x)) for name, x in samples.items()}
+    best: dict[str, dict[str, float]] = {}
+    with _one_core():
+        for _ in range(rounds):
+            for name, step in steps.items():
+                lat = _latencies(step, calls)
+                if name not in best or lat["median_us"] < best[name]["median_us"]:
+                    best[name] = lat
+    return best
+
+
 def measure(path: str | Path, calls: int = 20_000, rounds: int = 9) -> dict[str, Any]:
     """Every figure for one model (see the module docstring)."""
     path = Path(path)
     model = load(path)
     result: dict[str, Any] = {"model": path.name, "plan": model.plan_note}
     result.update(_interleaved(path, model, calls, rounds))
+    result["layouts"] = sample_layouts(model, max(1_000, calls // 4))
     result["feed_other"] = _feed_others(path, model, _inputs(model, FEED_STEPS))
     result["pool"] = {}
     others = streaming_backends(path)

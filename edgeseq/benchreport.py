@@ -57,6 +57,9 @@ def targets(r: dict[str, Any]) -> list[tuple[str, float, str, bool]]:
         )
     )
     rows.append(("first prediction, warm cache (s)", r["first_prediction_warm_s"], "< 1.5", False))
+    if r.get("layouts"):
+        worst = max(_layout_ratios(r["layouts"]).values())
+        rows.append(("slowest sample layout / contiguous float32", worst, LAYOUT_TARGET, False))
     judged = []
     for name, value, need, _ in rows:
         bound = float(need.split()[-1].rstrip("x"))
@@ -69,6 +72,30 @@ def targets(r: dict[str, Any]) -> list[tuple[str, float, str, bool]]:
         )
         judged.append((name, value, need, ok))
     return judged  # fmt: skip
+
+
+LAYOUT_TARGET = "<= 1.5x"
+
+
+def _layout_ratios(layouts: dict[str, dict[str, float]]) -> dict[str, float]:
+    """Each layout's step latency over the first one's (a contiguous float32 vector)."""
+    base = next(iter(layouts.values()))["median_us"]
+    return {name: v["median_us"] / base for name, v in layouts.items()}
+
+
+def _layouts_table(layouts: dict[str, dict[str, float]]) -> list[str]:
+    """`stream.step` for the same sample in each layout a caller may hold (bench.layouts)."""
+    lines = [
+        "`stream.step(x)` with the same sample in each layout a caller may hold, each on its "
+        "own stream, in alternating rounds on one core (best round each):",
+        "",
+        f"| sample layout | median us | p99 us | / contiguous float32 ({LAYOUT_TARGET}) |",
+        "|---|---:|---:|---:|",
+    ]
+    for name, ratio in _layout_ratios(layouts).items():
+        v = layouts[name]
+        lines.append(f"| {name} | {v['median_us']:.2f} | {v['p99_us']:.2f} | {ratio:.2f} |")
+    return [*lines, ""]
 
 
 def _pool_table(pool: dict[int, dict[str, Any]]) -> list[str]:
@@ -123,6 +150,8 @@ def markdown(results: list[dict[str, Any]], command: str) -> str:
             + ").",
             "",
         ]
+        if r.get("layouts"):
+            lines += _layouts_table(r["layouts"])
         lines += _pool_table(r["pool"])
         lines += [
             "",

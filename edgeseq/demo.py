@@ -17,7 +17,11 @@ from rich.table import Table
 
 
 def _stream_recording(model_path: Path, samples: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Predictions and per-step latencies (us) of the runtime streaming `samples`."""
+    """Predictions and per-step latencies (us) of the runtime streaming `samples`.
+
+    Each sample is a row of the frame as NumPy hands it over (`to_numpy` of a frame is
+    Fortran-ordered, so its rows are strided), as a user's loop would pass it; a latency is
+    the `stream.step` call alone."""
     from edgeseq.runtime import load
 
     model = load(model_path)
@@ -27,8 +31,9 @@ def _stream_recording(model_path: Path, samples: np.ndarray) -> tuple[np.ndarray
     clock = time.perf_counter_ns
     for t, sample in enumerate(samples):
         start = clock()
-        predictions[t] = stream.step(sample)
+        y = stream.step(sample)
         latencies[t] = (clock() - start) / 1e3
+        predictions[t] = y
     return predictions, latencies
 
 

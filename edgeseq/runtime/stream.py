@@ -7,6 +7,7 @@ returned array.
 
 from __future__ import annotations
 
+from array import array
 from collections.abc import Sequence
 from typing import Any
 
@@ -27,6 +28,16 @@ from edgeseq.runtime.engines import (
 _F32 = np.dtype(np.float32)  # a dtype object, not the type: np.empty resolves it 2x faster
 _empty = np.empty
 _NDARRAY = np.ndarray
+_REAL_KINDS = "biuf"  # what as_real accepts: bool, int, unsigned, float
+# Real dtypes whose cast to float32 can overflow (to infinity, which the kernel then refuses):
+# NumPy warns on such a cast unless told not to, and telling it costs a context manager.
+_WIDE = frozenset(np.dtype(t) for t in (np.float64, np.longdouble))
+# Element types of a list or tuple that np.asarray reads as a float64 (or narrower float, or
+# bool) vector, and those it reads as an int64 vector (mixed with np.uint64 it promotes ints to
+# float64, hence not np.uint64): see _listed_into.
+_FLOATS = frozenset({float, bool, np.float64, np.float32, np.float16, np.bool_})
+_INTS = frozenset({int, bool, np.int64, np.int32, np.int16, np.int8, np.uint32,
+                   np.uint16, np.uint8})  # fmt: skip
 MAX_CAPACITY = 1 << 22  # streams in one pool (4 Mi: a table of a few GiB for a large model)
 
 
@@ -44,6 +55,38 @@ def _sample(x: Any, n_features: int, what: str = "sample") -> np.ndarray:
     if arr.shape != (n_features,):
         raise ShapeError(f"{what} has shape {np.shape(x)}; the model expects ({n_features},)")
     return arr
+
+
+def _cast_into(staged: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """x, a real vector of staged's shape, cast into staged, as as_real casts it."""
+    if x.dtype in _WIDE:
+        with np.errstate(over="ignore"):  # to infinity, which the kernel then refuses
+            staged[...] = x
+    else:
+        staged[...] = x
+    return staged
+
+
+def _listed_into(staged: np.ndarray, x: list[Any] | tuple[Any, ...]) -> np.ndarray | None:
+    """A list or tuple of floats, or of ints, cast into staged, to the bit as as_real casts it
+    (np.asarray(x) is a float64 or an int64 vector, then float32); None for anything else,
+    which the general conversion then reads or refuses.
+
+    array() converts the elements in one C loop, ~0.1 us, where np.asarray first inspects
+    each one to find the dtype; the type check keeps what np.asarray reads otherwise (a
+    Decimal, an int beyond 64 bits: object values) on the general path, which refuses it."""
+    if len(x) != staged.shape[0]:
+        return None
+    if _FLOATS.issuperset(map(type, x)):
+        staged[...] = array("f", x)  # beyond float32: infinity, without a warning
+        return staged
+    if _INTS.issuperset(map(type, x)):
+        try:
+            staged[...] = array("q", x)
+        except (OverflowError, TypeError):  # beyond int64: np.asarray reads uint64, or refuses
+            return None
+        return staged
+    return None
 
 
 def _block(xs: Any, n_features: int, what: str = "samples") -> np.ndarray:
@@ -76,8 +119,8 @@ class Stream:
 
     With the Numba engine the stream runs its model's own compiled kernel (specialize.py) on
     one `work` vector holding its state and its scratch; `step` hands the caller's array to
-    the kernel as is, and only a sample the kernel's signature refuses (a list, float64, a
-    read-only or strided array) takes the slower path through a converted copy.
+    the kernel as is when it is a plain float32 vector, and casts any other layout (a strided
+    row of a frame, float64, ints, a list...) into the stream's own vector first (_staged).
     """
 
     def __init__(self, engine: Engine, n_features: int) -> None:
@@ -93,6 +136,8 @@ class Stream:
         else:
             self._kernel = None
             self._state = engine.new_state()
+        self._x = np.zeros(n_features, np.float32)  # samples of other layouts are copied here
+        self._x_shape = self._x.shape
 
     def step(self, x: Any) -> np.ndarray:
         """Feed one sample; return the model's output for it."""
@@ -101,19 +146,33 @@ class Stream:
             arr = _sample(x, self.n_features)
             _refuse(self._engine.step(arr, self._state, out), arr, "sample")
             return out
-        if x.__class__ is not _NDARRAY or x.dtype is not _F32:
-            x = _sample(x, self.n_features)  # a list, float64...: converting first costs ~1 us,
-            # where letting Numba's dispatcher refuse the type costs ~180 us (its error message)
-        try:
-            bad = self._kernel(self._params, x, self._work, out)
-        except TypeError:  # float32 but not a plain vector (strided, 2-D): convert a copy
-            x = _sample(x, self.n_features)
-            bad = self._kernel(self._params, x, self._work, out)
+        # What the kernel's signature takes (a writeable, aligned, C-contiguous float32
+        # vector) goes to it as is; the test costs ~0.1 us, where letting Numba's dispatcher
+        # refuse a type builds an error message (~100 us) before any conversion.
+        if x.__class__ is not _NDARRAY or x.dtype is not _F32 or not x.flags.carray or x.ndim != 1:
+            x = self._staged(x)
+        bad = self._kernel(self._params, x, self._work, out)
         if bad != -1:
             if bad == SHAPE_MISMATCH:
                 _sample(x, self.n_features)  # raises, naming the shape found
             _refuse(bad, x, "sample")
         return out
+
+    def _staged(self, x: Any) -> np.ndarray:
+        """x as a plain float32 vector, for the kernel.
+
+        A real vector of the model's width (strided, read-only, float64, int...) or a list or
+        tuple of numbers is cast into this stream's own vector: one copy, no allocation. The
+        rest goes through the general conversion, which refuses what is not a sample.
+        """
+        if x.__class__ is _NDARRAY:
+            if x.shape == self._x_shape and x.dtype.kind in _REAL_KINDS:
+                return _cast_into(self._x, x)
+        elif x.__class__ is list or x.__class__ is tuple:
+            staged = _listed_into(self._x, x)
+            if staged is not None:
+                return staged
+        return _sample(x, self.n_features)
 
     def feed(self, xs: Any) -> np.ndarray:
         """Feed (T, F) samples in order; (T, n_outputs) outputs, exactly as T calls to step."""
