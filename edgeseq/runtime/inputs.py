@@ -35,6 +35,19 @@ class Inputs:
         dim = self.dims[self.x][0 if self.time_first else 1]
         return dim if isinstance(dim, int) else None
 
+    @property
+    def fixed_batch(self) -> int | None:
+        """The batch size x declares, when fixed: a probe of another batch size would not fit
+        the other inputs declared with it (sequence_lens [2] beside x [1, 2, F])."""
+        dim = self.dims[self.x][1 if self.time_first else 0]
+        return dim if isinstance(dim, int) else None
+
+    def zeros(self, steps: int) -> np.ndarray:
+        """A probe x of `steps` zero samples in the graph's layout, at the declared batch size
+        where x fixes one, else 1."""
+        batch = self.fixed_batch or 1
+        return self.layout(np.zeros((batch, steps, self.n_features), np.float32))
+
     def feeds(self, x: np.ndarray) -> dict[str, np.ndarray]:
         """x (already in the graph's layout) plus every other input: zeros of its declared dtype
         and shape, lengths (integer inputs such as sequence_lens) set to the full sequence."""
@@ -173,10 +186,8 @@ def find_baked_steps(proto: onnx.ModelProto, graph: Graph, inputs: Inputs) -> bo
     original = list(inputs.dims[inputs.x])
     for steps in sorted(declared)[:MAX_LENGTHS_TRIED]:
         inputs.dims[inputs.x] = [*original[:axis], steps, *original[axis + 1 :]]
-        x = np.zeros((steps, 1, inputs.n_features) if axis == 0 else (1, steps, inputs.n_features),
-                     np.float32)  # fmt: skip
         try:
-            graph.evaluate(inputs.feeds(x))
+            graph.evaluate(inputs.feeds(inputs.zeros(steps)))
         except EdgeseqError:
             continue
         inputs.baked_steps = True

@@ -76,6 +76,11 @@ class Model:
             return (f"{self.path}: the graph was exported for sequences of exactly {steps} "
                     f"steps{inside}, so it cannot take one sample at a time; use Model.run, or "
                     "re-export it with a dynamic time axis")  # fmt: skip
+        batch = self.inputs.fixed_batch
+        if batch is not None and batch != 1:
+            return (f"{self.path}: input {self.inputs.x!r} declares a fixed batch of {batch} "
+                    "sequences, so it cannot take one stream's sample at a time; use Model.run, "
+                    "or re-export it with a dynamic (or 1) batch axis")  # fmt: skip
         return None
 
     def _x(self, batch: int, steps: int, rng: np.random.Generator) -> np.ndarray:
@@ -137,10 +142,10 @@ class Model:
 
     def _outputs_per_step(self) -> int:
         """Numbers in the first output for one sample (one step of one sequence)."""
-        steps = self.inputs.fixed_steps or 1
-        x = self.inputs.layout(np.zeros((1, steps, self.n_features), np.float32))
-        y = self.graph.evaluate(self.inputs.feeds(x))[self.graph.outputs[0]]
-        return int(y.size) // steps if y.ndim >= 3 else int(y.size)  # all steps, or the last
+        steps, batch = self.inputs.fixed_steps or 1, self.inputs.fixed_batch or 1
+        y = self.graph.evaluate(self.inputs.feeds(self.inputs.zeros(steps)))[self.graph.outputs[0]]
+        per_sequence = int(y.size) // batch
+        return per_sequence // steps if y.ndim >= 3 else per_sequence  # all steps, or the last
 
     def _ort_session(self) -> Any:
         import onnxruntime as ort
