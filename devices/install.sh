@@ -55,34 +55,9 @@ say "installing edgeseq $EDGESEQ_VERSION for $EDGESEQ_DEVICE (runtime and daemon
 "$venv/bin/python" -m pip install --quiet --disable-pip-version-check "$@" \
   --force-reinstall --no-deps "$here/wheels/${EDGESEQ_WHEEL}"
 
-# Each installed source gets a time derived from content, so a cache keyed on times survives
-# re-installing the same code; every file of edgeseq/runtime (where all kernels live) gets one
-# derived from the whole folder, so that an upgrade changing any of them changes all their times.
-# That recompiles every kernel only where Numba keys its cache on the source file's time. The
-# pinned Numba (0.68) keys it on a hash of the kernel's own file instead, and a kernel's cached
-# machine code also holds what it inlined from other files (cells, fastmath, gemm): there an
-# upgrade that changes only such a file keeps the old code. Known and open (session 9's note).
-site=$("$venv/bin/python" -c 'import edgeseq, os; print(os.path.dirname(edgeseq.__file__))')
-"$venv/bin/python" - "$site" <<'PY'
-import hashlib, os, sys
-
-def content(path):
-    with open(path, "rb") as source:
-        return source.read()
-
-runtime = os.path.join(sys.argv[1], "runtime")
-kernels = hashlib.sha256()
-for name in sorted(os.listdir(runtime)):
-    if name.endswith(".py"):
-        kernels.update(name.encode() + b"\0" + content(os.path.join(runtime, name)))
-for folder, _, names in os.walk(sys.argv[1]):
-    for name in names:
-        if name.endswith(".py"):
-            path = os.path.join(folder, name)
-            digest = kernels.digest() if folder == runtime else hashlib.sha256(content(path)).digest()
-            stamp = 1_600_000_000 + int.from_bytes(digest[:3], "big")
-            os.utime(path, (stamp, stamp))
-PY
+# No cache to clear on an upgrade: Numba's cache entries of the runtime's kernels are stamped
+# with a digest of every runtime source and the edgeseq version (edgeseq/runtime/kernel_cache.py),
+# so the warmup below recompiles exactly when the code changed and loads the cache otherwise.
 
 install -d -m 0755 "$etc"
 install -m 0644 "$here/model.onnx" "$etc/model.onnx"

@@ -8,8 +8,8 @@
    own install.sh (everything but systemd), from the cached wheels, under QEMU user-mode
    emulation (qemu-user-static via binfmt_misc, QEMU_CPU=cortex-a72 so nothing newer than a Pi 4
    slips in). install.sh runs `edgeseq warmup`; the Numba cache it fills lives in the root file
-   system, so it survives to the next run (install.sh stamps the sources with content-derived
-   times, which is what Numba's cache keys on).
+   system, so it survives to the next run (its entries are stamped with the runtime's sources:
+   edgeseq/runtime/kernel_cache.py).
 3. tests/test_device_suite.py runs in the guest: golden parity of every reference model in
    export/, the runtime invariants, and `edgeseq serve` answering over TCP.
 

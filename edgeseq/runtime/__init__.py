@@ -3,7 +3,11 @@
 `load(path, backend="numba")` -> Model; `model.stream()` -> Stream; `model.pool(n)` -> StreamPool.
 """
 
-from edgeseq.runtime.model import Model, load
-from edgeseq.runtime.stream import Stream, StreamPool
+from edgeseq.runtime import kernel_cache
+
+kernel_cache.install()  # before any kernel module is imported: their cache keys depend on it
+
+from edgeseq.runtime.model import Model, load  # noqa: E402
+from edgeseq.runtime.stream import Stream, StreamPool  # noqa: E402
 
 __all__ = ["Model", "Stream", "StreamPool", "load"]
