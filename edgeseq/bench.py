@@ -27,7 +27,7 @@ import numpy as np
 
 from edgeseq.errors import EdgeseqError
 from edgeseq.runtime import Model, load
-from edgeseq.runtime.kernels import OP_RNN_ANY
+from edgeseq.runtime.program import ANY_CELLS
 
 C_SOURCE = Path(__file__).resolve().parents[1] / "benchmarks" / "step.c"
 C_CODE_WIDTH = 10  # values per program row that step.c reads (its W); the plain cells use 9
@@ -151,7 +151,7 @@ class CReference:
         plan = model.plan
         if cc is None or plan is None or not C_SOURCE.is_file():
             raise FileNotFoundError("no C compiler, fused plan or benchmarks/step.c")
-        if (plan.code[:, 0] >= OP_RNN_ANY).any():  # the *_ANY cells have no C twin
+        if plan.uses(*ANY_CELLS):  # the *_ANY cells have no C twin
             raise FileNotFoundError("the C reference runs the plain cells only")
         self.binary, self.program = folder / "step", folder / "program.bin"
         subprocess.run([cc, *C_FLAGS, "-o", str(self.binary), str(C_SOURCE), "-lm"],

@@ -16,6 +16,7 @@ import pytest
 import edgeseq
 from edgeseq.errors import ShapeError
 from edgeseq.runtime import kernels
+from edgeseq.runtime import program as ir
 from edgeseq.runtime.specialize import compile_kernel, kernel_dir, source, work_size
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -181,13 +182,13 @@ def test_weights_and_scratch_start_on_cache_lines(path):
     plan = model.plan
     assert plan.params.ctypes.data % 64 == 0
     assert plan.width % 16 == 0
-    for row in plan.code:
-        if row[0] in (kernels.OP_LSTM, kernels.OP_RNN):
-            assert row[3] % 16 == 0, row  # the stacked [W; R]
-        if row[0] == kernels.OP_GRU:
-            assert row[3] % 16 == 0 and row[4] % 16 == 0, row
-        if row[0] == kernels.OP_DENSE and row[1] * row[2] >= 16:
-            assert row[3] % 16 == 0, row
+    for op in plan.ops:
+        if isinstance(op, ir.Lstm | ir.Rnn):
+            assert op.off_wt % 16 == 0, op  # the stacked [W; R]
+        if isinstance(op, ir.Gru):
+            assert op.off_wx % 16 == 0 and op.off_rh % 16 == 0, op
+        if isinstance(op, ir.Dense) and op.n_in * op.n_out >= 16:
+            assert op.off_w % 16 == 0, op
     work = model.stream()._work
     assert work.ctypes.data % 64 == 0
 

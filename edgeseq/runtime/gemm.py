@@ -17,8 +17,8 @@ import numba
 import numpy as np
 from numba import njit
 
-from edgeseq.runtime import blas
-from edgeseq.runtime import kernels as k
+from edgeseq.runtime import blas, cells
+from edgeseq.runtime import program as ir
 from edgeseq.runtime.fastmath import FASTMATH, sigmoid, tanh
 from edgeseq.runtime.plan import Plan
 
@@ -68,7 +68,7 @@ def activate_rows(v: np.ndarray, kind: int, alpha: float) -> None:
     for b in range(v.shape[0]):
         row = v[b]
         for j in range(row.shape[0]):
-            row[j] = k._activate(kind, alpha, row[j])
+            row[j] = cells.activate(kind, alpha, row[j])
 
 
 def _lstm_in_shares() -> Any | None:
@@ -108,13 +108,13 @@ class BatchRunner:
 
     def __init__(self, plan: Plan) -> None:
         self.plan = plan
-        self.supported = all(
-            row[0] < k.OP_RNN_ANY and not (row[0] == k.OP_GRU and row[8] == 0) for row in plan.code
+        self.supported = not plan.uses(*ir.ANY_CELLS) and not any(
+            isinstance(op, ir.Gru) and op.lbr == 0 for op in plan.ops
         )  # the *_ANY cells and GRU with linear_before_reset=0 run per stream
         self._buffers: dict[tuple[int, int, int], np.ndarray] = {}
         self.lstm_layer = _lstm_in_shares()  # None: numpy.matmul and one gate pass
         self.parts = 1 if self.lstm_layer is None else numba.get_num_threads()
-        self.has_lstm = any(int(row[0]) == k.OP_LSTM for row in plan.code)
+        self.has_lstm = plan.uses(ir.Lstm)
 
     def _buf(self, slot: int, batch: int, width: int) -> np.ndarray:
         key = (slot, batch, width)
@@ -158,42 +158,41 @@ class BatchRunner:
         return xh
 
     def _recurrent(
-        self, i: int, row: np.ndarray, cur: np.ndarray, table: np.ndarray, rows: Rows,
+        self, i: int, op: ir.Recurrent, cur: np.ndarray, table: np.ndarray, rows: Rows,
         index: np.ndarray,
     ) -> np.ndarray:  # fmt: skip
-        op, n_in, hid = int(row[0]), int(row[1]), int(row[2])
+        n_in, hid = op.n_in, op.hid
         p = self.plan.params
         batch = len(cur)
-        if op == k.OP_LSTM:
-            off_wt, off_b, off_h, off_c = (int(v) for v in row[3:7])
+        if isinstance(op, ir.Lstm):
             if self.lstm_layer is not None:
                 h = self._buf(3 * i + 1, batch, hid)
-                self.lstm_layer(cur, self._w(off_wt, n_in + hid, 4 * hid),
-                                p[off_b : off_b + 4 * hid], table, index, off_h, off_c,
-                                self._buf(3 * i + 2, batch, n_in + hid),
+                self.lstm_layer(cur, self._w(op.off_wt, n_in + hid, 4 * hid),
+                                p[op.off_b : op.off_b + 4 * hid], table, index, op.off_h,
+                                op.off_c, self._buf(3 * i + 2, batch, n_in + hid),
                                 self._buf(3 * i, batch, 4 * hid), h, self.parts)  # fmt: skip
                 return h
-            xh = self._stacked_input(i, cur, table, rows, off_h, hid)
-            g = np.matmul(xh, self._w(off_wt, n_in + hid, 4 * hid),
+            xh = self._stacked_input(i, cur, table, rows, op.off_h, hid)
+            g = np.matmul(xh, self._w(op.off_wt, n_in + hid, 4 * hid),
                           out=self._buf(3 * i, batch, 4 * hid))  # fmt: skip
             h = self._buf(3 * i + 1, batch, hid)
-            lstm_rows(g, p[off_b : off_b + 4 * hid], table, index, off_h, off_c, h)
+            lstm_rows(g, p[op.off_b : op.off_b + 4 * hid], table, index, op.off_h, op.off_c, h)
             return h
-        off_h = int(row[7] if op == k.OP_GRU else row[5])
-        h = self._gather(3 * i + 2, table, rows, off_h, hid)
-        if op == k.OP_GRU:
+        assert isinstance(op, ir.Gru | ir.Rnn)  # BatchRunner.supported: no *_ANY cells
+        h = self._gather(3 * i + 2, table, rows, op.off_h, hid)
+        if isinstance(op, ir.Gru):
             g3 = 3 * hid
-            gx = np.matmul(cur, self._w(int(row[3]), n_in, g3), out=self._buf(3 * i, batch, g3))
-            gx += p[row[5] : row[5] + g3]
-            gh = np.matmul(h, self._w(int(row[4]), hid, g3), out=self._buf(3 * i + 1, batch, g3))
-            gh += p[row[6] : row[6] + g3]
+            gx = np.matmul(cur, self._w(op.off_wx, n_in, g3), out=self._buf(3 * i, batch, g3))
+            gx += p[op.off_wb : op.off_wb + g3]
+            gh = np.matmul(h, self._w(op.off_rh, hid, g3), out=self._buf(3 * i + 1, batch, g3))
+            gh += p[op.off_rb : op.off_rb + g3]
             gru_cells(gx, gh, h)
         else:
-            wt = self._w(int(row[3]), n_in + hid, hid)
-            g = self._gates(i, cur, h, wt[:n_in], wt[n_in:], p[row[4] : row[4] + hid])
-            activate_rows(g, int(row[6]), p[row[7]])
+            wt = self._w(op.off_wt, n_in + hid, hid)
+            g = self._gates(i, cur, h, wt[:n_in], wt[n_in:], p[op.off_b : op.off_b + hid])
+            activate_rows(g, op.act, p[op.off_alpha])
             h[:] = g
-        table[rows, off_h : off_h + hid] = h
+        table[rows, op.off_h : op.off_h + hid] = h
         return h
 
     def step(self, xs: np.ndarray, table: np.ndarray, rows: np.ndarray) -> np.ndarray:
@@ -206,23 +205,20 @@ class BatchRunner:
     def _step(self, xs: np.ndarray, table: np.ndarray, rows: np.ndarray) -> np.ndarray:
         p, cur = self.plan.params, xs
         span = _as_slice(rows)  # a pool stepping the same streams in order: no fancy indexing
-        for i, row in enumerate(self.plan.code):
-            op, n = int(row[0]), int(row[1])
-            if op in (k.OP_LSTM, k.OP_GRU, k.OP_RNN):
-                cur = self._recurrent(i, row, cur, table, rows if span is None else span, rows)
-            elif op == k.OP_DENSE:
-                out = self._buf(3 * i, len(xs), int(row[2]))
-                cur = np.matmul(cur, self._w(int(row[3]), n, int(row[2])), out=out)
-                cur += p[row[4] : row[4] + row[2]]
-            elif op == k.OP_AFFINE:
-                out = self._buf(3 * i, len(xs), n)
-                cur = np.multiply(cur, p[row[2] : row[2] + n], out=out)
-                cur += p[row[3] : row[3] + n]
-            elif op == k.OP_ACT:
-                act = self._buf(3 * i, len(xs), n)
-                act[:] = cur
-                activate_rows(act, int(row[2]), p[row[3]])
-                cur = act
+        for i, op in enumerate(self.plan.ops):
+            out = self._buf(3 * i, len(xs), op.width)
+            if isinstance(op, ir.Recurrent):
+                cur = self._recurrent(i, op, cur, table, rows if span is None else span, rows)
+            elif isinstance(op, ir.Dense):
+                cur = np.matmul(cur, self._w(op.off_w, op.n_in, op.n_out), out=out)
+                cur += p[op.off_b : op.off_b + op.n_out]
+            elif isinstance(op, ir.Affine):
+                cur = np.multiply(cur, p[op.off_scale : op.off_scale + op.n], out=out)
+                cur += p[op.off_shift : op.off_shift + op.n]
+            elif isinstance(op, ir.Act):
+                out[:] = cur
+                activate_rows(out, op.kind, p[op.off_alpha])
+                cur = out
             else:  # softmax
                 e = np.exp(cur - cur.max(axis=1, keepdims=True))
                 cur = e / e.sum(axis=1, keepdims=True)

@@ -1,11 +1,12 @@
 """Numba kernels that interpret a plan: one call advances a whole model by one sample (or a
 block, or a batch of streams).
 
-A model is a small *program*: rows of `code` (int64, width CODE_WIDTH) naming an operation and
-offsets into one flat float32 `params` array; a stream's state (every layer's h, and c for
-LSTM) is one flat float32 vector. These kernels read the program at run time, so one compiled
-kernel serves every model (pools, plan verification, and streams before their own kernel is
-compiled). The per-model kernels of specialize.py run the same cells with the sizes fixed.
+A model is a small *program*: rows of `code` (int64, width CODE_WIDTH; program.py lays them
+out) naming an operation and offsets into one flat float32 `params` array; a stream's state
+(every layer's h, and c for LSTM) is one flat float32 vector. These kernels read the program at
+run time, so one compiled kernel serves every model (pools, plan verification, and streams
+before their own kernel is compiled). The per-model kernels of specialize.py run the same cells
+with the sizes fixed.
 
 Kernels are pure and allocate nothing: scratch and outputs are passed in. They compile with
 fastmath (reassociation lets LLVM vectorise the reductions) and the NumPy error model (Python's
@@ -18,22 +19,17 @@ from numba import njit, prange
 
 from edgeseq.runtime import cells
 from edgeseq.runtime.fastmath import FASTMATH, inline_kernel
+from edgeseq.runtime.program import OP_ACT, OP_AFFINE, OP_DENSE, OP_GRU, OP_LSTM, OP_RNN
 
-CODE_WIDTH = 12
-OP_AFFINE, OP_RNN, OP_LSTM, OP_GRU, OP_DENSE, OP_ACT, OP_SOFTMAX = range(7)
-# Cells with clip, any activations, peepholes: only the per-model kernels (specialize.py) run
-# them; in this interpreter, which every model compiles, they tripled the compile time.
-OP_RNN_ANY, OP_LSTM_ANY, OP_GRU_ANY = range(7, 10)
-ACT_RELU, ACT_TANH, ACT_SIGMOID, ACT_LEAKY_RELU, ACT_IDENTITY = (
-    cells.ACT_RELU, cells.ACT_TANH, cells.ACT_SIGMOID, cells.ACT_LEAKY_RELU, cells.ACT_IDENTITY
-)  # fmt: skip
 _activate = cells.activate
 first_bad = cells.first_bad
 
 
 @inline_kernel
 def _apply(row, p, cur, nxt, state, gates):
-    """One code row: cur -> nxt (and the state); returns the width of nxt."""
+    """One code row: cur -> nxt (and the state); returns the width of nxt. A row holds its
+    op's fields in its cell's argument order (program.py), so they pass straight through. The
+    *_ANY cells are not here: only the per-model kernels run them."""
     op = row[0]
     if op == OP_LSTM:
         cells.lstm(p, cur, nxt, state, gates, row[1], row[2], row[3], row[4], row[5], row[6])

@@ -16,20 +16,21 @@ that pattern (reverse or bidirectional layers, sequence_lens, seq2seq decoders) 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from edgeseq.runtime import aligned, cells, recurrent_ops
-from edgeseq.runtime import kernels as k
+from edgeseq.runtime import program as ir
 from edgeseq.runtime.graph import Graph, Node, fold_constants
 
 GLUE = ("Identity", "Transpose", "Squeeze", "Unsqueeze", "Reshape", "Cast")
 ACTIVATIONS = {
-    "Relu": k.ACT_RELU,
-    "Tanh": k.ACT_TANH,
-    "Sigmoid": k.ACT_SIGMOID,
-    "LeakyRelu": k.ACT_LEAKY_RELU,
+    "Relu": cells.ACT_RELU,
+    "Tanh": cells.ACT_TANH,
+    "Sigmoid": cells.ACT_SIGMOID,
+    "LeakyRelu": cells.ACT_LEAKY_RELU,
 }
 GATES = {"RNN": 1, "GRU": 3, "LSTM": 4, "DynamicQuantizeLSTM": 4}
 
@@ -51,7 +52,7 @@ class RecurrentLayer:
 
 @dataclass
 class Plan:
-    code: np.ndarray  # (ops, CODE_WIDTH) int64
+    ops: list[ir.Op]  # the program (program.py), input to output
     params: np.ndarray  # (P,) float32
     n_features: int
     n_outputs: int
@@ -64,12 +65,21 @@ class Plan:
     def state_size(self) -> int:
         return int(self.initial_state.shape[0])
 
+    @functools.cached_property
+    def code(self) -> np.ndarray:
+        """The program as the interpreter kernels read it: (ops, CODE_WIDTH) int64."""
+        return ir.encode(self.ops)
+
+    def uses(self, *kinds: type[ir.Op]) -> bool:
+        """Whether any op of the program is of one of these kinds."""
+        return any(isinstance(op, kinds) for op in self.ops)
+
 
 @dataclass
 class _Builder:
     params: list[np.ndarray] = field(default_factory=lambda: [np.zeros(1, np.float32)])
     size: int = 1  # params[0] is a zero, the alpha of activations that have none
-    code: list[list[int]] = field(default_factory=list)
+    ops: list[ir.Op] = field(default_factory=list)
     state: list[np.ndarray] = field(default_factory=list)
     state_size: int = 0
     width: int = 1
@@ -94,14 +104,14 @@ class _Builder:
         self.state_size += initial.size
         return offset
 
-    def emit(self, *row: int) -> None:
-        self.code.append(list(row) + [0] * (k.CODE_WIDTH - len(row)))
+    def emit(self, op: ir.Op) -> None:
+        self.ops.append(op)
 
     def flush_affine(self, n: int) -> None:
         if self.scale is None or self.shift is None:
             return
         scale, shift = np.broadcast_to(self.scale, (n,)), np.broadcast_to(self.shift, (n,))
-        self.emit(k.OP_AFFINE, n, self.put(scale), self.put(shift))
+        self.emit(ir.Affine(n, self.put(scale), self.put(shift)))
         self.scale = self.shift = None
 
 
@@ -148,8 +158,8 @@ def _weights(
 
 
 KINDS = {  # recurrent_ops.ACTIVATIONS' names -> the kernels' codes
-    "relu": k.ACT_RELU, "tanh": k.ACT_TANH, "sigmoid": k.ACT_SIGMOID,
-    "leakyrelu": k.ACT_LEAKY_RELU, "affine": cells.ACT_AFFINE,
+    "relu": cells.ACT_RELU, "tanh": cells.ACT_TANH, "sigmoid": cells.ACT_SIGMOID,
+    "leakyrelu": cells.ACT_LEAKY_RELU, "affine": cells.ACT_AFFINE,
     "thresholdedrelu": cells.ACT_THRESHOLDED_RELU, "scaledtanh": cells.ACT_SCALED_TANH,
     "hardsigmoid": cells.ACT_HARD_SIGMOID, "elu": cells.ACT_ELU, "softsign": cells.ACT_SOFTSIGN,
     "softplus": cells.ACT_SOFTPLUS,
@@ -252,29 +262,32 @@ def _recurrent(
     layer = RecurrentLayer(node.name, cell.lower(), hidden, h_off)
     if cell == "GRU":
         g3 = 3 * hidden
-        row = [n_in, hidden, b.put(w.T), b.put(r.T), b.put(bias[:g3]), b.put(bias[g3:]), h_off,
-               int(node.attrs.get("linear_before_reset", 0))]  # fmt: skip
+        wx, rh, wb, rb = b.put(w.T), b.put(r.T), b.put(bias[:g3]), b.put(bias[g3:])
+        lbr = int(node.attrs.get("linear_before_reset", 0))
         if plain:
-            b.emit(k.OP_GRU, *row)
+            b.emit(ir.Gru(n_in, hidden, wx, rh, wb, rb, h_off, lbr))
         else:
-            b.emit(k.OP_GRU_ANY, *row, b.put(options.block(hidden)), *options.kinds())
+            kf, kg = options.kinds()
+            opts = b.put(options.block(hidden))
+            b.emit(ir.GruAny(n_in, hidden, wx, rh, wb, rb, h_off, lbr, opts, kf, kg))
         return hidden, layer
     wt = b.put(np.concatenate([w.T, r.T], axis=0))
     gates = w.shape[0]
     fused_b = b.put(bias[:gates] + bias[gates:])
     if cell == "LSTM":
         layer.c_offset = b.own_state(_initial(node, 6, hidden, consts))
-        row = [n_in, hidden, wt, fused_b, h_off, layer.c_offset]
         if plain:
-            b.emit(k.OP_LSTM, *row)
+            b.emit(ir.Lstm(n_in, hidden, wt, fused_b, h_off, layer.c_offset))
         else:
-            b.emit(k.OP_LSTM_ANY, *row, b.put(options.block(hidden)), *options.kinds(),
-                   options.input_forget)  # fmt: skip
+            kf, kg, kh = options.kinds()
+            opts = b.put(options.block(hidden))
+            b.emit(ir.LstmAny(n_in, hidden, wt, fused_b, h_off, layer.c_offset, opts, kf, kg, kh,
+                              options.input_forget))  # fmt: skip
     elif plain:
-        b.emit(k.OP_RNN, n_in, hidden, wt, fused_b, h_off, *options.kinds(), 0)
+        b.emit(ir.Rnn(n_in, hidden, wt, fused_b, h_off, options.kinds()[0], 0))
     else:
-        b.emit(k.OP_RNN_ANY, n_in, hidden, wt, fused_b, h_off, *options.kinds(),
-               b.put(options.block(hidden)))  # fmt: skip
+        b.emit(ir.RnnAny(n_in, hidden, wt, fused_b, h_off, options.kinds()[0],
+                         b.put(options.block(hidden))))  # fmt: skip
     return hidden, layer
 
 
@@ -304,15 +317,15 @@ def _dense(b: _Builder, node: Node, cur: str, consts: dict[str, np.ndarray], n: 
         raise NoPlan(f"node {node.name!r}: a {weight.shape} matrix on a data path of width {n}")
     out = weight.shape[1]
     b.width = max(b.width, out)
-    b.emit(k.OP_DENSE, n, out, b.put(weight), b.put(np.broadcast_to(bias, (out,))))
+    b.emit(ir.Dense(n, out, b.put(weight), b.put(np.broadcast_to(bias, (out,)))))
     return out
 
 
 def _fold_bias_into_dense(b: _Builder, const: np.ndarray, n: int) -> bool:
     """An Add right after a dense layer becomes its bias (no separate affine op)."""
-    if not b.code or b.code[-1][0] != k.OP_DENSE or b.scale is not None:
+    if not b.ops or not isinstance(b.ops[-1], ir.Dense) or b.scale is not None:
         return False
-    off = b.code[-1][4]
+    off = b.ops[-1].off_b
     block = next(i for i, p in enumerate(b.params) if sum(x.size for x in b.params[:i]) == off)
     b.params[block] = b.params[block] + np.broadcast_to(np.asarray(const, np.float32).ravel(), (n,))
     return True
@@ -408,19 +421,18 @@ def build_plan(graph: Graph, n_features: int) -> Plan:
                 n = _dense(b, node, cur, consts, n)
             elif node.op in ACTIVATIONS:
                 alpha = b.put(np.array([node.attrs.get("alpha", 0.01)]))
-                b.emit(k.OP_ACT, n, ACTIVATIONS[node.op], alpha)
+                b.emit(ir.Act(n, ACTIVATIONS[node.op], alpha))
             elif node.op == "Softmax" and node.attrs.get("axis", -1) in (-1, 2):
-                b.emit(k.OP_SOFTMAX, n)
+                b.emit(ir.Softmax(n))
             else:
                 raise NoPlan(f"node {node.name!r} ({node.op}) is off the fused plan's patterns")
         cur = after
     b.flush_affine(n)
     if not layers:
         raise NoPlan("the data path has no recurrent layer")
-    code = np.array(b.code, np.int64).reshape(-1, k.CODE_WIDTH)
     state = np.concatenate(b.state).astype(np.float32)
     return Plan(
-        code,
+        b.ops,
         aligned.copy(np.concatenate(b.params)),
         n_features,
         n,

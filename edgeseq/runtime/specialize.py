@@ -52,7 +52,7 @@ from types import ModuleType
 import numpy as np
 
 from edgeseq.runtime import aligned, kernel_cache
-from edgeseq.runtime import kernels as k
+from edgeseq.runtime import program as ir
 from edgeseq.runtime.engines import BAD_OUTPUT, SHAPE_MISMATCH, Kernel
 from edgeseq.runtime.plan import Plan
 
@@ -89,29 +89,12 @@ def advance(p, xs, work, ys):
 '''
 
 
-# opcode -> (cell, whether it takes the state and gate scratch, how many row values it reads)
-_CELLS = {
-    k.OP_LSTM: ("lstm", True, 6),
-    k.OP_GRU: ("gru", True, 8),
-    k.OP_RNN: ("rnn", True, 7),
-    k.OP_LSTM_ANY: ("lstm_any", True, 11),
-    k.OP_GRU_ANY: ("gru_any", True, 11),
-    k.OP_RNN_ANY: ("rnn_any", True, 7),
-    k.OP_DENSE: ("dense", False, 4),
-    k.OP_AFFINE: ("affine", False, 3),
-    k.OP_ACT: ("act", False, 3),
-}
-
-
-def _call(row: np.ndarray, src: str, dst: str) -> str:
-    """One program row as a call of its cell, every size and offset a literal."""
-    op = int(row[0])
-    if op == k.OP_SOFTMAX:
-        return f"cells.softmax({src}, {dst}, {int(row[1])})"
-    name, stateful, count = _CELLS[op]  # plan.py emits no other opcode
-    args = ["p", src, dst, *(["state", "g"] if stateful else [])]
-    args += [str(int(v)) for v in row[1 : 1 + count]]
-    return f"cells.{name}({', '.join(args)})"
+def _call(op: ir.Op, src: str, dst: str) -> str:
+    """One op as a call of its cell, every field a literal (in the cell's argument order)."""
+    arrays = ["p", src, dst, *(["state", "g"] if op.STATEFUL else [])]
+    if isinstance(op, ir.Softmax):
+        arrays = [src, dst]
+    return f"cells.{op.CELL}({', '.join(arrays + [str(v) for v in op.values()])})"
 
 
 _ROWS = '''
@@ -200,9 +183,9 @@ def source(plan: Plan) -> str:
         )
     ]
     src = "x"
-    for row in plan.code:
+    for op in plan.ops:
         dst = "b" if src == "a" else "a"
-        lines.append(f"        {_call(row, src, dst)}")
+        lines.append(f"        {_call(op, src, dst)}")
         src = dst
     n = plan.n_outputs
     lines.append(f"        cells.copy(ys[t * {n} : t * {n} + {n}], {src}, {n})")

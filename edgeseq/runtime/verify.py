@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from edgeseq.runtime import kernels as k
+from edgeseq.runtime import program as ir
 from edgeseq.runtime.graph import Graph
 from edgeseq.runtime.plan import NoPlan, Plan
 
@@ -52,7 +53,7 @@ def _expected(y: np.ndarray, plan: Plan, batch: int, steps: int, time_first: boo
 
 def uses_any_cells(plan: Plan) -> bool:
     """Whether the plan has cells only the per-model kernels run (clip, activations, ...)."""
-    return bool((plan.code[:, 0] >= k.OP_RNN_ANY).any())
+    return plan.uses(*ir.ANY_CELLS)
 
 
 def _own_feed(plan: Plan, xs: np.ndarray, ys: np.ndarray) -> None:

@@ -1,0 +1,211 @@
+"""A plan's program: one typed op per step of the data path, and the one place that knows how
+an op is laid out as a row of int64s.
+
+The Numba kernels cannot take Python objects, so a program runs as `code`: one row of
+CODE_WIDTH int64s per op, the opcode first, then the op's fields in the order they are declared
+here. That order is the order of the arguments of the op's function in cells.py after the
+arrays, and the fields carry the same names (a test holds the two together), so the interpreter
+(kernels.py) passes row[1], row[2], ... straight through, and the per-model kernels
+(specialize.py) write the same values as literals. Everything else (plan.py building, gemm.py's
+batched path, the benchmarks' C twin of the step) reads an op by its fields' names.
+
+Offsets (`off_*`) index the plan's flat float32 parameters; `off_h`/`off_c` index a stream's
+flat state vector; sizes are counts of floats.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Sequence
+from typing import ClassVar
+
+import numpy as np
+
+CODE_WIDTH = 12
+OP_AFFINE, OP_RNN, OP_LSTM, OP_GRU, OP_DENSE, OP_ACT, OP_SOFTMAX = range(7)
+# Cells with clip, any activations, peepholes: only the per-model kernels (specialize.py) run
+# them; in the interpreter, which every model compiles, they tripled the compile time.
+OP_RNN_ANY, OP_LSTM_ANY, OP_GRU_ANY = range(7, 10)
+
+
+@dataclasses.dataclass(frozen=True)
+class Op:
+    """One step of the data path: its cell in cells.py, its fields in that cell's order."""
+
+    OPCODE: ClassVar[int]
+    CELL: ClassVar[str]  # the function in cells.py
+    STATEFUL: ClassVar[bool] = False  # the cell takes the stream's state and gate scratch
+
+    def values(self) -> tuple[int, ...]:
+        return tuple(int(getattr(self, f.name)) for f in dataclasses.fields(self))
+
+    def row(self) -> list[int]:
+        values = [self.OPCODE, *self.values()]
+        return values + [0] * (CODE_WIDTH - len(values))
+
+    @property
+    def width(self) -> int:
+        """How many values the op leaves for the next one."""
+        return self.values()[0]
+
+
+@dataclasses.dataclass(frozen=True)
+class Recurrent(Op):
+    """A recurrent layer: n_in inputs, hid units; its new h is the next op's input."""
+
+    STATEFUL: ClassVar[bool] = True
+    n_in: int
+    hid: int
+
+    @property
+    def width(self) -> int:
+        return self.hid
+
+
+@dataclasses.dataclass(frozen=True)
+class Rnn(Recurrent):
+    """h = act([x, h] @ [W; R]^T + b): off_wt the stacked weights, off_b Wb + Rb."""
+
+    OPCODE: ClassVar[int] = OP_RNN
+    CELL: ClassVar[str] = "rnn"
+    off_wt: int
+    off_b: int
+    off_h: int
+    act: int
+    off_alpha: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Lstm(Recurrent):
+    """ONNX's LSTM (gates i, o, f, c) with the default activations."""
+
+    OPCODE: ClassVar[int] = OP_LSTM
+    CELL: ClassVar[str] = "lstm"
+    off_wt: int
+    off_b: int
+    off_h: int
+    off_c: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Gru(Recurrent):
+    """ONNX's GRU (gates z, r, h): x and h weights apart, as linear_before_reset needs."""
+
+    OPCODE: ClassVar[int] = OP_GRU
+    CELL: ClassVar[str] = "gru"
+    off_wx: int
+    off_rh: int
+    off_wb: int
+    off_rb: int
+    off_h: int
+    lbr: int  # linear_before_reset
+
+
+@dataclasses.dataclass(frozen=True)
+class RnnAny(Recurrent):
+    """Rnn with clip and any activation; off_opt: clip, alpha, beta."""
+
+    OPCODE: ClassVar[int] = OP_RNN_ANY
+    CELL: ClassVar[str] = "rnn_any"
+    off_wt: int
+    off_b: int
+    off_h: int
+    kind: int
+    off_opt: int
+
+
+@dataclasses.dataclass(frozen=True)
+class LstmAny(Recurrent):
+    """Lstm with clip, activations f, g, h, peepholes and input_forget; off_opt: clip, each
+    activation's alpha and beta, then the peepholes (i, o, f)."""
+
+    OPCODE: ClassVar[int] = OP_LSTM_ANY
+    CELL: ClassVar[str] = "lstm_any"
+    off_wt: int
+    off_b: int
+    off_h: int
+    off_c: int
+    off_opt: int
+    kf: int
+    kg: int
+    kh: int
+    input_forget: int
+
+
+@dataclasses.dataclass(frozen=True)
+class GruAny(Recurrent):
+    """Gru with clip and activations f (z, r) and g (the candidate)."""
+
+    OPCODE: ClassVar[int] = OP_GRU_ANY
+    CELL: ClassVar[str] = "gru_any"
+    off_wx: int
+    off_rh: int
+    off_wb: int
+    off_rb: int
+    off_h: int
+    lbr: int
+    off_opt: int
+    kf: int
+    kg: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Dense(Op):
+    """y = x @ W + b: W [n_in, n_out] at off_w."""
+
+    OPCODE: ClassVar[int] = OP_DENSE
+    CELL: ClassVar[str] = "dense"
+    n_in: int
+    n_out: int
+    off_w: int
+    off_b: int
+
+    @property
+    def width(self) -> int:
+        return self.n_out
+
+
+@dataclasses.dataclass(frozen=True)
+class Affine(Op):
+    """y = x * scale + shift, elementwise (the data path's folded Add/Sub/Mul/Div)."""
+
+    OPCODE: ClassVar[int] = OP_AFFINE
+    CELL: ClassVar[str] = "affine"
+    n: int
+    off_scale: int
+    off_shift: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Act(Op):
+    """An activation (cells.ACT_*), alpha at off_alpha for those that take one."""
+
+    OPCODE: ClassVar[int] = OP_ACT
+    CELL: ClassVar[str] = "act"
+    n: int
+    kind: int
+    off_alpha: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Softmax(Op):
+    OPCODE: ClassVar[int] = OP_SOFTMAX
+    CELL: ClassVar[str] = "softmax"
+    n: int
+
+
+KINDS: tuple[type[Op], ...] = (Rnn, Lstm, Gru, RnnAny, LstmAny, GruAny, Dense, Affine, Act, Softmax)
+OPS: dict[int, type[Op]] = {cls.OPCODE: cls for cls in KINDS}
+ANY_CELLS = (RnnAny, LstmAny, GruAny)  # only the per-model kernels run these
+
+
+def encode(ops: Iterable[Op]) -> np.ndarray:
+    """The program as the kernels read it: (ops, CODE_WIDTH) int64."""
+    return np.array([op.row() for op in ops], np.int64).reshape(-1, CODE_WIDTH)
+
+
+def decode(row: Sequence[int] | np.ndarray) -> Op:
+    """One code row back into its op."""
+    cls = OPS[int(row[0])]
+    count = len(dataclasses.fields(cls))
+    return cls(*(int(v) for v in row[1 : 1 + count]))
