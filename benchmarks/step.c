@@ -12,7 +12,7 @@
  * Usage: step PROGRAM.bin STEPS  ->  prints "median_ns mean_ns checksum": after 500 warm-up
  * steps, STEPS single steps each timed on its own, median less the clock's own cost (the same
  * protocol as edgeseq.bench times stream.step from Python), and the mean over the whole loop.
- * PROGRAM.bin: int64 n_ops, width, n_features, n_params; int64 code[n_ops][10];
+ * PROGRAM.bin: int64 n_ops, width, n_features, n_params; int64 code[n_ops][CODE_WIDTH];
  *              float params[n_params]; int64 state_size; float initial_state[state_size]
  */
 #include <math.h>
@@ -22,9 +22,11 @@
 #include <string.h>
 #include <time.h>
 
-enum { AFFINE, RNN, LSTM, GRU, DENSE, ACT, SOFTMAX };
+/* The program's layout (opcodes, each field's index in a row), written by edgeseq.bench from
+ * edgeseq/runtime/program.py, the one place that defines it. */
+#include "program.h"
+
 enum { A_RELU, A_TANH, A_SIGMOID, A_LEAKY, A_IDENTITY };
-#define W 10
 
 static inline float tanh_fast(float x) {
   const float clamp = 7.90531110763549805f; /* ternaries vectorise; fminf/fmaxf do not */
@@ -76,11 +78,11 @@ static float activate(int64_t kind, float alpha, float v) {
 
 static int64_t lstm(const int64_t *r, const float *p, const float *cur, float *nxt, float *s,
                     float *g) {
-  int64_t n_in = r[1], h = r[2], g4 = 4 * h;
-  float *hs = s + r[5], *cs = s + r[6];
-  memcpy(g, p + r[4], g4 * sizeof(float));
-  matvec(g, p + r[3], n_in, g4, cur);
-  matvec(g, p + r[3] + n_in * g4, h, g4, hs);
+  int64_t n_in = r[LSTM_N_IN], h = r[LSTM_HID], g4 = 4 * h;
+  float *hs = s + r[LSTM_OFF_H], *cs = s + r[LSTM_OFF_C];
+  memcpy(g, p + r[LSTM_OFF_B], g4 * sizeof(float));
+  matvec(g, p + r[LSTM_OFF_WT], n_in, g4, cur);
+  matvec(g, p + r[LSTM_OFF_WT] + n_in * g4, h, g4, hs);
   for (int64_t j = 0; j < h; j++) {
     float c = sigmoid_fast(g[2 * h + j]) * cs[j] + sigmoid_fast(g[j]) * tanh_fast(g[3 * h + j]);
     cs[j] = c;
@@ -92,12 +94,12 @@ static int64_t lstm(const int64_t *r, const float *p, const float *cur, float *n
 
 static int64_t gru(const int64_t *r, const float *p, const float *cur, float *nxt, float *s,
                    float *g) {  /* linear_before_reset = 1, as PyTorch exports */
-  int64_t n_in = r[1], h = r[2], g3 = 3 * h;
-  float *hs = s + r[7], *gx = g, *gh = g + g3;
-  memcpy(gx, p + r[5], g3 * sizeof(float));
-  memcpy(gh, p + r[6], g3 * sizeof(float));
-  matvec(gx, p + r[3], n_in, g3, cur);
-  matvec(gh, p + r[4], h, g3, hs);
+  int64_t n_in = r[GRU_N_IN], h = r[GRU_HID], g3 = 3 * h;
+  float *hs = s + r[GRU_OFF_H], *gx = g, *gh = g + g3;
+  memcpy(gx, p + r[GRU_OFF_WB], g3 * sizeof(float));
+  memcpy(gh, p + r[GRU_OFF_RB], g3 * sizeof(float));
+  matvec(gx, p + r[GRU_OFF_WX], n_in, g3, cur);
+  matvec(gh, p + r[GRU_OFF_RH], h, g3, hs);
   for (int64_t j = 0; j < h; j++) {
     float z = sigmoid_fast(gx[j] + gh[j]), rr = sigmoid_fast(gx[h + j] + gh[h + j]);
     float n = tanh_fast(gx[2 * h + j] + rr * gh[2 * h + j]);
@@ -109,12 +111,12 @@ static int64_t gru(const int64_t *r, const float *p, const float *cur, float *nx
 
 static int64_t rnn(const int64_t *r, const float *p, const float *cur, float *nxt, float *s,
                    float *g) {
-  int64_t n_in = r[1], h = r[2];
-  float *hs = s + r[5];
-  memcpy(g, p + r[4], h * sizeof(float));
-  matvec(g, p + r[3], n_in, h, cur);
-  matvec(g, p + r[3] + n_in * h, h, h, hs);
-  for (int64_t j = 0; j < h; j++) hs[j] = activate(r[6], p[r[7]], g[j]);
+  int64_t n_in = r[RNN_N_IN], h = r[RNN_HID];
+  float *hs = s + r[RNN_OFF_H];
+  memcpy(g, p + r[RNN_OFF_B], h * sizeof(float));
+  matvec(g, p + r[RNN_OFF_WT], n_in, h, cur);
+  matvec(g, p + r[RNN_OFF_WT] + n_in * h, h, h, hs);
+  for (int64_t j = 0; j < h; j++) hs[j] = activate(r[RNN_ACT], p[r[RNN_OFF_ALPHA]], g[j]);
   memcpy(nxt, hs, h * sizeof(float));
   return h;
 }
@@ -124,21 +126,22 @@ static void step(const int64_t *code, int64_t n_ops, const float *p, const float
   float *cur = buf0, *nxt = buf1, *t;
   memcpy(cur, x, n * sizeof(float));
   for (int64_t i = 0; i < n_ops; i++) {
-    const int64_t *r = code + i * W;
+    const int64_t *r = code + i * CODE_WIDTH;
     switch (r[0]) {
-      case LSTM: n = lstm(r, p, cur, nxt, s, g); break;
-      case GRU: n = gru(r, p, cur, nxt, s, g); break;
-      case RNN: n = rnn(r, p, cur, nxt, s, g); break;
-      case DENSE:
-        n = r[2];
-        memcpy(nxt, p + r[4], n * sizeof(float));
-        matvec(nxt, p + r[3], r[1], n, cur);
+      case OP_LSTM: n = lstm(r, p, cur, nxt, s, g); break;
+      case OP_GRU: n = gru(r, p, cur, nxt, s, g); break;
+      case OP_RNN: n = rnn(r, p, cur, nxt, s, g); break;
+      case OP_DENSE:
+        n = r[DENSE_N_OUT];
+        memcpy(nxt, p + r[DENSE_OFF_B], n * sizeof(float));
+        matvec(nxt, p + r[DENSE_OFF_W], r[DENSE_N_IN], n, cur);
         break;
-      case AFFINE:
-        for (int64_t j = 0; j < n; j++) nxt[j] = cur[j] * p[r[2] + j] + p[r[3] + j];
+      case OP_AFFINE:
+        for (int64_t j = 0; j < n; j++)
+          nxt[j] = cur[j] * p[r[AFFINE_OFF_SCALE] + j] + p[r[AFFINE_OFF_SHIFT] + j];
         break;
-      case ACT:
-        for (int64_t j = 0; j < n; j++) nxt[j] = activate(r[2], p[r[3]], cur[j]);
+      case OP_ACT:
+        for (int64_t j = 0; j < n; j++) nxt[j] = activate(r[ACT_KIND], p[r[ACT_OFF_ALPHA]], cur[j]);
         break;
       default: { /* softmax */
         float peak = cur[0], total = 0;
@@ -185,9 +188,10 @@ int main(int argc, char **argv) {
   int64_t head[4], state_size;
   if (fread(head, sizeof head, 1, f) != 1) return 2;
   int64_t n_ops = head[0], width = head[1], n_features = head[2], n_params = head[3];
-  int64_t *code = malloc(n_ops * W * sizeof(int64_t));
+  int64_t *code = malloc(n_ops * CODE_WIDTH * sizeof(int64_t));
   float *params = lines(n_params);
-  if (fread(code, sizeof(int64_t), n_ops * W, f) != (size_t)(n_ops * W)) return 2;
+  if (fread(code, sizeof(int64_t), n_ops * CODE_WIDTH, f) != (size_t)(n_ops * CODE_WIDTH))
+    return 2;
   if (fread(params, sizeof(float), n_params, f) != (size_t)n_params) return 2;
   if (fread(&state_size, sizeof state_size, 1, f) != 1) return 2;
   float *state = lines(state_size);

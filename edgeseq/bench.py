@@ -27,10 +27,9 @@ import numpy as np
 
 from edgeseq.errors import EdgeseqError
 from edgeseq.runtime import Model, load
-from edgeseq.runtime.program import ANY_CELLS
+from edgeseq.runtime.program import ANY_CELLS, c_header
 
 C_SOURCE = Path(__file__).resolve().parents[1] / "benchmarks" / "step.c"
-C_CODE_WIDTH = 10  # values per program row that step.c reads (its W); the plain cells use 9
 POOL_SIZES = (1, 64, 1024)
 OTHER_BACKENDS = ("onnxruntime", "numpy")  # measured beside numba (the default) in pools, start-up
 FEED_STEPS = 10_000
@@ -154,12 +153,13 @@ class CReference:
         if plan.uses(*ANY_CELLS):  # the *_ANY cells have no C twin
             raise FileNotFoundError("the C reference runs the plain cells only")
         self.binary, self.program = folder / "step", folder / "program.bin"
-        subprocess.run([cc, *C_FLAGS, "-o", str(self.binary), str(C_SOURCE), "-lm"],
-                       check=True, capture_output=True)  # fmt: skip
+        (folder / "program.h").write_text(c_header())  # the row layout, from program.py
+        subprocess.run([cc, *C_FLAGS, "-I", str(folder), "-o", str(self.binary), str(C_SOURCE),
+                        "-lm"], check=True, capture_output=True)  # fmt: skip
         with open(self.program, "wb") as fh:
             head = [plan.code.shape[0], plan.width, plan.n_features, plan.params.size]
             np.array(head, np.int64).tofile(fh)
-            plan.code[:, :C_CODE_WIDTH].astype(np.int64).tofile(fh)  # step.c's W
+            plan.code.astype(np.int64).tofile(fh)
             plan.params.astype(np.float32).tofile(fh)
             np.array([plan.state_size], np.int64).tofile(fh)
             plan.initial_state.astype(np.float32).tofile(fh)

@@ -199,6 +199,19 @@ OPS: dict[int, type[Op]] = {cls.OPCODE: cls for cls in KINDS}
 ANY_CELLS = (RnnAny, LstmAny, GruAny)  # only the per-model kernels run these
 
 
+def c_header() -> str:
+    """The layout as C #defines, for benchmarks/step.c (the C twin of the plain cells): each
+    opcode as OP_<KIND>, each field's index in a row as <KIND>_<FIELD>, and CODE_WIDTH."""
+    lines = ["/* Generated from edgeseq/runtime/program.py; do not edit. */",
+             f"#define CODE_WIDTH {CODE_WIDTH}"]  # fmt: skip
+    for kind in KINDS:
+        name = kind.__name__.upper()
+        lines.append(f"#define OP_{name} {kind.OPCODE}")
+        lines += [f"#define {name}_{f.name.upper()} {i}"
+                  for i, f in enumerate(dataclasses.fields(kind), 1)]  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
 def encode(ops: Iterable[Op]) -> np.ndarray:
     """The program as the kernels read it: (ops, CODE_WIDTH) int64."""
     return np.array([op.row() for op in ops], np.int64).reshape(-1, CODE_WIDTH)
