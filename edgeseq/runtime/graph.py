@@ -7,7 +7,10 @@ graphs the fast plan does not cover. Anything outside `OPS` is refused at load, 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +26,37 @@ RECURRENT = ("RNN", "LSTM", "GRU")
 STATEFUL = (*RECURRENT, "DynamicQuantizeLSTM")
 STANDARD_DOMAINS = ("", "ai.onnx")
 MICROSOFT_OPS = ("DynamicQuantizeLSTM",)  # ONNX Runtime's own ops, domain com.microsoft
+# Ops whose output takes the broadcast shape of all their inputs.
+BROADCASTING = ("Add", "Sub", "Mul", "Div", "Equal", "Where", "DequantizeLinear", "LeakyRelu")
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one evaluation may cost. A file can declare a shape of 2^60 values in 8 bytes (an
+    Expand or ConstantOfShape constant, a batch of 2^40), and loading evaluates the graph on
+    probes: without bounds that is a MemoryError, or minutes of recurrence, before any check
+    could refuse the file."""
+
+    values: int  # elements of any one value a node computes
+    work: int  # multiply-adds of one recurrent node: steps x batch x its weights
+    steps: int  # time steps of one recurrent node (each is a Python-level loop iteration)
+
+
+# While loading: probes are a few sequences of a few steps, and a legitimate recurrent model
+# stays far below these (bench-lstm's checks: 57 sample rows x 0.2 M weights = 1.2e7 work).
+LOAD_LIMITS = Limits(values=1 << 24, work=1 << 32, steps=1 << 16)
+_LIMITS: ContextVar[Limits | None] = ContextVar("edgeseq_graph_limits", default=None)
+
+
+@contextmanager
+def limited(limits: Limits) -> Iterator[None]:
+    """Every graph evaluation in this context (this thread) is held to `limits`. Outside it
+    there are none: the sizes of a run are then the caller's own data."""
+    token = _LIMITS.set(limits)
+    try:
+        yield
+    finally:
+        _LIMITS.reset(token)
 
 
 @dataclass(frozen=True)
@@ -210,21 +244,106 @@ class Graph:
             if initial and node.name in initial:
                 args += [None] * (7 - len(args))
                 args[5 : 5 + len(initial[node.name])] = initial[node.name]
-            try:
-                if node.op in RECURRENT:
-                    args += [None] * (8 - len(args))
-                    results = _recurrent(node, args[: 8 if node.op == "LSTM" else 6])
-                else:
-                    results = elementwise.OPS[node.op](node.attrs, *args)
-            except (ValueError, IndexError, TypeError, KeyError, ShapeError) as exc:
-                raise ModelFormatError(
-                    f"{self.where}: node {node.name!r} ({node.op}) cannot run on these inputs: "
-                    f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
-                ) from None
-            for name, value in zip(node.outputs, results, strict=False):
+            for name, value in zip(node.outputs, run_node(node, args, self.where), strict=False):
                 if name:
                     env[name] = value
         return env
+
+
+def run_node(node: Node, args: list[Any], where: str) -> list[np.ndarray]:
+    """One node on its arguments; whatever its inputs make it fail with is the file's fault,
+    and said so, naming the node."""
+    _check_cost(node, args, where)
+    try:
+        if node.op in RECURRENT:
+            args = args + [None] * (8 - len(args))
+            return _recurrent(node, args[: 8 if node.op == "LSTM" else 6])
+        return list(elementwise.OPS[node.op](node.attrs, *args))
+    except (ValueError, IndexError, TypeError, KeyError, ShapeError) as exc:
+        raise ModelFormatError(
+            f"{where}: node {node.name!r} ({node.op}) cannot run on these inputs: "
+            f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+        ) from None
+
+
+def _elements(shape: tuple[int, ...] | list[int]) -> int:
+    return math.prod(int(d) for d in shape)
+
+
+def _broadcast(*shapes: tuple[int, ...]) -> int:
+    """Elements of the broadcast shape; 0 when the shapes do not broadcast (the op then
+    raises its own error)."""
+    try:
+        return _elements(np.broadcast_shapes(*shapes))
+    except ValueError:
+        return 0
+
+
+def _matmul_cost(a: np.ndarray, b: np.ndarray) -> tuple[int, int]:
+    if a.ndim < 2 or b.ndim < 2:
+        return max(a.size, b.size), a.size + b.size
+    out = _broadcast(a.shape[:-2], b.shape[:-2]) * a.shape[-2] * b.shape[-1]
+    return out, out * a.shape[-1]
+
+
+def _gemm_cost(node: Node, a: np.ndarray, b: np.ndarray) -> tuple[int, int]:
+    if a.ndim != 2 or b.ndim != 2:
+        return 0, 0
+    m, k = a.shape[::-1] if node.attrs.get("transA") else a.shape
+    n = b.shape[0] if node.attrs.get("transB") else b.shape[1]
+    return m * n, m * n * k
+
+
+def _shape_values(value: Any) -> tuple[int, ...] | None:
+    """A shape given as data (Expand, ConstantOfShape): None when it is not 1-D integers."""
+    if not isinstance(value, np.ndarray) or value.ndim != 1 or value.dtype.kind not in "iu":
+        return None
+    return tuple(int(v) for v in value)
+
+
+def _cost(node: Node, args: list[Any]) -> tuple[int, int, int]:
+    """(elements of the largest output, multiply-adds, recurrent steps) of running `node` on
+    `args`, computed from shapes alone, before anything is allocated."""
+    arrays = [a for a in args if isinstance(a, np.ndarray)]
+    op, first = node.op, args[0] if args else None
+    if op in STATEFUL and len(arrays) >= 3 and isinstance(first, np.ndarray) and first.ndim == 3:
+        w, r = args[1], args[2]
+        steps = first.shape[1 if node.attrs.get("layout", 0) == 1 else 0]
+        rows = first.shape[0] * first.shape[1]  # steps x batch, whichever axis is which
+        return 0, rows * (int(np.size(w)) + int(np.size(r))), steps
+    if op == "Expand" and len(args) > 1 and (shape := _shape_values(args[1])) is not None:
+        return _broadcast(first.shape if isinstance(first, np.ndarray) else (), shape), 0, 0
+    if op == "ConstantOfShape" and (shape := _shape_values(first)) is not None:
+        return (_elements(shape) if min(shape, default=0) >= 0 else 0), 0, 0
+    if op in ("MatMul", "MatMulInteger") and len(arrays) >= 2:
+        return (*_matmul_cost(arrays[0], arrays[1]), 0)
+    if op == "Gemm" and len(arrays) >= 2:
+        return (*_gemm_cost(node, arrays[0], arrays[1]), 0)
+    if op == "Gather" and len(arrays) == 2 and arrays[0].ndim:
+        x, axis = arrays[0], int(node.attrs.get("axis", 0))
+        if -x.ndim <= axis < x.ndim and x.shape[axis]:
+            return x.size // x.shape[axis] * arrays[1].size, 0, 0
+    if op in BROADCASTING:
+        return _broadcast(*(a.shape for a in arrays)), 0, 0
+    return 0, 0, 0  # the rest compute no more values than they are given
+
+
+def _check_cost(node: Node, args: list[Any], where: str) -> None:
+    """Refuse, before computing it, a node that would exceed the limits in force."""
+    limits = _LIMITS.get()
+    if limits is None:
+        return
+    values, work, steps = _cost(node, args)
+    shapes = [list(np.shape(a)) for a in args if a is not None]
+    for what, amount, limit in (("time steps", steps, limits.steps),
+                                ("values in one output", values, limits.values),
+                                ("multiply-adds", work, limits.work)):  # fmt: skip
+        if amount > limit:
+            raise ModelFormatError(
+                f"{where}: node {node.name!r} ({node.op}) would compute {amount} {what} on "
+                f"inputs of shapes {shapes}; loading allows at most {limit} (a declared or "
+                "constant shape is absurd)"
+            )
 
 
 def supported_ops() -> set[str]:
@@ -242,9 +361,7 @@ def fold_constants(graph: Graph) -> dict[str, np.ndarray]:
         if node.op in STATEFUL or not all((not i) or i in known for i in node.inputs):
             continue
         args = [known[i] if i else None for i in node.inputs]
-        for name, value in zip(
-            node.outputs, elementwise.OPS[node.op](node.attrs, *args), strict=False
-        ):
+        for name, value in zip(node.outputs, run_node(node, args, graph.where), strict=False):
             if name:
                 known[name] = value
     return known

@@ -3,6 +3,7 @@ and feeds built to match, for probing, verification and streaming."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -15,7 +16,11 @@ from edgeseq.runtime.graph import Graph
 from edgeseq.runtime.verify import batch_time_axes
 
 MAX_FEATURES = 1 << 20
-MAX_FIXED_VALUES = 1 << 26  # x's fixed sizes, multiplied: probing evaluates the graph on one x
+MAX_FIXED_VALUES = 1 << 24  # x's fixed sizes, multiplied: probing evaluates the graph on one x
+# Any other input's size as a probe feeds it (fixed sizes, and PROBE_BATCH for each symbolic one):
+# loading allocates it, so a declared [1, batch, 2^40] must be refused before, not attempted.
+MAX_DECLARED_VALUES = 1 << 24
+PROBE_BATCH = 4  # the largest batch a load-time probe feeds (_probe_sizes: 2, 3 or 4)
 MAX_STEPS_PROBED = 4096  # the longest fixed length find_baked_steps tries
 MAX_LENGTHS_TRIED = 8  # and how many (each is a whole evaluation of the graph)
 
@@ -104,14 +109,30 @@ def read_inputs(proto: onnx.ModelProto, graph: Graph, where: str) -> Inputs:
         raise ModelFormatError(f"{where}: input {x!r} declares {x_dims[2]} features; at most "
                                f"{MAX_FEATURES} are supported")  # fmt: skip
     fixed = [d for d in x_dims[:2] if isinstance(d, int)]
-    if any(d < 1 for d in fixed) or x_dims[2] * int(np.prod(fixed)) > MAX_FIXED_VALUES:
+    if any(d < 1 for d in fixed) or x_dims[2] * math.prod(fixed) > MAX_FIXED_VALUES:
         raise ModelFormatError(f"{where}: input {x!r} declares dims {x_dims}; a fixed batch or "
                                f"time axis must be at least 1 and x at most {MAX_FIXED_VALUES} "
                                "values")  # fmt: skip
     _state_dims(dims, graph)
+    for name in dims:
+        if name != x:
+            _check_declared(name, dims[name], where)
     inputs = Inputs(x, dims, dtypes, int(x_dims[2]))
     inputs.time_first = _time_first(inputs, graph)
     return inputs
+
+
+def _check_declared(name: str, dims: list[int | str], where: str) -> None:
+    """An input other than x is fed zeros of its declared shape by every probe: refuse a
+    negative size, or one that no probe could allocate."""
+    fixed = [d for d in dims if isinstance(d, int)]
+    probed = math.prod(fixed) * PROBE_BATCH ** (len(dims) - len(fixed))
+    if any(d < 0 for d in fixed) or probed > MAX_DECLARED_VALUES:
+        raise ModelFormatError(
+            f"{where}: input {name!r} declares dims {dims}; expected sizes of at least 0 and at "
+            f"most {MAX_DECLARED_VALUES} values in all (each symbolic size counted as "
+            f"{PROBE_BATCH})"
+        )
 
 
 def _state_dims(dims: dict[str, list[int | str]], graph: Graph) -> None:

@@ -16,7 +16,7 @@ import numpy as np
 from edgeseq.artifact import METADATA_KEY, ArtifactInfo, read_metadata
 from edgeseq.errors import EdgeseqError, ModelFormatError, ShapeError, UsageError
 from edgeseq.runtime.engines import Engine, GraphEngine, KernelEngine, OrtEngine, as_real
-from edgeseq.runtime.graph import Graph
+from edgeseq.runtime.graph import LOAD_LIMITS, Graph, limited
 from edgeseq.runtime.inputs import find_baked_steps, read_inputs
 from edgeseq.runtime.loader import read_model
 from edgeseq.runtime.plan import NoPlan, Plan, build_plan
@@ -34,7 +34,13 @@ class Model:
     def __init__(self, path: str | Path, backend: str = "numba") -> None:
         if backend not in BACKENDS:
             raise UsageError(f"backend {backend!r} is not one of {', '.join(BACKENDS)}")
+        self.backend = backend
         self.path = Path(path)
+        with limited(LOAD_LIMITS):  # probing a hostile file must not allocate what it declares
+            self._load()
+
+    def _load(self) -> None:
+        backend = self.backend
         proto, raw = read_model(self.path)
         self.fingerprint = hashlib.sha256(raw).hexdigest()
         self.graph = Graph(proto, str(self.path))
@@ -49,7 +55,7 @@ class Model:
                 f"{self.info.model_spec.input_size}, but the graph's input takes "
                 f"{self.n_features} features"
             )
-        self.backend, self.plan_note, self._proto = backend, "", proto
+        self.plan_note, self._proto = "", proto
         self.plan: Plan | None = None
         self.n_outputs = self._count_outputs()
         self._engine: Engine | None = None
