@@ -27,7 +27,7 @@ import numpy as np
 
 from edgeseq.errors import EdgeseqError
 from edgeseq.runtime import Model, load
-from edgeseq.runtime.program import ANY_CELLS, c_header
+from edgeseq.runtime.program import OWN_KERNEL_ONLY, c_header
 
 C_SOURCE = Path(__file__).resolve().parents[1] / "benchmarks" / "step.c"
 POOL_SIZES = (1, 64, 1024)
@@ -150,8 +150,8 @@ class CReference:
         plan = model.plan
         if cc is None or plan is None or not C_SOURCE.is_file():
             raise FileNotFoundError("no C compiler, fused plan or benchmarks/step.c")
-        if plan.uses(*ANY_CELLS):  # the *_ANY cells have no C twin
-            raise FileNotFoundError("the C reference runs the plain cells only")
+        if plan.uses(*OWN_KERNEL_ONLY):  # the *_ANY and int8 cells have no C twin
+            raise FileNotFoundError("the C reference runs the plain float cells only")
         self.binary, self.program = folder / "step", folder / "program.bin"
         (folder / "program.h").write_text(c_header())  # the row layout, from program.py
         subprocess.run([cc, *C_FLAGS, "-I", str(folder), "-o", str(self.binary), str(C_SOURCE),

@@ -275,6 +275,115 @@ def dense(p, x, y, n_in, n_out, off_w, off_b):
     matvec_into(y, p, off_w, n_in, n_out, x)
 
 
+# The int8 cells (program.py's *Q ops): weights int8, packed four to a float32 slot of `p` and
+# read through `p.view(np.int8)` (a view: no copy, no allocation), scaled per output channel
+# after the sum. Activations and sums stay float32: weight-only quantization, so a model keeps
+# its float twin's arithmetic but reads a quarter of the bytes per sample.
+
+
+@inline_kernel
+def matvec_q_into(acc, q, off_q, n_in, n_out, v):
+    """acc[:n_out] += v[:n_in] @ Q, Q int8 row-major (n_in, n_out) from byte off_q of q; each
+    weight becomes float32 as it is read (LLVM widens and converts a vector at a time)."""
+    acc = acc[:n_out]
+    k = 0
+    while k + 4 <= n_in:
+        v0, v1, v2, v3 = v[k], v[k + 1], v[k + 2], v[k + 3]
+        base = off_q + k * n_out
+        w0 = q[base : base + n_out]
+        w1 = q[base + n_out : base + 2 * n_out]
+        w2 = q[base + 2 * n_out : base + 3 * n_out]
+        w3 = q[base + 3 * n_out : base + 4 * n_out]
+        for j in range(n_out):
+            acc[j] += (np.float32(w0[j]) * v0 + np.float32(w1[j]) * v1
+                       + np.float32(w2[j]) * v2 + np.float32(w3[j]) * v3)  # fmt: skip
+        k += 4
+    while k < n_in:
+        vk = v[k]
+        w = q[off_q + k * n_out : off_q + (k + 1) * n_out]
+        for j in range(n_out):
+            acc[j] += np.float32(w[j]) * vk
+        k += 1
+
+
+@inline_kernel
+def scaled_sums(p, x, h, gates, n_in, hid, width, off_wq, off_rq, off_ws, off_rs, off_b):
+    """gates[:width] = b + ws * (x @ Wq) + rs * (h @ Rq); gates[width:2 width] is scratch."""
+    q = p.view(np.int8)
+    gx, gh = gates[:width], gates[width : 2 * width]
+    for j in range(width):
+        gx[j] = ZERO
+        gh[j] = ZERO
+    matvec_q_into(gx, q, 4 * off_wq, n_in, width, x)
+    matvec_q_into(gh, q, 4 * off_rq, hid, width, h)
+    b, ws, rs = p[off_b : off_b + width], p[off_ws : off_ws + width], p[off_rs : off_rs + width]
+    for j in range(width):
+        gx[j] = b[j] + ws[j] * gx[j] + rs[j] * gh[j]
+
+
+@inline_kernel
+def rnn_q(p, x, y, state, gates, n_in, hid, off_wq, off_rq, off_ws, off_rs, off_b, off_h, act,
+          off_alpha):  # fmt: skip
+    alpha = p[off_alpha]
+    h = state[off_h : off_h + hid]
+    scaled_sums(p, x, h, gates, n_in, hid, hid, off_wq, off_rq, off_ws, off_rs, off_b)
+    for j in range(hid):
+        h[j] = activate(act, alpha, gates[j])
+    copy(y, h, hid)
+
+
+@inline_kernel
+def lstm_q(p, x, y, state, gates, n_in, hid, off_wq, off_rq, off_ws, off_rs, off_b, off_h,
+           off_c):  # fmt: skip
+    g4 = 4 * hid
+    h = state[off_h : off_h + hid]
+    c = state[off_c : off_c + hid]
+    scaled_sums(p, x, h, gates, n_in, hid, g4, off_wq, off_rq, off_ws, off_rs, off_b)
+    gi, go = gates[:hid], gates[hid : 2 * hid]
+    gf, gc = gates[2 * hid : 3 * hid], gates[3 * hid : g4]
+    for j in range(hid):
+        c[j] = sigmoid(gf[j]) * c[j] + sigmoid(gi[j]) * tanh(gc[j])
+        h[j] = sigmoid(go[j]) * tanh(c[j])
+    copy(y, h, hid)
+
+
+@inline_kernel
+def gru_q(p, x, y, state, gates, n_in, hid, off_wq, off_rq, off_ws, off_rs, off_wb, off_rb,
+          off_h):  # fmt: skip
+    """gru() with linear_before_reset=1 (PyTorch's): gx = Wb + ws (x Wq), gh = Rb + rs (h Rq)."""
+    g3 = 3 * hid
+    q = p.view(np.int8)
+    h = state[off_h : off_h + hid]
+    gx, gh = gates[:g3], gates[g3 : 2 * g3]
+    for j in range(g3):
+        gx[j] = ZERO
+        gh[j] = ZERO
+    matvec_q_into(gx, q, 4 * off_wq, n_in, g3, x)
+    matvec_q_into(gh, q, 4 * off_rq, hid, g3, h)
+    wb, rb = p[off_wb : off_wb + g3], p[off_rb : off_rb + g3]
+    ws, rs = p[off_ws : off_ws + g3], p[off_rs : off_rs + g3]
+    for j in range(g3):
+        gx[j] = wb[j] + ws[j] * gx[j]
+        gh[j] = rb[j] + rs[j] * gh[j]
+    for j in range(hid):
+        z = sigmoid(gx[j] + gh[j])
+        r = sigmoid(gx[hid + j] + gh[hid + j])
+        n = tanh(gx[2 * hid + j] + r * gh[2 * hid + j])
+        h[j] = (ONE - z) * n + z * h[j]
+    copy(y, h, hid)
+
+
+@inline_kernel
+def dense_q(p, x, y, n_in, n_out, off_wq, off_s, off_b):
+    """y = b + s * (x @ Wq), Wq int8 (n_in, n_out)."""
+    for j in range(n_out):
+        y[j] = ZERO
+    matvec_q_into(y, p.view(np.int8), 4 * off_wq, n_in, n_out, x)
+    b, s = p[off_b : off_b + n_out], p[off_s : off_s + n_out]
+    for j in range(n_out):
+        y[j] = b[j] + s[j] * y[j]
+
+
 @inline_kernel
 def affine(p, x, y, n, off_scale, off_shift):
     """y = x * scale + shift (feature scaling, folded Add/Sub/Mul/Div)."""

@@ -101,6 +101,10 @@ def _dynamic_quantize(attrs: Attrs, x: A) -> list[A]:
 def _matmul_integer(
     attrs: Attrs, a: A, b: A, a_zero: A | None = None, b_zero: A | None = None
 ) -> list[A]:
+    if a.dtype.kind == "f":  # verify.weight_only: the data path unquantized, weights dequantized
+        a_f = a - (0 if a_zero is None else a_zero.astype(np.float32))
+        b_f = b.astype(np.float32) - (0 if b_zero is None else b_zero.astype(np.float32))
+        return [np.matmul(a_f, b_f).astype(np.float32)]
     a32 = a.astype(np.int32) - (0 if a_zero is None else a_zero.astype(np.int32))
     b32 = b.astype(np.int32) - (0 if b_zero is None else b_zero.astype(np.int32))
     return [np.matmul(a32, b32).astype(np.int32)]

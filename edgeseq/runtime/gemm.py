@@ -108,9 +108,9 @@ class BatchRunner:
 
     def __init__(self, plan: Plan) -> None:
         self.plan = plan
-        self.supported = not plan.uses(*ir.ANY_CELLS) and not any(
+        self.supported = not plan.uses(*ir.OWN_KERNEL_ONLY) and not any(
             isinstance(op, ir.Gru) and op.lbr == 0 for op in plan.ops
-        )  # the *_ANY cells and GRU with linear_before_reset=0 run per stream
+        )  # the *_ANY and int8 ops and GRU with linear_before_reset=0 run per stream
         self._buffers: dict[tuple[int, int, int], np.ndarray] = {}
         self.lstm_layer = _lstm_in_shares()  # None: numpy.matmul and one gate pass
         self.parts = 1 if self.lstm_layer is None else numba.get_num_threads()

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from edgeseq.runtime import aligned, cells, recurrent_ops
+from edgeseq.runtime import int8_weights as int8
 from edgeseq.runtime import program as ir
 from edgeseq.runtime.graph import Graph, Node, fold_constants
 
@@ -97,6 +98,14 @@ class _Builder:
         self.params.append(arr)
         self.size += arr.size
         return offset
+
+    def put_int8(self, q: np.ndarray) -> int:
+        """Append an int8 block, four values to a float32 slot (zero-padded to whole slots);
+        returns its offset in slots (the kernels read it from byte 4 * offset)."""
+        raw = np.ascontiguousarray(q, np.int8).ravel()
+        padded = np.zeros(-(-raw.size // 4) * 4, np.int8)
+        padded[: raw.size] = raw
+        return self.put(padded.view(np.float32))
 
     def own_state(self, initial: np.ndarray) -> int:
         offset = self.state_size
@@ -245,9 +254,44 @@ def _initial(node: Node, slot: int, hidden: int, consts: dict[str, np.ndarray]) 
     return value.reshape(-1)[:hidden].astype(np.float32)
 
 
+Int8Pair = tuple[int8.Int8Matrix, int8.Int8Matrix]  # W and R
+
+
+def _int8_pair(
+    node: Node, consts: dict[str, np.ndarray], producers: dict[str, Node]
+) -> Int8Pair | None:
+    """A recurrent node's W and R as int8 (int8_weights.py), or None: float weights."""
+    if node.op == "DynamicQuantizeLSTM":
+        return int8.dynamic_lstm_weights(node, consts)
+    if node.op == "GRU" and int(node.attrs.get("linear_before_reset", 0)) != 1:
+        return None  # the int8 GRU cell is PyTorch's form only
+    w = int8.recurrent_weight(node.inputs[1], producers, consts)
+    r = int8.recurrent_weight(node.inputs[2], producers, consts)
+    return None if w is None or r is None else (w, r)
+
+
+def _recurrent_int8(b: _Builder, cell: str, pair: Int8Pair, bias: np.ndarray,
+                    layer: RecurrentLayer, n_in: int, act: int) -> None:  # fmt: skip
+    """Emit the int8 op of a plain cell (weights int8, scales and biases float32)."""
+    (w, r), hid = pair, layer.hidden
+    wq, rq, ws, rs = b.put_int8(w.q), b.put_int8(r.q), b.put(w.scale), b.put(r.scale)
+    gates = w.q.shape[1]
+    if cell == "GRU":
+        b.emit(ir.GruQ(n_in, hid, wq, rq, ws, rs, b.put(bias[:gates]), b.put(bias[gates:]),
+                       layer.h_offset))  # fmt: skip
+        return
+    fused_b = b.put(bias[:gates] + bias[gates:])
+    if cell == "LSTM":
+        b.width = max(b.width, 8 * hid)  # x and h sums apart: each has its own scales
+        b.emit(ir.LstmQ(n_in, hid, wq, rq, ws, rs, fused_b, layer.h_offset, layer.c_offset))
+    else:
+        b.emit(ir.RnnQ(n_in, hid, wq, rq, ws, rs, fused_b, layer.h_offset, act, 0))
+
+
 def _recurrent(
-    b: _Builder, node: Node, consts: dict[str, np.ndarray], n_in: int
-) -> tuple[int, RecurrentLayer]:
+    b: _Builder, node: Node, consts: dict[str, np.ndarray], n_in: int,
+    producers: dict[str, Node],
+) -> tuple[int, RecurrentLayer]:  # fmt: skip
     options = _options(node, consts)
     plain = options.plain(cell := _cell(node))
     w, r, bias = _weights(node, consts)
@@ -260,6 +304,12 @@ def _recurrent(
     b.width = max(b.width, 7 * hidden, n_in)
     h_off = b.own_state(_initial(node, 5, hidden, consts))
     layer = RecurrentLayer(node.name, cell.lower(), hidden, h_off)
+    pair = _int8_pair(node, consts, producers) if plain else None
+    if pair is not None:
+        if cell == "LSTM":
+            layer.c_offset = b.own_state(_initial(node, 6, hidden, consts))
+        _recurrent_int8(b, cell, pair, bias, layer, n_in, options.kinds()[0])
+        return hidden, layer
     if cell == "GRU":
         g3 = 3 * hidden
         wx, rh, wb, rb = b.put(w.T), b.put(r.T), b.put(bias[:g3]), b.put(bias[g3:])
@@ -300,7 +350,11 @@ def _other(node: Node, cur: str, consts: dict[str, np.ndarray]) -> tuple[np.ndar
     return consts[other], a != cur
 
 
-def _dense(b: _Builder, node: Node, cur: str, consts: dict[str, np.ndarray], n: int) -> int:
+def _dense(b: _Builder, node: Node, cur: str, consts: dict[str, np.ndarray], n: int,
+           producers: dict[str, Node]) -> int:  # fmt: skip
+    quantized = int8.dense_weight(node.inputs[1], producers, consts)
+    if node.op == "MatMul" and node.inputs[0] == cur and quantized is not None:
+        return _dense_int8(b, node, quantized, n)
     weight = consts.get(node.inputs[1])
     if node.inputs[0] != cur or weight is None or weight.ndim != 2:
         raise NoPlan(f"node {node.name!r} ({node.op}) is not data @ constant matrix")
@@ -321,9 +375,31 @@ def _dense(b: _Builder, node: Node, cur: str, consts: dict[str, np.ndarray], n: 
     return out
 
 
+def _dense_int8(b: _Builder, node: Node, weight: int8.Int8Matrix, n: int) -> int:
+    """A MatMul whose weight is int8 (its bias, if any, is the Add after it)."""
+    if weight.q.shape[0] != n:
+        raise NoPlan(f"node {node.name!r}: a {weight.q.shape} matrix on a data path of width {n}")
+    out = weight.q.shape[1]
+    b.width = max(b.width, out)
+    b.emit(ir.DenseQ(n, out, b.put_int8(weight.q), b.put(weight.scale),
+                     b.put(np.zeros(out, np.float32))))  # fmt: skip
+    return out
+
+
+def _dynamic_dense(b: _Builder, node: Node, users: dict[str, list[Node]],
+                   consts: dict[str, np.ndarray], n: int) -> tuple[int, str]:  # fmt: skip
+    """DynamicQuantizeLinear -> MatMulInteger -> Cast -> Mul as one int8 dense op (weights
+    only: int8_weights.py); (its width, where the data path goes on)."""
+    found = int8.dynamic_matmul(node, users, consts)
+    if found is None:
+        raise NoPlan(f"node {node.name!r} (DynamicQuantizeLinear) does not start an int8 MatMul")
+    weight, after = found
+    return _dense_int8(b, node, weight, n), after
+
+
 def _fold_bias_into_dense(b: _Builder, const: np.ndarray, n: int) -> bool:
     """An Add right after a dense layer becomes its bias (no separate affine op)."""
-    if not b.ops or not isinstance(b.ops[-1], ir.Dense) or b.scale is not None:
+    if not b.ops or not isinstance(b.ops[-1], ir.Dense | ir.DenseQ) or b.scale is not None:
         return False
     off = b.ops[-1].off_b
     block = next(i for i, p in enumerate(b.params) if sum(x.size for x in b.params[:i]) == off)
@@ -393,6 +469,7 @@ def build_plan(graph: Graph, n_features: int) -> Plan:
     for node in live:
         for name in set(node.inputs) - {""}:
             users.setdefault(name, []).append(node)
+    producers = {name: node for node in graph.nodes for name in node.outputs if name}
     b, layers = _Builder(width=n_features), []
     cur, n, target = graph.inputs[0], n_features, graph.outputs[0]
     while cur != target:
@@ -414,11 +491,13 @@ def build_plan(graph: Graph, n_features: int) -> Plan:
             if node.op in GATES:
                 if node.inputs[0] != cur:
                     raise NoPlan(f"node {node.name!r} takes the data path as a weight or state")
-                n, layer = _recurrent(b, node, consts, n)
+                n, layer = _recurrent(b, node, consts, n, producers)
                 layers.append(layer)
                 after = _next_output(node, users, target)
             elif node.op in ("MatMul", "Gemm"):
-                n = _dense(b, node, cur, consts, n)
+                n = _dense(b, node, cur, consts, n, producers)
+            elif node.op == "DynamicQuantizeLinear":
+                n, after = _dynamic_dense(b, node, users, consts, n)
             elif node.op in ACTIVATIONS:
                 alpha = b.put(np.array([node.attrs.get("alpha", 0.01)]))
                 b.emit(ir.Act(n, ACTIVATIONS[node.op], alpha))

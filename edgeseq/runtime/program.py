@@ -10,7 +10,10 @@ arrays, and the fields carry the same names (a test holds the two together), so 
 batched path, the benchmarks' C twin of the step) reads an op by its fields' names.
 
 Offsets (`off_*`) index the plan's flat float32 parameters; `off_h`/`off_c` index a stream's
-flat state vector; sizes are counts of floats.
+flat state vector; sizes are counts of floats. The int8 ops' weights (`off_*q`) are int8 blocks
+packed four to a float32 slot of the same parameters, their per-output-channel scales float32
+(`off_*s`): a weight is q * scale, and the matrix-vector products convert q as they go, so the
+weights stay int8 in memory (4x fewer bytes resident and read per sample than float32).
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ OP_AFFINE, OP_RNN, OP_LSTM, OP_GRU, OP_DENSE, OP_ACT, OP_SOFTMAX = range(7)
 # Cells with clip, any activations, peepholes: only the per-model kernels (specialize.py) run
 # them; in the interpreter, which every model compiles, they tripled the compile time.
 OP_RNN_ANY, OP_LSTM_ANY, OP_GRU_ANY = range(7, 10)
+# int8 weights with per-channel scales: also only in the per-model kernels.
+OP_RNN_Q, OP_LSTM_Q, OP_GRU_Q, OP_DENSE_Q = range(10, 14)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,6 +155,52 @@ class GruAny(Recurrent):
 
 
 @dataclasses.dataclass(frozen=True)
+class RnnQ(Recurrent):
+    """Rnn with int8 W (I, H) at off_wq and R (H, H) at off_rq, scales per unit."""
+
+    OPCODE: ClassVar[int] = OP_RNN_Q
+    CELL: ClassVar[str] = "rnn_q"
+    off_wq: int
+    off_rq: int
+    off_ws: int
+    off_rs: int
+    off_b: int
+    off_h: int
+    act: int
+    off_alpha: int
+
+
+@dataclasses.dataclass(frozen=True)
+class LstmQ(Recurrent):
+    """Lstm with int8 W (I, 4H) at off_wq and R (H, 4H) at off_rq, scales per gate unit."""
+
+    OPCODE: ClassVar[int] = OP_LSTM_Q
+    CELL: ClassVar[str] = "lstm_q"
+    off_wq: int
+    off_rq: int
+    off_ws: int
+    off_rs: int
+    off_b: int
+    off_h: int
+    off_c: int
+
+
+@dataclasses.dataclass(frozen=True)
+class GruQ(Recurrent):
+    """Gru (linear_before_reset=1) with int8 W (I, 3H) at off_wq and R (H, 3H) at off_rq."""
+
+    OPCODE: ClassVar[int] = OP_GRU_Q
+    CELL: ClassVar[str] = "gru_q"
+    off_wq: int
+    off_rq: int
+    off_ws: int
+    off_rs: int
+    off_wb: int
+    off_rb: int
+    off_h: int
+
+
+@dataclasses.dataclass(frozen=True)
 class Dense(Op):
     """y = x @ W + b: W [n_in, n_out] at off_w."""
 
@@ -158,6 +209,23 @@ class Dense(Op):
     n_in: int
     n_out: int
     off_w: int
+    off_b: int
+
+    @property
+    def width(self) -> int:
+        return self.n_out
+
+
+@dataclasses.dataclass(frozen=True)
+class DenseQ(Op):
+    """Dense with int8 W (n_in, n_out) at off_wq, a scale per output at off_s."""
+
+    OPCODE: ClassVar[int] = OP_DENSE_Q
+    CELL: ClassVar[str] = "dense_q"
+    n_in: int
+    n_out: int
+    off_wq: int
+    off_s: int
     off_b: int
 
     @property
@@ -194,9 +262,12 @@ class Softmax(Op):
     n: int
 
 
-KINDS: tuple[type[Op], ...] = (Rnn, Lstm, Gru, RnnAny, LstmAny, GruAny, Dense, Affine, Act, Softmax)
+KINDS: tuple[type[Op], ...] = (Rnn, Lstm, Gru, RnnAny, LstmAny, GruAny, RnnQ, LstmQ, GruQ, Dense,
+                               DenseQ, Affine, Act, Softmax)  # fmt: skip
 OPS: dict[int, type[Op]] = {cls.OPCODE: cls for cls in KINDS}
-ANY_CELLS = (RnnAny, LstmAny, GruAny)  # only the per-model kernels run these
+ANY_CELLS = (RnnAny, LstmAny, GruAny)  # the ONNX operators' every option
+INT8 = (RnnQ, LstmQ, GruQ, DenseQ)
+OWN_KERNEL_ONLY = (*ANY_CELLS, *INT8)  # only the per-model kernels run these
 
 
 def c_header() -> str:
