@@ -14,7 +14,12 @@ import edgeseq
 from tests.daemon_harness import DaemonProcess, LineClient
 
 ROOT = Path(__file__).resolve().parents[1]
-MODELS = sorted((ROOT / "export").glob("*.onnx"))
+# Every reference model but the large speed-benchmark shapes of issue 17 (bench-lstm-256/-512 and
+# their int8 twins, 0.8-13 MB): under QEMU they would add a minute to this suite and prove nothing
+# the 2 x 64 bench models do not (the same ops through the same kernels, sizes read at run time);
+# tests/test_runtime.py checks them against their golden outputs on the host.
+MAX_MODEL_BYTES = 512 * 1024
+MODELS = sorted(p for p in (ROOT / "export").glob("*.onnx") if p.stat().st_size <= MAX_MODEL_BYTES)
 CELL_MODELS = [ROOT / "export" / f"pump-{cell}.onnx" for cell in ("rnn", "lstm", "gru")]
 TOLERANCE = 1e-5  # float32 parity (issue 4)
 INT8_TOLERANCE = 3e-2  # golden int8 outputs come from ONNX Runtime, which quantizes activations
