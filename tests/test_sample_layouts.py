@@ -17,7 +17,7 @@ import pytest
 import edgeseq
 from edgeseq.benchreport import markdown, targets
 from edgeseq.errors import ShapeError
-from edgeseq.runtime.stream import _listed_into
+from edgeseq.runtime.stream import _Staging
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = [ROOT / "export" / f"pump-{cell}.onnx" for cell in ("lstm", "gru", "rnn")]
@@ -65,6 +65,7 @@ LAYOUTS = {
     "float32 big-endian": (lambda d, t: d["x64"][t].astype(">f4"), False),
     "float64 contiguous": (lambda d, t: d["x64"][t].copy(), False),
     "float64 slice with a step": (lambda d, t: np.repeat(d["x64"][t], 2)[::2], False),
+    "float64 big-endian": (lambda d, t: d["x64"][t].astype(">f8"), False),
     "float16": (lambda d, t: d["x64"][t].astype(np.float16), False),
     "longdouble": (lambda d, t: d["x64"][t].astype(np.longdouble), False),
     "int64": (lambda d, t: d["ints"][t].copy(), True),
@@ -148,7 +149,7 @@ def test_a_contiguous_float32_vector_reaches_the_kernel_as_is(monkeypatch):
     def no_copy(x: Any) -> np.ndarray:
         raise AssertionError("a contiguous float32 vector was converted")
 
-    monkeypatch.setattr(stream, "_staged", no_copy)
+    monkeypatch.setattr(stream, "_cast", no_copy)
     xs = [np.full(stream.n_features, v, np.float32) for v in (0.5, 1.5)]
     for x in xs:
         stream.step(x)
@@ -156,8 +157,9 @@ def test_a_contiguous_float32_vector_reaches_the_kernel_as_is(monkeypatch):
 
 
 # Left to the general conversion (np.asarray): a list mixing ints and floats is a float64
-# vector to NumPy unless an int is beyond 64 bits (then it holds objects, and is refused).
-GENERAL = {"list of mixed ints and floats"}
+# vector to NumPy unless an int is beyond 64 bits (then it holds objects, and is refused); a
+# long double has no exact Python float to go through.
+GENERAL = {"list of mixed ints and floats", "longdouble"}
 
 
 @pytest.mark.parametrize("layout", sorted(set(LAYOUTS) - GENERAL))
@@ -169,7 +171,7 @@ def test_any_other_layout_is_cast_into_the_streams_own_vector(layout):
     for t in range(3):
         stream.step(make(data, t))
     assert all(x is spy.seen[0] for x in spy.seen)
-    assert spy.seen[0] is stream._x and spy.seen[0].flags.carray
+    assert spy.seen[0] is stream._staging.x and spy.seen[0].flags.carray
 
 
 def test_streams_do_not_share_their_own_vectors():
@@ -196,6 +198,8 @@ REFUSED = {
     "strided float32 NaN": (np.array([[1.0, np.nan, 2.0]] * 2, np.float32, order="F")[1],
                             r"\[1\] is nan"),
     "float64 too narrow": (np.zeros(4)[::2], r"shape \(2,\)"),
+    "float64 big-endian beyond float32": (np.full(3, -1e300, ">f8"), r"\[0\] is -inf"),
+    "longdouble beyond float32": (np.full(3, 1e300, np.longdouble), r"\[0\] is inf"),
     "int too wide": (np.zeros(4, np.int64), r"shape \(4,\)"),
     "float32 2-D": (np.zeros((1, 3), np.float32), r"shape \(1, 3\)"),
     "float32 0-d": (np.float32(1.0), r"shape \(\)"),
@@ -246,7 +250,7 @@ def test_mixed_lists_cast_to_the_bit_as_numpy_reads_them():
     taken = 0
     for _ in range(3000):
         x = [pool[i] for i in rng.integers(len(pool), size=rng.integers(1, 5))]
-        got = _listed_into(np.zeros(len(x), np.float32), x)
+        got = _Staging(len(x)).listed(x)
         if got is not None:
             taken += 1
             assert np.array_equal(got.view(np.uint32), _expected(x).view(np.uint32)), x

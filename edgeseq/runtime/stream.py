@@ -7,7 +7,7 @@ returned array.
 
 from __future__ import annotations
 
-from array import array
+import struct
 from collections.abc import Sequence
 from typing import Any
 
@@ -26,15 +26,12 @@ from edgeseq.runtime.engines import (
 )
 
 _F32 = np.dtype(np.float32)  # a dtype object, not the type: np.empty resolves it 2x faster
+_F64 = np.dtype(np.float64)
 _empty = np.empty
 _NDARRAY = np.ndarray
-_REAL_KINDS = "biuf"  # what as_real accepts: bool, int, unsigned, float
-# Real dtypes whose cast to float32 can overflow (to infinity, which the kernel then refuses):
-# NumPy warns on such a cast unless told not to, and telling it costs a context manager.
-_WIDE = frozenset(np.dtype(t) for t in (np.float64, np.longdouble))
 # Element types of a list or tuple that np.asarray reads as a float64 (or narrower float, or
 # bool) vector, and those it reads as an int64 vector (mixed with np.uint64 it promotes ints to
-# float64, hence not np.uint64): see _listed_into.
+# float64, hence not np.uint64): see _Staging.listed.
 _FLOATS = frozenset({float, bool, np.float64, np.float32, np.float16, np.bool_})
 _INTS = frozenset({int, bool, np.int64, np.int32, np.int16, np.int8, np.uint32,
                    np.uint16, np.uint8})  # fmt: skip
@@ -57,36 +54,71 @@ def _sample(x: Any, n_features: int, what: str = "sample") -> np.ndarray:
     return arr
 
 
-def _cast_into(staged: np.ndarray, x: np.ndarray) -> np.ndarray:
-    """x, a real vector of staged's shape, cast into staged, as as_real casts it."""
-    if x.dtype in _WIDE:
-        with np.errstate(over="ignore"):  # to infinity, which the kernel then refuses
-            staged[...] = x
-    else:
-        staged[...] = x
-    return staged
+class _Staging:
+    """One stream's own float32 vector, and the casts of samples in other layouts into it.
 
+    Each cast is the one as_real makes (np.asarray(x).astype(float32)), to the bit, without
+    allocating and without NumPy's overflow warning, which a cast to float32 emits unless it
+    runs inside np.errstate (~1 us): beyond float32 a value becomes infinity, as there, and
+    the kernel refuses it. Whatever is not a real vector of the model's width, or a list or
+    tuple of floats or of ints, is left to the general conversion (None), which refuses
+    what is no sample."""
 
-def _listed_into(staged: np.ndarray, x: list[Any] | tuple[Any, ...]) -> np.ndarray | None:
-    """A list or tuple of floats, or of ints, cast into staged, to the bit as as_real casts it
-    (np.asarray(x) is a float64 or an int64 vector, then float32); None for anything else,
-    which the general conversion then reads or refuses.
+    def __init__(self, n_features: int) -> None:
+        self.x = np.zeros(n_features, np.float32)
+        self.shape = self.x.shape
+        self.ints = np.zeros(n_features, np.int64)
+        # C casts of Python numbers, straight into the vectors (native format: no overflow
+        # check, so a float beyond float32 packs as infinity, as NumPy's cast makes it)
+        self.pack_floats: Any = struct.Struct(f"@{n_features}f").pack_into  # Any: numpy's
+        self.pack_ints: Any = struct.Struct(f"@{n_features}q").pack_into  # stubs lack Buffer
 
-    array() converts the elements in one C loop, ~0.1 us, where np.asarray first inspects
-    each one to find the dtype; the type check keeps what np.asarray reads otherwise (a
-    Decimal, an int beyond 64 bits: object values) on the general path, which refuses it."""
-    if len(x) != staged.shape[0]:
+    def cast(self, x: Any) -> np.ndarray | None:
+        """x cast into self.x (returned), or None for the general conversion."""
+        if x.__class__ is _NDARRAY:
+            if x.shape != self.shape:
+                return None
+            dtype = x.dtype
+            if dtype is _F32:  # strided (a row of a frame), read-only or unaligned
+                self.x[...] = x
+            elif dtype is _F64:  # C casts of Python floats: beyond float32, infinity
+                self.pack_floats(self.x, 0, *x.tolist())
+            else:
+                return self.array(x)
+            return self.x
+        if x.__class__ is list or x.__class__ is tuple:
+            return self.listed(x)
         return None
-    if _FLOATS.issuperset(map(type, x)):
-        staged[...] = array("f", x)  # beyond float32: infinity, without a warning
-        return staged
-    if _INTS.issuperset(map(type, x)):
-        try:
-            staged[...] = array("q", x)
-        except (OverflowError, TypeError):  # beyond int64: np.asarray reads uint64, or refuses
+
+    def array(self, x: np.ndarray) -> np.ndarray | None:
+        """A vector of the model's width: NumPy's cast where it cannot overflow (float32 in
+        another byte order, float16, ints, bools), float64 through Python floats."""
+        kind, size = x.dtype.kind, x.dtype.itemsize
+        if kind == "f" and size == 8:
+            self.pack_floats(self.x, 0, *x.tolist())
+        elif kind in "biu" or (kind == "f" and size <= 4):
+            self.x[...] = x
+        else:
+            return None  # longdouble (no exact Python float), complex, strings, objects...
+        return self.x
+
+    def listed(self, x: list[Any] | tuple[Any, ...]) -> np.ndarray | None:
+        """A list or tuple of floats (np.asarray: float64), or of ints (int64); the type
+        check keeps what np.asarray reads otherwise (a Decimal; an int beyond 64 bits: object
+        values, refused) on the general path."""
+        if len(x) != self.shape[0]:
             return None
-        return staged
-    return None
+        if _FLOATS.issuperset(map(type, x)):
+            self.pack_floats(self.x, 0, *x)
+            return self.x
+        if _INTS.issuperset(map(type, x)):
+            try:
+                self.pack_ints(self.ints, 0, *x)
+            except struct.error:  # beyond int64: np.asarray reads uint64, or refuses it
+                return None
+            self.x[...] = self.ints
+            return self.x
+        return None
 
 
 def _block(xs: Any, n_features: int, what: str = "samples") -> np.ndarray:
@@ -120,7 +152,7 @@ class Stream:
     With the Numba engine the stream runs its model's own compiled kernel (specialize.py) on
     one `work` vector holding its state and its scratch; `step` hands the caller's array to
     the kernel as is when it is a plain float32 vector, and casts any other layout (a strided
-    row of a frame, float64, ints, a list...) into the stream's own vector first (_staged).
+    row of a frame, float64, ints, a list...) into the stream's own vector first (_Staging).
     """
 
     def __init__(self, engine: Engine, n_features: int) -> None:
@@ -136,8 +168,8 @@ class Stream:
         else:
             self._kernel = None
             self._state = engine.new_state()
-        self._x = np.zeros(n_features, np.float32)  # samples of other layouts are copied here
-        self._x_shape = self._x.shape
+        self._staging = _Staging(n_features)  # samples in other layouts are cast into it
+        self._cast = self._staging.cast
 
     def step(self, x: Any) -> np.ndarray:
         """Feed one sample; return the model's output for it."""
@@ -150,29 +182,14 @@ class Stream:
         # vector) goes to it as is; the test costs ~0.1 us, where letting Numba's dispatcher
         # refuse a type builds an error message (~100 us) before any conversion.
         if x.__class__ is not _NDARRAY or x.dtype is not _F32 or not x.flags.carray or x.ndim != 1:
-            x = self._staged(x)
+            staged = self._cast(x)  # into the stream's own vector (_Staging), else a new one:
+            x = _sample(x, self.n_features) if staged is None else staged  # or refused
         bad = self._kernel(self._params, x, self._work, out)
         if bad != -1:
             if bad == SHAPE_MISMATCH:
                 _sample(x, self.n_features)  # raises, naming the shape found
             _refuse(bad, x, "sample")
         return out
-
-    def _staged(self, x: Any) -> np.ndarray:
-        """x as a plain float32 vector, for the kernel.
-
-        A real vector of the model's width (strided, read-only, float64, int...) or a list or
-        tuple of numbers is cast into this stream's own vector: one copy, no allocation. The
-        rest goes through the general conversion, which refuses what is not a sample.
-        """
-        if x.__class__ is _NDARRAY:
-            if x.shape == self._x_shape and x.dtype.kind in _REAL_KINDS:
-                return _cast_into(self._x, x)
-        elif x.__class__ is list or x.__class__ is tuple:
-            staged = _listed_into(self._x, x)
-            if staged is not None:
-                return staged
-        return _sample(x, self.n_features)
 
     def feed(self, xs: Any) -> np.ndarray:
         """Feed (T, F) samples in order; (T, n_outputs) outputs, exactly as T calls to step."""
