@@ -363,6 +363,7 @@ def layouts(model: Model) -> dict[str, Any]:
         "int64, contiguous": np.round(x).astype(np.int64),
         "list of floats": x.tolist(),
         "tuple of floats": tuple(x.tolist()),
+        "list of ints": np.round(x).astype(np.int64).tolist(),
     }
 
 

@@ -235,9 +235,12 @@ def test_what_is_no_sample_is_refused_as_before_and_the_state_kept(bad, message)
         np.testing.assert_array_equal(value, before[key])
 
 
-def test_an_int_list_beyond_int64_but_within_uint64_is_read_as_numpy_reads_it():
+@pytest.mark.parametrize(
+    "big", [[2**63, 1, 2], [2**53 + 1, -(2**53) - 1, 3], (2**60 + 12345, 0, -1)], ids=str
+)
+def test_ints_too_large_for_an_exact_double_are_read_as_numpy_reads_them(big):
+    """Beyond 2**53 an int would be rounded twice through a float: the general path's."""
     stream, twin = edgeseq.load(MODELS[0]).stream(), edgeseq.load(MODELS[0]).stream()
-    big = [2**63, 1, 2]
     np.testing.assert_array_equal(stream.step(big), twin.step(_expected(big)))
 
 

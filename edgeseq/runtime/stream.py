@@ -35,6 +35,7 @@ _NDARRAY = np.ndarray
 _FLOATS = frozenset({float, bool, np.float64, np.float32, np.float16, np.bool_})
 _INTS = frozenset({int, bool, np.int64, np.int32, np.int16, np.int8, np.uint32,
                    np.uint16, np.uint8})  # fmt: skip
+_EXACT_INT = 2**53  # ints up to this size are exact doubles
 MAX_CAPACITY = 1 << 22  # streams in one pool (4 Mi: a table of a few GiB for a large model)
 
 
@@ -61,17 +62,16 @@ class _Staging:
     allocating and without NumPy's overflow warning, which a cast to float32 emits unless it
     runs inside np.errstate (~1 us): beyond float32 a value becomes infinity, as there, and
     the kernel refuses it. Whatever is not a real vector of the model's width, or a list or
-    tuple of floats or of ints, is left to the general conversion (None), which refuses
-    what is no sample."""
+    tuple of floats or of ints, is left to the general conversion (None), which reads or
+    refuses it."""
 
     def __init__(self, n_features: int) -> None:
         self.x = np.zeros(n_features, np.float32)
         self.shape = self.x.shape
-        self.ints = np.zeros(n_features, np.int64)
-        # C casts of Python numbers, straight into the vectors (native format: no overflow
-        # check, so a float beyond float32 packs as infinity, as NumPy's cast makes it)
-        self.pack_floats: Any = struct.Struct(f"@{n_features}f").pack_into  # Any: numpy's
-        self.pack_ints: Any = struct.Struct(f"@{n_features}q").pack_into  # stubs lack Buffer
+        # C casts of Python numbers straight into the vector (native format: no overflow
+        # check, so a float beyond float32 packs as infinity, as NumPy's cast makes it).
+        # Any: numpy's stubs do not declare that an ndarray is a buffer.
+        self.pack_floats: Any = struct.Struct(f"@{n_features}f").pack_into
 
     def cast(self, x: Any) -> np.ndarray | None:
         """x cast into self.x (returned), or None for the general conversion."""
@@ -103,20 +103,16 @@ class _Staging:
         return self.x
 
     def listed(self, x: list[Any] | tuple[Any, ...]) -> np.ndarray | None:
-        """A list or tuple of floats (np.asarray: float64), or of ints (int64); the type
-        check keeps what np.asarray reads otherwise (a Decimal; an int beyond 64 bits: object
-        values, refused) on the general path."""
+        """A list or tuple of floats (np.asarray: float64), or of ints within +-2**53
+        (int64; each an exact double, so one rounding to float32 either way); the type check
+        keeps what np.asarray reads otherwise (a Decimal; an int beyond 64 bits: object
+        values, refused) on the general path, and larger ints too."""
         if len(x) != self.shape[0]:
             return None
-        if _FLOATS.issuperset(map(type, x)):
+        if _FLOATS.issuperset(map(type, x)) or (
+            _INTS.issuperset(map(type, x)) and min(x) >= -_EXACT_INT and max(x) <= _EXACT_INT
+        ):
             self.pack_floats(self.x, 0, *x)
-            return self.x
-        if _INTS.issuperset(map(type, x)):
-            try:
-                self.pack_ints(self.ints, 0, *x)
-            except struct.error:  # beyond int64: np.asarray reads uint64, or refuses it
-                return None
-            self.x[...] = self.ints
             return self.x
         return None
 
