@@ -385,6 +385,38 @@ def dense_q(p, x, y, n_in, n_out, off_wq, off_s, off_b):
 
 
 @inline_kernel
+def lstm_decoder(p, x, y, state, gates, n_in, hid, off_wt, off_b, horizon):
+    """A seq2seq decoder step (program.LstmDecoder): from zero h and c, `horizon` LSTM steps
+    on the same input x; y[t * hid : (t + 1) * hid] is h after step t. x's share of the gates,
+    b + x @ W, is the same every step: computed once. gates holds 10 * hid: that share, one
+    step's gates, c, and a zero h."""
+    g4 = 4 * hid
+    gx, g = gates[:g4], gates[g4 : 2 * g4]
+    c, zero = gates[2 * g4 : 2 * g4 + hid], gates[2 * g4 + hid : 2 * g4 + 2 * hid]
+    copy(gx, p[off_b : off_b + g4], g4)
+    matvec_into(gx, p, off_wt, n_in, g4, x)
+    for j in range(hid):
+        c[j] = ZERO
+        zero[j] = ZERO
+    for t in range(horizon):
+        h_prev = zero if t == 0 else y[(t - 1) * hid : t * hid]
+        copy(g, gx, g4)
+        matvec_into(g, p, off_wt + n_in * g4, hid, g4, h_prev)
+        h = y[t * hid : (t + 1) * hid]
+        for j in range(hid):
+            c[j] = sigmoid(g[2 * hid + j]) * c[j] + sigmoid(g[j]) * tanh(g[3 * hid + j])
+            h[j] = sigmoid(g[hid + j]) * tanh(c[j])
+
+
+@inline_kernel
+def dense_rows(p, x, y, rows, n_in, n_out, off_w, off_b):
+    """dense() on each of `rows` rows: x (rows * n_in) -> y (rows * n_out)."""
+    for r in range(rows):
+        dense(p, x[r * n_in : (r + 1) * n_in], y[r * n_out : (r + 1) * n_out], n_in, n_out,
+              off_w, off_b)  # fmt: skip
+
+
+@inline_kernel
 def affine(p, x, y, n, off_scale, off_shift):
     """y = x * scale + shift (feature scaling, folded Add/Sub/Mul/Div)."""
     scale, shift = p[off_scale : off_scale + n], p[off_shift : off_shift + n]

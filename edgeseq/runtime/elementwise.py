@@ -129,7 +129,17 @@ def _dynamic_quantize_lstm(
     and run in float32 (ORT also quantizes activations, so results differ by int8 noise)."""
 
     def weights(q: A, scale: A | None, zero: A | None) -> A:
-        assert scale is not None
+        """(q - zero) * scale, [dirs, in, 4H] -> [dirs, 4H, in]: a scale and zero point per
+        direction and gate unit ([dirs, 4H]), checked first (a broadcast of other shapes once
+        asked for 16 GiB)."""
+        expected = (q.shape[0], q.shape[2]) if q.ndim == 3 else None
+        for name, value in (("scale", scale), ("zero point", zero)):
+            if value is not None and (expected is None or value.shape != expected):
+                raise ValueError(f"a weight's {name} has shape {value.shape}; expected "
+                                 f"[directions, 4 * hidden_size] = {list(expected or ())} for "
+                                 f"weights of shape {list(q.shape)}")  # fmt: skip
+        if scale is None:
+            raise ValueError("a quantized weight has no scale")
         zp = 0 if zero is None else zero.astype(np.int32)[:, None, :]
         return np.transpose((q.astype(np.int32) - zp) * scale[:, None, :], (0, 2, 1)).astype(
             np.float32

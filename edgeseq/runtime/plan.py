@@ -84,6 +84,8 @@ class _Builder:
     state: list[np.ndarray] = field(default_factory=list)
     state_size: int = 0
     width: int = 1
+    rows: int = 1  # the data path is `rows` rows of n values (a seq2seq decoder's steps)
+    repeat: int = 0  # an Expand asked for the next recurrent node to read its input this often
     scale: np.ndarray | None = None  # pending affine v * scale + shift
     shift: np.ndarray | None = None
 
@@ -117,11 +119,21 @@ class _Builder:
         self.ops.append(op)
 
     def flush_affine(self, n: int) -> None:
+        """Emit the pending affine map over the data path: constants of one row's width apply
+        to each row alike, those of every row's values (after a Reshape that flattened a
+        decoder's steps) one to one."""
         if self.scale is None or self.shift is None:
             return
-        scale, shift = np.broadcast_to(self.scale, (n,)), np.broadcast_to(self.shift, (n,))
-        self.emit(ir.Affine(n, self.put(scale), self.put(shift)))
+        total = n * self.rows
+        self.emit(ir.Affine(total, self.put(self._spread(self.scale, n)),
+                            self.put(self._spread(self.shift, n))))  # fmt: skip
         self.scale = self.shift = None
+
+    def _spread(self, const: np.ndarray, n: int) -> np.ndarray:
+        flat = np.asarray(const, np.float32).ravel()
+        if flat.size == n * self.rows:
+            return flat
+        return np.tile(np.broadcast_to(flat, (n,)), self.rows)
 
 
 def _affine(b: _Builder, op: str, const: np.ndarray, const_first: bool) -> None:
@@ -353,7 +365,7 @@ def _other(node: Node, cur: str, consts: dict[str, np.ndarray]) -> tuple[np.ndar
 def _dense(b: _Builder, node: Node, cur: str, consts: dict[str, np.ndarray], n: int,
            producers: dict[str, Node]) -> int:  # fmt: skip
     quantized = int8.dense_weight(node.inputs[1], producers, consts)
-    if node.op == "MatMul" and node.inputs[0] == cur and quantized is not None:
+    if node.op == "MatMul" and node.inputs[0] == cur and quantized is not None and b.rows == 1:
         return _dense_int8(b, node, quantized, n)
     weight = consts.get(node.inputs[1])
     if node.inputs[0] != cur or weight is None or weight.ndim != 2:
@@ -370,8 +382,10 @@ def _dense(b: _Builder, node: Node, cur: str, consts: dict[str, np.ndarray], n: 
     if weight.shape[0] != n:
         raise NoPlan(f"node {node.name!r}: a {weight.shape} matrix on a data path of width {n}")
     out = weight.shape[1]
-    b.width = max(b.width, out)
-    b.emit(ir.Dense(n, out, b.put(weight), b.put(np.broadcast_to(bias, (out,)))))
+    b.width = max(b.width, out * b.rows)
+    off_w, off_b = b.put(weight), b.put(np.broadcast_to(bias, (out,)))
+    b.emit(ir.Dense(n, out, off_w, off_b) if b.rows == 1 else
+           ir.DenseRows(b.rows, n, out, off_w, off_b))  # fmt: skip
     return out
 
 
@@ -399,12 +413,67 @@ def _dynamic_dense(b: _Builder, node: Node, users: dict[str, list[Node]],
 
 def _fold_bias_into_dense(b: _Builder, const: np.ndarray, n: int) -> bool:
     """An Add right after a dense layer becomes its bias (no separate affine op)."""
-    if not b.ops or not isinstance(b.ops[-1], ir.Dense | ir.DenseQ) or b.scale is not None:
+    dense = ir.Dense | ir.DenseQ | ir.DenseRows
+    if not b.ops or not isinstance(b.ops[-1], dense) or b.scale is not None:
         return False
     off = b.ops[-1].off_b
     block = next(i for i, p in enumerate(b.params) if sum(x.size for x in b.params[:i]) == off)
     b.params[block] = b.params[block] + np.broadcast_to(np.asarray(const, np.float32).ravel(), (n,))
     return True
+
+
+def _repeats(node: Node, consts: dict[str, np.ndarray], n: int) -> int:
+    """How often an Expand repeats the data path: a seq2seq model feeding its encoder's output
+    to the decoder `horizon` times (x.expand(-1, horizon, -1) in PyTorch). One axis may grow;
+    every other stays 1 (or -1, or the data path's own width)."""
+    shape = consts.get(node.inputs[1]) if len(node.inputs) > 1 else None
+    if shape is None:
+        raise NoPlan(f"node {node.name!r} (Expand) expands to a shape computed at run time")
+    dims = [int(d) for d in np.asarray(shape).ravel()]
+    if dims and dims[-1] == n:
+        dims = dims[:-1]
+    grown = [d for d in dims if d not in (1, -1)]
+    if len(grown) != 1 or grown[0] < 1:
+        raise NoPlan(f"node {node.name!r} (Expand) to {list(np.asarray(shape).ravel())} is not "
+                     "one axis of repeats of the data path")  # fmt: skip
+    return grown[0]
+
+
+def _zeros_each_time(name: str, producers: dict[str, Node], consts: dict[str, np.ndarray]) -> bool:
+    """Whether an initial state is zeros for every call: absent, a zero constant, or a
+    ConstantOfShape of zeros (sized at run time)."""
+    if not name:
+        return True
+    if name in consts:
+        return not np.any(consts[name])
+    node = producers.get(name)
+    value = node.attrs.get("value") if node is not None else None
+    return (
+        node is not None
+        and node.op == "ConstantOfShape"
+        and not np.any(0 if value is None else value)
+    )
+
+
+def _decoder(b: _Builder, node: Node, consts: dict[str, np.ndarray], producers: dict[str, Node],
+             n_in: int) -> int:  # fmt: skip
+    """The LSTM after an Expand: a seq2seq decoder (program.LstmDecoder), the data path then
+    `horizon` rows of its h."""
+    names = [*node.inputs, "", "", ""]
+    if node.op != "LSTM" or not _options(node, consts).plain("LSTM"):
+        raise NoPlan(f"node {node.name!r} ({node.op}) decodes with other than a plain LSTM")
+    if not all(_zeros_each_time(name, producers, consts) for name in names[5:7]):
+        raise NoPlan(f"node {node.name!r}: a decoder whose initial state is not zeros")
+    w, r, bias = _weights(node, consts)
+    hid = r.shape[1]
+    if w.shape[1] != n_in:
+        raise NoPlan(f"node {node.name!r} takes {w.shape[1]} inputs, the data path has {n_in}")
+    gates = w.shape[0]
+    wt = b.put(np.concatenate([w.T, r.T], axis=0))
+    b.emit(ir.LstmDecoder(n_in, hid, wt, b.put(bias[:gates] + bias[gates:]), b.repeat))
+    b.width = max(b.width, 10 * hid, b.repeat * hid)
+    b.rows, b.repeat = b.repeat, 0
+    return hid
 
 
 LAST = -1  # the index PyTorch's y[:, -1] and hn[-1] export: the newest step, the last layer
@@ -491,17 +560,24 @@ def build_plan(graph: Graph, n_features: int) -> Plan:
             if node.op in GATES:
                 if node.inputs[0] != cur:
                     raise NoPlan(f"node {node.name!r} takes the data path as a weight or state")
-                n, layer = _recurrent(b, node, consts, n, producers)
-                layers.append(layer)
+                if b.rows > 1:
+                    raise NoPlan(f"node {node.name!r} ({node.op}) runs on a decoder's steps")
+                if b.repeat:
+                    n = _decoder(b, node, consts, producers, n)
+                else:
+                    n, layer = _recurrent(b, node, consts, n, producers)
+                    layers.append(layer)
                 after = _next_output(node, users, target)
+            elif node.op == "Expand":
+                b.repeat = _repeats(node, consts, n)
             elif node.op in ("MatMul", "Gemm"):
                 n = _dense(b, node, cur, consts, n, producers)
-            elif node.op == "DynamicQuantizeLinear":
+            elif node.op == "DynamicQuantizeLinear" and b.rows == 1:
                 n, after = _dynamic_dense(b, node, users, consts, n)
             elif node.op in ACTIVATIONS:
                 alpha = b.put(np.array([node.attrs.get("alpha", 0.01)]))
-                b.emit(ir.Act(n, ACTIVATIONS[node.op], alpha))
-            elif node.op == "Softmax" and node.attrs.get("axis", -1) in (-1, 2):
+                b.emit(ir.Act(n * b.rows, ACTIVATIONS[node.op], alpha))
+            elif node.op == "Softmax" and node.attrs.get("axis", -1) in (-1, 2) and b.rows == 1:
                 b.emit(ir.Softmax(n))
             else:
                 raise NoPlan(f"node {node.name!r} ({node.op}) is off the fused plan's patterns")
@@ -509,6 +585,9 @@ def build_plan(graph: Graph, n_features: int) -> Plan:
     b.flush_affine(n)
     if not layers:
         raise NoPlan("the data path has no recurrent layer")
+    if b.repeat:
+        raise NoPlan("an Expand repeats the data path for no decoder")
+    n *= b.rows
     state = np.concatenate(b.state).astype(np.float32)
     return Plan(
         b.ops,

@@ -31,6 +31,9 @@ OP_AFFINE, OP_RNN, OP_LSTM, OP_GRU, OP_DENSE, OP_ACT, OP_SOFTMAX = range(7)
 OP_RNN_ANY, OP_LSTM_ANY, OP_GRU_ANY = range(7, 10)
 # int8 weights with per-channel scales: also only in the per-model kernels.
 OP_RNN_Q, OP_LSTM_Q, OP_GRU_Q, OP_DENSE_Q = range(10, 14)
+# seq2seq: a decoder that re-reads the encoder's output `horizon` times, and a dense layer
+# applied to each of its steps; also only in the per-model kernels.
+OP_LSTM_DECODER, OP_DENSE_ROWS = 14, 15
 
 
 @dataclasses.dataclass(frozen=True)
@@ -201,6 +204,40 @@ class GruQ(Recurrent):
 
 
 @dataclasses.dataclass(frozen=True)
+class LstmDecoder(Recurrent):
+    """A seq2seq decoder: an LSTM that starts from zeros for every sample and reads the same
+    input `horizon` times. Its h at each of those steps, (horizon, hid), goes on row by row;
+    it keeps no state between samples. The input's share of the gates is computed once."""
+
+    OPCODE: ClassVar[int] = OP_LSTM_DECODER
+    CELL: ClassVar[str] = "lstm_decoder"
+    off_wt: int
+    off_b: int
+    horizon: int
+
+    @property
+    def width(self) -> int:
+        return self.horizon * self.hid
+
+
+@dataclasses.dataclass(frozen=True)
+class DenseRows(Op):
+    """Dense applied to each of `rows` rows of n_in values (a decoder's steps)."""
+
+    OPCODE: ClassVar[int] = OP_DENSE_ROWS
+    CELL: ClassVar[str] = "dense_rows"
+    rows: int
+    n_in: int
+    n_out: int
+    off_w: int
+    off_b: int
+
+    @property
+    def width(self) -> int:
+        return self.rows * self.n_out
+
+
+@dataclasses.dataclass(frozen=True)
 class Dense(Op):
     """y = x @ W + b: W [n_in, n_out] at off_w."""
 
@@ -262,12 +299,14 @@ class Softmax(Op):
     n: int
 
 
-KINDS: tuple[type[Op], ...] = (Rnn, Lstm, Gru, RnnAny, LstmAny, GruAny, RnnQ, LstmQ, GruQ, Dense,
-                               DenseQ, Affine, Act, Softmax)  # fmt: skip
+KINDS: tuple[type[Op], ...] = (Rnn, Lstm, Gru, RnnAny, LstmAny, GruAny, RnnQ, LstmQ, GruQ,
+                               LstmDecoder, Dense, DenseQ, DenseRows, Affine, Act,
+                               Softmax)  # fmt: skip
 OPS: dict[int, type[Op]] = {cls.OPCODE: cls for cls in KINDS}
 ANY_CELLS = (RnnAny, LstmAny, GruAny)  # the ONNX operators' every option
 INT8 = (RnnQ, LstmQ, GruQ, DenseQ)
-OWN_KERNEL_ONLY = (*ANY_CELLS, *INT8)  # only the per-model kernels run these
+SEQ2SEQ = (LstmDecoder, DenseRows)
+OWN_KERNEL_ONLY = (*ANY_CELLS, *INT8, *SEQ2SEQ)  # only the per-model kernels run these
 
 
 def c_header() -> str:
