@@ -39,7 +39,7 @@ test-aarch64: install
 # Slow measurements (long recordings, soak, drift) and the speed report BENCHMARKS.md.
 bench: install
 	$(BIN)/python -m pytest -q -s -m slow
-	$(BIN)/edgeseq bench export/bench-lstm.onnx export/bench-gru.onnx export/bench-rnn.onnx --write BENCHMARKS.md
+	$(BIN)/edgeseq bench export/bench-lstm.onnx export/bench-gru.onnx export/bench-rnn.onnx --models-in export --write BENCHMARKS.md
 	$(BIN)/edgeseq loadtest export/pump-lstm.onnx --streams 1000 --connections 4 --seconds 20 --soak 600 --stdin-lines 200000 --mqtt --write BENCHMARKS.md
 
 # Regenerate every reference model in export/ (model + golden I/O) from its recipe.

@@ -269,6 +269,13 @@ def bench(
         Path | None, typer.Option(help="Also write the report (BENCHMARKS.md).")
     ] = None,
     calls: Annotated[int, typer.Option(help="Timed single-step calls per backend.")] = 20_000,
+    models_in: Annotated[
+        Path | None,
+        typer.Option(
+            help="Also tabulate every model in this folder: plan, step, feed, "
+            "resident weights, speed against its float twin."
+        ),
+    ] = None,
 ) -> None:
     """Measure step latency, throughput, start-up and memory per backend, as ratios."""
     from edgeseq.bench import measure
@@ -278,7 +285,15 @@ def bench(
     for model in models:
         with console.status(f"measuring {model} (cold start compiles the kernels)..."):
             results.append(measure(model, calls=calls))
-    report = markdown(results, "edgeseq bench " + " ".join(map(str, models)))
+    command = "edgeseq bench " + " ".join(map(str, models))
+    command += f" --models-in {models_in}" if models_in is not None else ""
+    report = markdown(results, command)
+    if models_in is not None:
+        from edgeseq import benchmodels
+
+        with console.status(f"measuring every model in {models_in}..."):
+            rows = benchmodels.measure_folder(models_in)
+        report += "\n" + benchmodels.markdown(rows, models_in)
     console.print(Markdown(report))
     if write is not None:
         from edgeseq.loadtest import keep_load_section
