@@ -32,31 +32,49 @@ BROADCASTING = ("Add", "Sub", "Mul", "Div", "Equal", "Where", "DequantizeLinear"
 
 @dataclass(frozen=True)
 class Limits:
-    """What one evaluation may cost. A file can declare a shape of 2^60 values in 8 bytes (an
-    Expand or ConstantOfShape constant, a batch of 2^40), and loading evaluates the graph on
+    """What evaluating a graph may cost. A file can declare a shape of 2^60 values in 8 bytes
+    (an Expand or ConstantOfShape constant, a batch of 2^40), and loading evaluates the graph on
     probes: without bounds that is a MemoryError, or minutes of recurrence, before any check
     could refuse the file."""
 
     values: int  # elements of any one value a node computes
-    work: int  # multiply-adds of one recurrent node: steps x batch x its weights
-    steps: int  # time steps of one recurrent node (each is a Python-level loop iteration)
+    work: int  # recurrent multiply-adds (steps x batch x weights), all nodes and calls together
+    steps: int  # recurrent time steps, all together: each is a loop iteration of ~50 us
 
 
-# While loading: probes are a few sequences of a few steps, and a legitimate recurrent model
-# stays far below these (bench-lstm's checks: 57 sample rows x 0.2 M weights = 1.2e7 work).
-LOAD_LIMITS = Limits(values=1 << 24, work=1 << 32, steps=1 << 16)
-_LIMITS: ContextVar[Limits | None] = ContextVar("edgeseq_graph_limits", default=None)
+# While loading. A legitimate model stays far below: bench-lstm's probes and checks come to a
+# few hundred steps and 1e8 multiply-adds; one exported at a fixed 4,096 steps runs ~4 times
+# (a model of up to ~250,000 weights fits).
+# A hostile file is refused within about 10 s of recurrence (2^17 steps).
+LOAD_LIMITS = Limits(values=1 << 24, work=1 << 32, steps=1 << 17)
+STATE_PASSES = 32  # work counted per state value and step (see _cost)
+
+
+@dataclass
+class _Budget:
+    limits: Limits
+    work: int = 0  # spent so far
+    steps: int = 0
+
+
+_BUDGET: ContextVar[_Budget | None] = ContextVar("edgeseq_graph_budget", default=None)
 
 
 @contextmanager
 def limited(limits: Limits) -> Iterator[None]:
-    """Every graph evaluation in this context (this thread) is held to `limits`. Outside it
-    there are none: the sizes of a run are then the caller's own data."""
-    token = _LIMITS.set(limits)
+    """Every graph evaluation in this context (this thread) is held to `limits`, the recurrent
+    steps and work summed over all of them. Outside it there are none: the sizes of a run are
+    then the caller's own data."""
+    token = _BUDGET.set(_Budget(limits))
     try:
         yield
     finally:
-        _LIMITS.reset(token)
+        _BUDGET.reset(token)
+
+
+def limits_in_force() -> bool:
+    """Whether this is a load (its probes are held to limits), not a caller's run."""
+    return _BUDGET.get() is not None
 
 
 @dataclass(frozen=True)
@@ -257,17 +275,45 @@ def run_node(node: Node, args: list[Any], where: str) -> list[np.ndarray]:
     try:
         if node.op in RECURRENT:
             args = args + [None] * (8 - len(args))
-            return _recurrent(node, args[: 8 if node.op == "LSTM" else 6])
-        return list(elementwise.OPS[node.op](node.attrs, *args))
-    except (ValueError, IndexError, TypeError, KeyError, ShapeError) as exc:
+            results = _recurrent(node, args[: 8 if node.op == "LSTM" else 6])
+        else:
+            results = list(elementwise.OPS[node.op](node.attrs, *args))
+    except (ValueError, IndexError, TypeError, KeyError, AttributeError, OverflowError,
+            ShapeError) as exc:  # fmt: skip
+        # AttributeError: an absent optional input (None) where the op needs one
         raise ModelFormatError(
             f"{where}: node {node.name!r} ({node.op}) cannot run on these inputs: "
             f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
         ) from None
+    _check_results(node, results, where)
+    return results
+
+
+def _check_results(node: Node, results: list[np.ndarray], where: str) -> None:
+    """Every output the node names must be one the op produces (a stream reads its state from
+    them); and, under limits, none so large (a Reshape to [2^40, 0] is cheap to make and
+    costly to use)."""
+    named = [i for i, name in enumerate(node.outputs) if name]
+    if named and named[-1] >= len(results):
+        raise ModelFormatError(
+            f"{where}: node {node.name!r} ({node.op}) names {len(node.outputs)} outputs; the "
+            f"op produces {len(results)}"
+        )
+    budget = _BUDGET.get()
+    if budget is None:
+        return
+    for value in results:
+        if _elements(np.shape(value)) > budget.limits.values:
+            raise ModelFormatError(
+                f"{where}: node {node.name!r} ({node.op}) computed a value of shape "
+                f"{list(np.shape(value))}; loading allows at most {budget.limits.values} values"
+            )
 
 
 def _elements(shape: tuple[int, ...] | list[int]) -> int:
-    return math.prod(int(d) for d in shape)
+    """The values a shape holds, a zero size counted as 1: an empty array of shape [2^40, 0]
+    holds nothing, but whatever loops over its first axis would not end."""
+    return math.prod(max(int(d), 1) for d in shape)
 
 
 def _broadcast(*shapes: tuple[int, ...]) -> int:
@@ -308,9 +354,16 @@ def _cost(node: Node, args: list[Any]) -> tuple[int, int, int]:
     op, first = node.op, args[0] if args else None
     if op in STATEFUL and len(arrays) >= 3 and isinstance(first, np.ndarray) and first.ndim == 3:
         w, r = args[1], args[2]
-        steps = first.shape[1 if node.attrs.get("layout", 0) == 1 else 0]
-        rows = first.shape[0] * first.shape[1]  # steps x batch, whichever axis is which
-        return 0, rows * (int(np.size(w)) + int(np.size(r))), steps
+        time_axis = 1 if node.attrs.get("layout", 0) == 1 else 0
+        steps, batch = first.shape[time_axis], first.shape[1 - time_axis]
+        for state in args[5:7]:  # a state of another batch size broadcasts before it fails
+            if isinstance(state, np.ndarray) and state.ndim == 3:
+                batch = max(batch, state.shape[1 - time_axis])
+        # per step and sequence: a multiply-add per weight, and ~32 passes over each direction's
+        # state (gates, activations, masks, in float64): the cost of a huge batch of small cells
+        state = r.shape[0] * r.shape[-1] if isinstance(r, np.ndarray) and r.ndim == 3 else 0
+        work = steps * batch * (int(np.size(w)) + int(np.size(r)) + STATE_PASSES * state)
+        return 0, work, steps
     if op == "Expand" and len(args) > 1 and (shape := _shape_values(args[1])) is not None:
         return _broadcast(first.shape if isinstance(first, np.ndarray) else (), shape), 0, 0
     if op == "ConstantOfShape" and (shape := _shape_values(first)) is not None:
@@ -329,21 +382,27 @@ def _cost(node: Node, args: list[Any]) -> tuple[int, int, int]:
 
 
 def _check_cost(node: Node, args: list[Any], where: str) -> None:
-    """Refuse, before computing it, a node that would exceed the limits in force."""
-    limits = _LIMITS.get()
-    if limits is None:
+    """Refuse, before computing it, a node that would exceed the limits in force; charge its
+    recurrent steps and work to the budget."""
+    budget = _BUDGET.get()
+    if budget is None:
         return
     values, work, steps = _cost(node, args)
+    limits = budget.limits
     shapes = [list(np.shape(a)) for a in args if a is not None]
-    for what, amount, limit in (("time steps", steps, limits.steps),
-                                ("values in one output", values, limits.values),
-                                ("multiply-adds", work, limits.work)):  # fmt: skip
-        if amount > limit:
+    for what, amount, spent, limit in (
+        ("time steps", steps, budget.steps, limits.steps),
+        ("values in one output", values, 0, limits.values),
+        ("multiply-adds", work, budget.work, limits.work),
+    ):
+        if spent + amount > limit:
+            so_far = f" in all, and {spent} are spent" if spent else ""
             raise ModelFormatError(
                 f"{where}: node {node.name!r} ({node.op}) would compute {amount} {what} on "
-                f"inputs of shapes {shapes}; loading allows at most {limit} (a declared or "
-                "constant shape is absurd)"
+                f"inputs of shapes {shapes}; loading allows at most {limit}{so_far} (a declared "
+                "or constant shape is absurd)"
             )
+    budget.steps, budget.work = budget.steps + steps, budget.work + work
 
 
 def supported_ops() -> set[str]:

@@ -12,14 +12,14 @@ from onnx import helper
 
 from edgeseq.errors import EdgeseqError, ModelFormatError
 from edgeseq.runtime import recurrent_ops
-from edgeseq.runtime.graph import Graph
+from edgeseq.runtime.graph import Graph, limits_in_force
 from edgeseq.runtime.verify import batch_time_axes
 
 MAX_FEATURES = 1 << 20
 MAX_FIXED_VALUES = 1 << 24  # x's fixed sizes, multiplied: probing evaluates the graph on one x
 # Any other input's size as a probe feeds it (fixed sizes, and PROBE_BATCH for each symbolic one):
 # loading allocates it, so a declared [1, batch, 2^40] must be refused before, not attempted.
-MAX_DECLARED_VALUES = 1 << 24
+MAX_DECLARED_VALUES = 1 << 22
 PROBE_BATCH = 4  # the largest batch a load-time probe feeds (_probe_sizes: 2, 3 or 4)
 MAX_STEPS_PROBED = 4096  # the longest fixed length find_baked_steps tries
 MAX_LENGTHS_TRIED = 8  # and how many (each is a whole evaluation of the graph)
@@ -33,6 +33,7 @@ class Inputs:
     n_features: int
     time_first: bool = False
     baked_steps: bool = False  # fixed_steps comes from the graph's insides, not x's declaration
+    where: str = ""  # the model's path, for errors
 
     @property
     def fixed_steps(self) -> int | None:
@@ -62,6 +63,8 @@ class Inputs:
             if name == self.x:
                 continue
             shape = [d if isinstance(d, int) else batch for d in dims]
+            if limits_in_force():  # x's own fixed batch, say, may be far above PROBE_BATCH
+                _check_declared(name, dims, batch, self.where)
             dtype = self.dtypes[name]
             out[name] = np.full(shape, steps if dtype.kind in "iu" else 0, dtype)
         return out
@@ -116,22 +119,22 @@ def read_inputs(proto: onnx.ModelProto, graph: Graph, where: str) -> Inputs:
     _state_dims(dims, graph)
     for name in dims:
         if name != x:
-            _check_declared(name, dims[name], where)
-    inputs = Inputs(x, dims, dtypes, int(x_dims[2]))
+            _check_declared(name, dims[name], PROBE_BATCH, where)
+    inputs = Inputs(x, dims, dtypes, int(x_dims[2]), where=where)
     inputs.time_first = _time_first(inputs, graph)
     return inputs
 
 
-def _check_declared(name: str, dims: list[int | str], where: str) -> None:
-    """An input other than x is fed zeros of its declared shape by every probe: refuse a
-    negative size, or one that no probe could allocate."""
+def _check_declared(name: str, dims: list[int | str], batch: int, where: str) -> None:
+    """An input other than x is fed zeros of its declared shape by every probe, each symbolic
+    size being the probe's batch: refuse a negative size, or one no probe could allocate."""
     fixed = [d for d in dims if isinstance(d, int)]
-    probed = math.prod(fixed) * PROBE_BATCH ** (len(dims) - len(fixed))
+    probed = math.prod(max(d, 1) for d in fixed) * batch ** (len(dims) - len(fixed))
     if any(d < 0 for d in fixed) or probed > MAX_DECLARED_VALUES:
         raise ModelFormatError(
             f"{where}: input {name!r} declares dims {dims}; expected sizes of at least 0 and at "
-            f"most {MAX_DECLARED_VALUES} values in all (each symbolic size counted as "
-            f"{PROBE_BATCH})"
+            f"most {MAX_DECLARED_VALUES} values in all (each symbolic size counted as the "
+            f"batch, {batch})"
         )
 
 

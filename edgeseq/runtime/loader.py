@@ -3,8 +3,10 @@ the model's own folder, absurd dimensions. Everything wrong becomes a ModelForma
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -47,6 +49,12 @@ def _external_file(model_dir: Path, tensor: onnx.TensorProto, where: str) -> Non
         )
 
 
+def _shown(dims: Any) -> str:
+    """Dims as a list, the first 8 only: a file can hold millions."""
+    dims = list(dims)
+    return str(dims) if len(dims) <= 8 else f"{str(dims[:8])[:-1]}, ... ({len(dims)} dims)]"
+
+
 def read_model(path: str | Path) -> tuple[onnx.ModelProto, bytes]:
     """Parse and check an ONNX file; returns the model (external data loaded) and its bytes."""
     path = Path(path)
@@ -66,11 +74,13 @@ def read_model(path: str | Path) -> tuple[onnx.ModelProto, bytes]:
     # Every tensor onnx would load: initializers and Constant/attribute tensors, in subgraphs too.
     tensors = list(external_data_helper._get_all_tensors(model))
     for tensor in tensors:
-        if int(np.prod(tensor.dims, dtype=np.float64)) > MAX_TENSOR_ELEMENTS or any(
+        # A zero size counts as 1: [2^32, 4096, 0] holds nothing, yet its length is 2^32.
+        if math.prod(max(d, 1) for d in tensor.dims) > MAX_TENSOR_ELEMENTS or any(
             d < 0 for d in tensor.dims
         ):
             raise ModelFormatError(
-                f"{where}: tensor {tensor.name!r} has absurd dims {list(tensor.dims)}"
+                f"{where}: tensor {tensor.name!r} has absurd dims {_shown(tensor.dims)}; expected "
+                f"sizes of at least 0 and at most {MAX_TENSOR_ELEMENTS} values in all"
             )
         if external_data_helper.uses_external_data(tensor):
             _external_file(path.parent, tensor, where)
