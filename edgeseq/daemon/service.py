@@ -72,6 +72,7 @@ class Daemon:
         self.notifier = Notifier()
         self.compiled = 0  # kernels the last _load compiled rather than loaded: see serve()
         self.model = self._load()
+        self.metrics.set_model(self.model.fingerprint, str(self.config.model))
         self.table = StreamTable(self.model, config.max_streams)
         self.table.on_step = self._stepped
         self.table.on_event = self._event
@@ -85,6 +86,10 @@ class Daemon:
         self.batcher: Batcher | None = None
 
     def _load(self) -> Model:
+        """The model file loaded and every kernel it serves with compiled (or loaded from the
+        cache): its stream's, and a scratch pool's on each path a batch can take. A reload runs
+        this in a worker thread while the event loop keeps answering with the old model, so
+        the swap finds the new one ready and no request waits for a compiler."""
         one_kernel_thread()  # per thread in Numba: a reload runs in a worker thread
         start = time.perf_counter()
         with count_compiles() as compiled:
@@ -96,8 +101,8 @@ class Daemon:
         seconds = round(time.perf_counter() - start, 3)
         fields = {"path": self.config.model, "fingerprint": model.fingerprint[:12]}
         notes = {"plan": model.plan_note, "pools": model.pool_note}
-        log.info("model loaded", extra={**fields, "seconds": seconds, **notes})
-        self.metrics.set_model(model.fingerprint, str(self.config.model))
+        log.info("model loaded", extra={**fields, "seconds": seconds, "compiled": self.compiled,
+                                        **notes})  # fmt: skip
         return model
 
     def _stepped(self, streams: int, seconds: float) -> None:
@@ -230,11 +235,17 @@ class Daemon:
                 await self.reload()
 
     async def reload(self) -> bool:
-        """Load the model file again; the table moves over (states kept if their shapes match)."""
+        """Load the model file again; the table moves over (states kept if their shapes match).
+
+        Loading and compiling run in a worker thread (_load) while the old model keeps
+        answering; the swap happens between two batches, once the new model is ready."""
         if self._reloading:
             return False
         self._reloading = True
         self.notifier.reloading()
+        log.info(
+            "reloading", extra={"path": self.config.model, "serving": self.model.fingerprint[:12]}
+        )
         try:
             loop = asyncio.get_running_loop()
             model = await loop.run_in_executor(None, self._load)

@@ -7,7 +7,6 @@ to the graph, else the NumPy graph stepper), "numpy" (the plain reference) and "
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,7 @@ from edgeseq.runtime.inputs import find_baked_steps, read_inputs
 from edgeseq.runtime.loader import read_model
 from edgeseq.runtime.plan import NoPlan, Plan, build_plan
 from edgeseq.runtime.stream import Stream, StreamPool
-from edgeseq.runtime.verify import uses_any_cells, verify
+from edgeseq.runtime.verify import specializing, uses_any_cells, verify
 
 BACKENDS = ("numba", "onnxruntime", "numpy")
 PLAN_TOLERANCE = 1e-4  # relative gap allowed between a fused plan and the graph it replaces
@@ -99,7 +98,7 @@ class Model:
     def _try_plan(self) -> Plan | None:
         try:
             plan = build_plan(self.graph, self.n_features)
-            if uses_any_cells(plan) and os.environ.get("EDGESEQ_SPECIALIZE", "1") == "0":
+            if uses_any_cells(plan) and not specializing():
                 raise NoPlan("its cells (clip, activations, peepholes...) run only in the "
                              "model's own kernel, and EDGESEQ_SPECIALIZE=0")  # fmt: skip
             rng = np.random.default_rng(0)

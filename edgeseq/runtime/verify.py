@@ -7,6 +7,7 @@ straightforward evaluation) on the same random inputs and refuses the plan when 
 from __future__ import annotations
 
 import copy
+import os
 
 import numpy as np
 
@@ -53,6 +54,12 @@ def _expected(y: np.ndarray, plan: Plan, batch: int, steps: int, time_first: boo
                  f"nor the last step's, for {batch} sequences of {steps} steps")  # fmt: skip
 
 
+def specializing() -> bool:
+    """Whether streams and pools run each model's own kernel (specialize.py), the default;
+    EDGESEQ_SPECIALIZE=0 sends them through the interpreter (kernels.py) instead."""
+    return os.environ.get("EDGESEQ_SPECIALIZE", "1") != "0"
+
+
 def uses_any_cells(plan: Plan) -> bool:
     """Whether the plan has ops only the per-model kernels run (clip, activations, ..., and the
     int8 ops): the interpreter does not hold them."""
@@ -92,7 +99,13 @@ def _own_feed(plan: Plan, xs: np.ndarray, ys: np.ndarray) -> None:
 def verify(plan: Plan, graph: Graph, feeds: list[dict[str, np.ndarray]], time_first: bool) -> float:
     """Largest relative gap between the plan streaming each batch row and the graph evaluated
     on whole sequences, over the given feeds (the loader uses two lengths x two batch sizes).
-    A graph whose output is the last step only (many-to-one) is compared at the last step."""
+    A graph whose output is the last step only (many-to-one) is compared at the last step.
+
+    The plan runs in the kernel its streams will run: the model's own (specialize.py) unless
+    EDGESEQ_SPECIALIZE=0. That checks the code that is deployed, and on a cold cache the first
+    prediction compiles one kernel instead of two: the interpreter inlines every cell kind,
+    and compiling it took three times as long as the model's own kernel."""
+    own = specializing() or uses_any_cells(plan)  # only the model's own kernel runs *_ANY ops
     worst = 0.0
     for feed in feeds:
         x = feed[graph.inputs[0]]
@@ -103,7 +116,7 @@ def verify(plan: Plan, graph: Graph, feeds: list[dict[str, np.ndarray]], time_fi
         for b in range(xs.shape[0]):
             state = plan.initial_state.copy()
             ys = np.zeros((xs.shape[1], plan.n_outputs), np.float32)
-            if uses_any_cells(plan):  # only the model's own kernel runs those
+            if own:
                 _own_feed(plan, np.ascontiguousarray(xs[b]), ys)
             else:
                 k.feed(plan.code, plan.params, np.ascontiguousarray(xs[b]), state, scratch, ys)

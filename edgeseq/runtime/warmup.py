@@ -26,17 +26,20 @@ from edgeseq.runtime.engines import GEMM_BATCH, GEMM_BATCH_CACHED, PARALLEL_ROWS
 from edgeseq.runtime.model import Model, load
 
 
-def _tiny_lstm(path: Path) -> None:
+def lstm_file(path: Path, features: int = 2, hidden: int = 2) -> None:
+    """A one-layer LSTM of random weights at `path` (a shape to warm, or to time compiling)."""
     rng = np.random.default_rng(0)
+    scale = 1.0 / np.sqrt(hidden)
     weights = [
-        numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name)
-        for name, shape in (("W", (1, 8, 2)), ("R", (1, 8, 2)), ("B", (1, 16)))
-    ]
-    node = helper.make_node("LSTM", ["x", "W", "R", "B"], ["y"], hidden_size=2)
+        numpy_helper.from_array((rng.standard_normal(shape) * scale).astype(np.float32), name)
+        for name, shape in (("W", (1, 4 * hidden, features)), ("R", (1, 4 * hidden, hidden)),
+                            ("B", (1, 8 * hidden)))
+    ]  # fmt: skip
+    node = helper.make_node("LSTM", ["x", "W", "R", "B"], ["y"], hidden_size=hidden)
     graph = helper.make_graph(
         [node], "warmup",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["time", "batch", 2])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["time", 1, "batch", 2])],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["time", "batch", features])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["time", 1, "batch", hidden])],
         weights,
     )  # fmt: skip
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
@@ -88,7 +91,7 @@ def warm(models: list[Path]) -> list[str]:
     loaded = [load(path) for path in models]  # a wrong path fails now, not after compiling
     names = compile_all()
     with tempfile.TemporaryDirectory() as tmp:
-        _tiny_lstm(Path(tmp) / "tiny.onnx")
+        lstm_file(Path(tmp) / "tiny.onnx")
         for model in [load(Path(tmp) / "tiny.onnx"), *loaded]:
             stream = model.stream()
             stream.step(np.zeros(model.n_features, np.float32))
