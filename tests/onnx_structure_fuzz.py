@@ -33,6 +33,7 @@ import argparse
 import json
 import os
 import selectors
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -704,7 +705,7 @@ class Run:
             detail = f"{why} (exit status {code}): {_tail(Path(w.log.name))}"
             self.report.record(f, outcome, detail, None)
             self.report.restarts += 1
-        if self.next_index < self.files or w.index is None:
+        if self.next_index < self.files:
             self.start_worker()
 
     def take(self, w: Worker, line: bytes) -> None:
@@ -731,6 +732,7 @@ class Run:
             for key in list(self.sel.get_map().values()):
                 self.sel.unregister(key.fileobj)
                 key.data.stop()
+            shutil.rmtree(self.logdir, ignore_errors=True)  # a failure's log tail is in its detail
         self.report.seconds = time.monotonic() - start
         return self.report
 
