@@ -15,6 +15,7 @@ from onnx import TensorProto, helper, numpy_helper
 import edgeseq
 from edgeseq.runtime import program as ir
 from edgeseq.runtime.verify import weight_only
+from tests.pool_checks import assert_pools_step_as_separate_streams
 
 ROOT = Path(__file__).resolve().parents[1]
 FEATURES, HIDDEN, OUTPUTS = 5, 24, 2
@@ -130,13 +131,4 @@ def test_an_int8_stream_answers_the_graph_with_weights_only_quantized(name):
 
 @pytest.mark.parametrize("name", [name for name, _ in INT8_TWINS])
 def test_int8_pools_answer_as_separate_streams_bit_for_bit(name):
-    model = edgeseq.load(ROOT / "export" / f"{name}.onnx")
-    rng = np.random.default_rng(5)
-    for size in (1, 64, 600):
-        pool, ids = model.pool(size), [f"s{i}" for i in range(size)]
-        streams = [model.stream() for _ in range(size)]
-        for _ in range(3):
-            xs = rng.standard_normal((size, model.n_features)).astype(np.float32)
-            ys = pool.step(ids, xs)
-            alone = np.stack([s.step(x) for s, x in zip(streams, xs, strict=True)])
-            np.testing.assert_array_equal(ys, alone)
+    assert_pools_step_as_separate_streams(edgeseq.load(ROOT / "export" / f"{name}.onnx"), seed=5)

@@ -9,6 +9,7 @@ import numpy as np
 
 import edgeseq
 from edgeseq.runtime import program as ir
+from tests.pool_checks import assert_pools_step_as_separate_streams
 
 SEQ2SEQ = Path(__file__).resolve().parents[1] / "export" / "sine-seq2seq-lstm.onnx"
 
@@ -29,12 +30,4 @@ def test_the_seq2seq_model_is_fused_and_streams_as_its_graph():
 
 
 def test_seq2seq_pools_answer_as_separate_streams():
-    model = edgeseq.load(SEQ2SEQ)
-    rng = np.random.default_rng(8)
-    for size in (1, 64, 600):
-        pool, ids = model.pool(size), [f"s{i}" for i in range(size)]
-        streams = [model.stream() for _ in range(size)]
-        for _ in range(3):
-            xs = rng.standard_normal((size, model.n_features)).astype(np.float32)
-            alone = np.stack([s.step(x) for s, x in zip(streams, xs, strict=True)])
-            np.testing.assert_array_equal(pool.step(ids, xs), alone)
+    assert_pools_step_as_separate_streams(edgeseq.load(SEQ2SEQ), seed=8)

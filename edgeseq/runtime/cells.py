@@ -34,7 +34,10 @@ FLOAT32_MAX = np.float32(np.finfo(np.float32).max)
 
 @inline_kernel
 def matvec_into(acc, p, off_wt, n_in, n_out, v):
-    """acc[:n_out] += v[:n_in] @ W, W stored row-major (n_in, n_out) at p[off_wt:].
+    """acc[:n_out] += v[:n_in] @ W, W stored row-major (n_in, n_out) at p[off_wt:]. p is the
+    float32 parameters, or their int8 view for the int8 cells (then off_wt counts bytes): each
+    weight becomes float32 as it is read (a no-op for float32; LLVM widens and converts int8
+    a vector at a time), and Numba compiles the function once for each.
 
     Four input rows per pass over `acc` (one load and store of the sums per four FMAs, not
     per one), and every access through a slice indexed from 0: signed offset arithmetic inside
@@ -50,13 +53,14 @@ def matvec_into(acc, p, off_wt, n_in, n_out, v):
         w2 = p[base + 2 * n_out : base + 3 * n_out]
         w3 = p[base + 3 * n_out : base + 4 * n_out]
         for j in range(n_out):
-            acc[j] += w0[j] * v0 + w1[j] * v1 + w2[j] * v2 + w3[j] * v3
+            acc[j] += (np.float32(w0[j]) * v0 + np.float32(w1[j]) * v1
+                       + np.float32(w2[j]) * v2 + np.float32(w3[j]) * v3)  # fmt: skip
         k += 4
     while k < n_in:
         vk = v[k]
         w = p[off_wt + k * n_out : off_wt + (k + 1) * n_out]
         for j in range(n_out):
-            acc[j] += w[j] * vk
+            acc[j] += np.float32(w[j]) * vk
         k += 1
 
 
@@ -282,31 +286,6 @@ def dense(p, x, y, n_in, n_out, off_w, off_b):
 
 
 @inline_kernel
-def matvec_q_into(acc, q, off_q, n_in, n_out, v):
-    """acc[:n_out] += v[:n_in] @ Q, Q int8 row-major (n_in, n_out) from byte off_q of q; each
-    weight becomes float32 as it is read (LLVM widens and converts a vector at a time)."""
-    acc = acc[:n_out]
-    k = 0
-    while k + 4 <= n_in:
-        v0, v1, v2, v3 = v[k], v[k + 1], v[k + 2], v[k + 3]
-        base = off_q + k * n_out
-        w0 = q[base : base + n_out]
-        w1 = q[base + n_out : base + 2 * n_out]
-        w2 = q[base + 2 * n_out : base + 3 * n_out]
-        w3 = q[base + 3 * n_out : base + 4 * n_out]
-        for j in range(n_out):
-            acc[j] += (np.float32(w0[j]) * v0 + np.float32(w1[j]) * v1
-                       + np.float32(w2[j]) * v2 + np.float32(w3[j]) * v3)  # fmt: skip
-        k += 4
-    while k < n_in:
-        vk = v[k]
-        w = q[off_q + k * n_out : off_q + (k + 1) * n_out]
-        for j in range(n_out):
-            acc[j] += np.float32(w[j]) * vk
-        k += 1
-
-
-@inline_kernel
 def scaled_sums(p, x, h, gates, n_in, hid, width, off_wq, off_rq, off_ws, off_rs, off_b):
     """gates[:width] = b + ws * (x @ Wq) + rs * (h @ Rq); gates[width:2 width] is scratch."""
     q = p.view(np.int8)
@@ -314,8 +293,8 @@ def scaled_sums(p, x, h, gates, n_in, hid, width, off_wq, off_rq, off_ws, off_rs
     for j in range(width):
         gx[j] = ZERO
         gh[j] = ZERO
-    matvec_q_into(gx, q, 4 * off_wq, n_in, width, x)
-    matvec_q_into(gh, q, 4 * off_rq, hid, width, h)
+    matvec_into(gx, q, 4 * off_wq, n_in, width, x)
+    matvec_into(gh, q, 4 * off_rq, hid, width, h)
     b, ws, rs = p[off_b : off_b + width], p[off_ws : off_ws + width], p[off_rs : off_rs + width]
     for j in range(width):
         gx[j] = b[j] + ws[j] * gx[j] + rs[j] * gh[j]
@@ -358,8 +337,8 @@ def gru_q(p, x, y, state, gates, n_in, hid, off_wq, off_rq, off_ws, off_rs, off_
     for j in range(g3):
         gx[j] = ZERO
         gh[j] = ZERO
-    matvec_q_into(gx, q, 4 * off_wq, n_in, g3, x)
-    matvec_q_into(gh, q, 4 * off_rq, hid, g3, h)
+    matvec_into(gx, q, 4 * off_wq, n_in, g3, x)
+    matvec_into(gh, q, 4 * off_rq, hid, g3, h)
     wb, rb = p[off_wb : off_wb + g3], p[off_rb : off_rb + g3]
     ws, rs = p[off_ws : off_ws + g3], p[off_rs : off_rs + g3]
     for j in range(g3):
@@ -378,7 +357,7 @@ def dense_q(p, x, y, n_in, n_out, off_wq, off_s, off_b):
     """y = b + s * (x @ Wq), Wq int8 (n_in, n_out)."""
     for j in range(n_out):
         y[j] = ZERO
-    matvec_q_into(y, p.view(np.int8), 4 * off_wq, n_in, n_out, x)
+    matvec_into(y, p.view(np.int8), 4 * off_wq, n_in, n_out, x)
     b, s = p[off_b : off_b + n_out], p[off_s : off_s + n_out]
     for j in range(n_out):
         y[j] = b[j] + s[j] * y[j]
