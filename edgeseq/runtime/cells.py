@@ -157,17 +157,22 @@ def rnn(p, x, y, state, gates, n_in, hid, off_wt, off_b, off_h, act, off_alpha):
 
 
 @inline_kernel
-def lstm(p, x, y, state, gates, n_in, hid, off_wt, off_b, off_h, off_c):
-    """ONNX LSTM step, gates i, o, f, c; W and R stacked at off_wt as (I + H, 4H); y = h."""
-    g4 = 4 * hid
-    h = state[off_h : off_h + hid]
-    c = state[off_c : off_c + hid]
-    stacked_sums(p, x, h, gates, n_in, hid, g4, off_wt, off_b)
+def lstm_update(gates, h, c, hid):
+    """c and h in place from an LSTM step's summed gates (ONNX order i, o, f, c)."""
     gi, go = gates[:hid], gates[hid : 2 * hid]
-    gf, gc = gates[2 * hid : 3 * hid], gates[3 * hid : g4]
+    gf, gc = gates[2 * hid : 3 * hid], gates[3 * hid : 4 * hid]
     for j in range(hid):
         c[j] = sigmoid(gf[j]) * c[j] + sigmoid(gi[j]) * tanh(gc[j])
         h[j] = sigmoid(go[j]) * tanh(c[j])
+
+
+@inline_kernel
+def lstm(p, x, y, state, gates, n_in, hid, off_wt, off_b, off_h, off_c):
+    """ONNX LSTM step, gates i, o, f, c; W and R stacked at off_wt as (I + H, 4H); y = h."""
+    h = state[off_h : off_h + hid]
+    c = state[off_c : off_c + hid]
+    stacked_sums(p, x, h, gates, n_in, hid, 4 * hid, off_wt, off_b)
+    lstm_update(gates, h, c, hid)
     copy(y, h, hid)
 
 
@@ -314,15 +319,10 @@ def rnn_q(p, x, y, state, gates, n_in, hid, off_wq, off_rq, off_ws, off_rs, off_
 @inline_kernel
 def lstm_q(p, x, y, state, gates, n_in, hid, off_wq, off_rq, off_ws, off_rs, off_b, off_h,
            off_c):  # fmt: skip
-    g4 = 4 * hid
     h = state[off_h : off_h + hid]
     c = state[off_c : off_c + hid]
-    scaled_sums(p, x, h, gates, n_in, hid, g4, off_wq, off_rq, off_ws, off_rs, off_b)
-    gi, go = gates[:hid], gates[hid : 2 * hid]
-    gf, gc = gates[2 * hid : 3 * hid], gates[3 * hid : g4]
-    for j in range(hid):
-        c[j] = sigmoid(gf[j]) * c[j] + sigmoid(gi[j]) * tanh(gc[j])
-        h[j] = sigmoid(go[j]) * tanh(c[j])
+    scaled_sums(p, x, h, gates, n_in, hid, 4 * hid, off_wq, off_rq, off_ws, off_rs, off_b)
+    lstm_update(gates, h, c, hid)
     copy(y, h, hid)
 
 
@@ -381,10 +381,7 @@ def lstm_decoder(p, x, y, state, gates, n_in, hid, off_wt, off_b, horizon):
         h_prev = zero if t == 0 else y[(t - 1) * hid : t * hid]
         copy(g, gx, g4)
         matvec_into(g, p, off_wt + n_in * g4, hid, g4, h_prev)
-        h = y[t * hid : (t + 1) * hid]
-        for j in range(hid):
-            c[j] = sigmoid(g[2 * hid + j]) * c[j] + sigmoid(g[j]) * tanh(g[3 * hid + j])
-            h[j] = sigmoid(g[hid + j]) * tanh(c[j])
+        lstm_update(g, y[t * hid : (t + 1) * hid], c, hid)
 
 
 @inline_kernel
