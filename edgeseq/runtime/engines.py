@@ -14,7 +14,6 @@ engine's callers except through `export`/`restore`, which use one format for all
 
 from __future__ import annotations
 
-import os
 import threading
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
@@ -27,6 +26,7 @@ from edgeseq.runtime.batched import RunBatch, Stacker, state_arrays
 from edgeseq.runtime.graph import Graph
 from edgeseq.runtime.plan import Plan
 from edgeseq.runtime.stepper import step_graph, stream_time_nodes, streamable
+from edgeseq.runtime.verify import specializing
 
 StateDict = dict[str, np.ndarray]
 Kernel = Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray], int]
@@ -142,7 +142,7 @@ class KernelEngine:
     def stream_kernel(self) -> tuple[Kernel, np.ndarray] | None:
         """This model's own compiled kernel and its parameters, for Stream's fast path (None
         when EDGESEQ_SPECIALIZE=0: streams then use the interpreter like pools do)."""
-        if os.environ.get("EDGESEQ_SPECIALIZE", "1") == "0":
+        if not specializing():
             return None
         if self._specialized is None:
             from edgeseq.runtime.specialize import compile_kernel

@@ -20,7 +20,7 @@ from edgeseq.runtime.inputs import find_baked_steps, read_inputs
 from edgeseq.runtime.loader import read_model
 from edgeseq.runtime.plan import NoPlan, Plan, build_plan
 from edgeseq.runtime.stream import Stream, StreamPool
-from edgeseq.runtime.verify import specializing, uses_any_cells, verify
+from edgeseq.runtime.verify import own_kernel_only, specializing, verify
 
 BACKENDS = ("numba", "onnxruntime", "numpy")
 PLAN_TOLERANCE = 1e-4  # relative gap allowed between a fused plan and the graph it replaces
@@ -98,9 +98,10 @@ class Model:
     def _try_plan(self) -> Plan | None:
         try:
             plan = build_plan(self.graph, self.n_features)
-            if uses_any_cells(plan) and not specializing():
-                raise NoPlan("its cells (clip, activations, peepholes...) run only in the "
-                             "model's own kernel, and EDGESEQ_SPECIALIZE=0")  # fmt: skip
+            if own_kernel_only(plan) and not specializing():
+                raise NoPlan("its ops (clip, activations, peepholes, int8 weights, a seq2seq "
+                             "decoder...) run only in the model's own kernel, and "
+                             "EDGESEQ_SPECIALIZE=0")  # fmt: skip
             rng = np.random.default_rng(0)
             feeds = [self.inputs.feeds(self._x(b, t, rng)) for b, t in VERIFY_SHAPES]
             gap = verify(plan, self.graph, feeds, self.time_first)

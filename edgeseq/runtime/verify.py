@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import os
+from collections.abc import Callable
 
 import numpy as np
 
@@ -60,9 +61,9 @@ def specializing() -> bool:
     return os.environ.get("EDGESEQ_SPECIALIZE", "1") != "0"
 
 
-def uses_any_cells(plan: Plan) -> bool:
-    """Whether the plan has ops only the per-model kernels run (clip, activations, ..., and the
-    int8 ops): the interpreter does not hold them."""
+def own_kernel_only(plan: Plan) -> bool:
+    """Whether the plan has ops only the per-model kernels run (program.OWN_KERNEL_ONLY: the
+    *_ANY cells, the int8 ops, a seq2seq decoder): the interpreter does not hold them."""
     return plan.uses(*ir.OWN_KERNEL_ONLY)
 
 
@@ -88,12 +89,18 @@ def weight_only(graph: Graph) -> Graph:
     return twin
 
 
-def _own_feed(plan: Plan, xs: np.ndarray, ys: np.ndarray) -> None:
+def _own_feed(plan: Plan) -> Callable[[np.ndarray, np.ndarray], None]:
+    """feed(xs, ys) through the model's own kernel (specialize.py), from the initial state."""
     from edgeseq.runtime.specialize import compile_kernel, work_size
 
-    work = np.zeros(work_size(plan), np.float32)
-    work[: plan.state_size] = plan.initial_state
-    compile_kernel(plan)(plan.params, xs.reshape(-1), work, ys.reshape(-1))
+    kernel = compile_kernel(plan)
+
+    def feed(xs: np.ndarray, ys: np.ndarray) -> None:
+        work = np.zeros(work_size(plan), np.float32)
+        work[: plan.state_size] = plan.initial_state
+        kernel(plan.params, xs.reshape(-1), work, ys.reshape(-1))
+
+    return feed
 
 
 def verify(plan: Plan, graph: Graph, feeds: list[dict[str, np.ndarray]], time_first: bool) -> float:
@@ -105,19 +112,20 @@ def verify(plan: Plan, graph: Graph, feeds: list[dict[str, np.ndarray]], time_fi
     EDGESEQ_SPECIALIZE=0. That checks the code that is deployed, and on a cold cache the first
     prediction compiles one kernel instead of two: the interpreter inlines every cell kind,
     and compiling it took three times as long as the model's own kernel."""
-    own = specializing() or uses_any_cells(plan)  # only the model's own kernel runs *_ANY ops
+    own = _own_feed(plan) if specializing() or own_kernel_only(plan) else None
+    reference = weight_only(graph)
     worst = 0.0
     for feed in feeds:
         x = feed[graph.inputs[0]]
         xs = np.moveaxis(x, 1, 0) if time_first else x  # (B, T, F)
-        y = weight_only(graph).evaluate(feed)[plan.output]
+        y = reference.evaluate(feed)[plan.output]
         expected = _expected(y, plan, xs.shape[0], xs.shape[1], time_first)
         scratch = np.zeros((3, plan.width), np.float32)
         for b in range(xs.shape[0]):
             state = plan.initial_state.copy()
             ys = np.zeros((xs.shape[1], plan.n_outputs), np.float32)
-            if own:
-                _own_feed(plan, np.ascontiguousarray(xs[b]), ys)
+            if own is not None:
+                own(np.ascontiguousarray(xs[b]), ys)
             else:
                 k.feed(plan.code, plan.params, np.ascontiguousarray(xs[b]), state, scratch, ys)
             ys = ys[-expected.shape[1] :]
