@@ -56,7 +56,13 @@ from edgeseq.runtime import program as ir
 from edgeseq.runtime.engines import BAD_OUTPUT, SHAPE_MISMATCH, Kernel
 from edgeseq.runtime.plan import Plan
 
-SIGNATURE = "int64(float32[::1], float32[::1], float32[::1], float32[::1])"
+# xs is any float32 vector (strided, read-only or unaligned: a row of a pandas frame), so the
+# dispatcher's C type check is the only test a stream's step needs for a float32 sample; the
+# parameters, work and ys are the runtime's own contiguous arrays.
+SIGNATURE = (
+    "int64(float32[::1], Array(float32, 1, 'A', readonly=True, aligned=False),"
+    " float32[::1], float32[::1])"
+)
 # (params, xs (B, F), table, rows, works (spans, n_work), ys (B, n_out)) -> -1 or a NaN's index
 RowsKernel = Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray], int]
 

@@ -27,6 +27,7 @@ from edgeseq.runtime.engines import (
 
 _F32 = np.dtype(np.float32)  # a dtype object, not the type: np.empty resolves it 2x faster
 _F64 = np.dtype(np.float64)
+_I64 = np.dtype(np.int64)
 _empty = np.empty
 _NDARRAY = np.ndarray
 # Element types of a list or tuple that np.asarray reads as a float64 (or narrower float, or
@@ -61,74 +62,64 @@ class _Staging:
     Each cast is the one as_real makes (np.asarray(x).astype(float32)), to the bit, without
     allocating and without NumPy's overflow warning, which a cast to float32 emits unless it
     runs inside np.errstate (~1 us): beyond float32 a value becomes infinity, as there, and
-    the kernel refuses it. Whatever is not a real vector of the model's width, or a list or
-    tuple of floats or of ints, is left to the general conversion (None), which reads or
-    refuses it."""
+    the kernel refuses it. Stream.step casts the common layouts (lists and tuples of floats or
+    of small ints, float64 and int64 vectors) itself, with this object's vectors and packers;
+    cast() takes the rest, and leaves what is not a real vector of the model's width to the
+    general conversion, which reads or refuses it."""
 
     def __init__(self, n_features: int) -> None:
         self.x = np.zeros(n_features, np.float32)
-        self.shape = self.x.shape
-        # C casts of Python numbers straight into the vector (native format: no overflow
-        # check, so a float beyond float32 packs as infinity, as NumPy's cast makes it).
+        self.shape, self.n = self.x.shape, n_features
+        self.int32 = np.zeros(n_features, np.int32)  # only to check ints (Stream.step)
+        # C casts of Python numbers straight into the vectors (native format: no overflow
+        # check, so a float beyond float32 packs as infinity, as NumPy's cast makes it), into
+        # memoryviews, whose buffers are quicker to get than an ndarray's.
         # Any: numpy's stubs do not declare that an ndarray is a buffer.
+        self.x_buffer = memoryview(self.x)  # type: ignore[arg-type]
+        self.int32_buffer = memoryview(self.int32)  # type: ignore[arg-type]
         self.pack_floats: Any = struct.Struct(f"@{n_features}f").pack_into
         self.pack_int32: Any = struct.Struct(f"@{n_features}i").pack_into
-        self.int32 = np.zeros(n_features, np.int32)  # only to check ints (ints())
 
-    def cast(self, x: Any) -> np.ndarray | None:
-        """x cast into self.x (returned), or None for the general conversion."""
-        if x.__class__ is _NDARRAY:
-            if x.shape != self.shape:
-                return None
-            dtype = x.dtype
-            if dtype is _F32:  # strided (a row of a frame), read-only or unaligned
-                self.x[...] = x
-            elif dtype is _F64:  # C casts of Python floats: beyond float32, infinity
-                self.pack_floats(self.x, 0, *x.tolist())
-            else:
-                return self.array(x)
-            return self.x
-        if x.__class__ is list or x.__class__ is tuple:
-            return self.listed(x)
-        return None
+    def cast(self, x: Any) -> np.ndarray:
+        """x, in a layout Stream.step does not cast itself, as a float32 vector: cast into
+        self.x where it can be, else a new vector from the general conversion, which reads
+        what np.asarray reads (a list of Decimals: object values) or refuses it."""
+        cls = x.__class__
+        if cls is list or cls is tuple:
+            staged = self.wide(x)
+        elif cls is _NDARRAY and x.shape == self.shape:
+            staged = self.array(x)
+        else:
+            staged = None
+        return _sample(x, self.n) if staged is None else staged
 
     def array(self, x: np.ndarray) -> np.ndarray | None:
         """A vector of the model's width: NumPy's cast where it cannot overflow (float32 in
-        another byte order, float16, ints, bools), float64 through Python floats."""
+        another byte order or not aligned, float16, ints, bools), float64 through Python
+        floats."""
         kind, size = x.dtype.kind, x.dtype.itemsize
         if kind == "f" and size == 8:
-            self.pack_floats(self.x, 0, *x.tolist())
+            self.pack_floats(self.x_buffer, 0, *x.tolist())
         elif kind in "biu" or (kind == "f" and size <= 4):
             self.x[...] = x
         else:
             return None  # longdouble (no exact Python float), complex, strings, objects...
         return self.x
 
-    def listed(self, x: list[Any] | tuple[Any, ...]) -> np.ndarray | None:
-        """A list or tuple of floats (np.asarray: float64), or of ints (int64), each cast to
-        float32 once, as there. The type check keeps what np.asarray reads otherwise (a
-        Decimal; an int beyond 64 bits: object values, refused) on the general path."""
-        if len(x) != self.shape[0]:
-            return None
-        if x[0].__class__ in _INTS:
-            return self.ints(x)
-        if _FLOATS.issuperset(map(type, x)):
-            self.pack_floats(self.x, 0, *x)
+    def wide(self, x: list[Any] | tuple[Any, ...]) -> np.ndarray | None:
+        """A list or tuple of ints, some beyond 31 bits, cast into self.x, when they are exact
+        doubles (at most 2**53): packing them as floats then rounds once, as int64 -> float32
+        does. Anything else (mixed with floats, wider, of another width) is np.asarray's to
+        read (None)."""
+        if (
+            len(x) == self.n
+            and _INTS.issuperset(map(type, x))
+            and min(x) >= -_EXACT_INT
+            and max(x) <= _EXACT_INT
+        ):
+            self.pack_floats(self.x_buffer, 0, *x)
             return self.x
         return None
-
-    def ints(self, x: list[Any] | tuple[Any, ...]) -> np.ndarray | None:
-        """Ints are exact doubles up to 2**53, so packing them as floats rounds once, as
-        int64 -> float32 does. Packing them as int32 first checks, in one C loop, that all
-        are integers (what defines __index__) of at most 31 bits: the common case, without
-        a type check per element (~0.2 us). Wider ones are checked one by one."""
-        try:
-            self.pack_int32(self.int32, 0, *x)
-        except struct.error:  # a float, a wider int, ...
-            if not _INTS.issuperset(map(type, x)) or max(x) > _EXACT_INT or min(x) < -_EXACT_INT:
-                return None  # mixed, or beyond 2**53: np.asarray's reading
-        self.pack_floats(self.x, 0, *x)
-        return self.x
 
 
 def _block(xs: Any, n_features: int, what: str = "samples") -> np.ndarray:
@@ -136,8 +127,6 @@ def _block(xs: Any, n_features: int, what: str = "samples") -> np.ndarray:
     arr = np.ascontiguousarray(arr)
     if arr.ndim != 2 or arr.shape[1] != n_features:
         raise ShapeError(f"{what} have shape {np.shape(xs)}; the model expects (T, {n_features})")
-    if not arr.flags.writeable:  # the kernels' signature takes writeable arrays only
-        arr = arr.copy()
     return arr
 
 
@@ -179,7 +168,6 @@ class Stream:
             self._kernel = None
             self._state = engine.new_state()
         self._staging = _Staging(n_features)  # samples in other layouts are cast into it
-        self._cast = self._staging.cast
 
     def step(self, x: Any) -> np.ndarray:
         """Feed one sample; return the model's output for it."""
@@ -188,13 +176,40 @@ class Stream:
             arr = _sample(x, self.n_features)
             _refuse(self._engine.step(arr, self._state, out), arr, "sample")
             return out
-        # What the kernel's signature takes (a writeable, aligned, C-contiguous float32
-        # vector) goes to it as is; the test costs ~0.1 us, where letting Numba's dispatcher
-        # refuse a type builds an error message (~100 us) before any conversion.
-        if x.__class__ is not _NDARRAY or x.dtype is not _F32 or not x.flags.carray or x.ndim != 1:
-            staged = self._cast(x)  # into the stream's own vector (_Staging), else a new one:
-            x = _sample(x, self.n_features) if staged is None else staged  # or refused
-        bad = self._kernel(self._params, x, self._work, out)
+        # A float32 array goes to the kernel as is: its signature takes any float32 vector
+        # (strided, read-only, unaligned), and the dispatcher's C type check refuses the rest
+        # (a matrix, a 0-d array) with a TypeError. The common other layouts are cast into the
+        # stream's own vector right here (a Python call costs as much as a cast), the rare
+        # ones by _Staging.cast; letting the dispatcher refuse a float64 array or a list
+        # would build an error message (~100 us).
+        cls = x.__class__
+        if cls is not _NDARRAY or x.dtype is not _F32:
+            staging = self._staging
+            if cls is list or cls is tuple:
+                try:
+                    if x[0].__class__ in _INTS:  # ints of at most 31 bits: int32's pack checks
+                        staging.pack_int32(staging.int32_buffer, 0, *x)
+                        staging.x[...] = staging.int32  # rounds once, as int64 -> float32 does
+                    elif _FLOATS.issuperset(map(type, x)):  # not a Decimal, a string...
+                        staging.pack_floats(staging.x_buffer, 0, *x)
+                    else:
+                        raise struct.error
+                    x = staging.x
+                except (struct.error, IndexError):  # mixed, wider ints, another width...
+                    x = staging.cast(x)
+            elif cls is _NDARRAY and x.shape == staging.shape and x.dtype is _F64:
+                staging.pack_floats(staging.x_buffer, 0, *x.tolist())  # C casts: beyond float32,
+                x = staging.x  # infinity (NumPy's cast would warn)
+            elif cls is _NDARRAY and x.shape == staging.shape and x.dtype is _I64:
+                staging.x[...] = x  # int64 never overflows float32
+                x = staging.x
+            else:
+                x = staging.cast(x)
+        try:
+            bad = self._kernel(self._params, x, self._work, out)
+        except TypeError:  # a float32 array that is not a vector: refused, naming its shape
+            x = _sample(x, self.n_features)
+            bad = self._kernel(self._params, x, self._work, out)
         if bad != -1:
             if bad == SHAPE_MISMATCH:
                 _sample(x, self.n_features)  # raises, naming the shape found
