@@ -182,9 +182,8 @@ class Stream:
         # stream's own vector right here (a Python call costs as much as a cast), the rare
         # ones by _Staging.cast; letting the dispatcher refuse a float64 array or a list
         # would build an error message (~100 us).
-        cls = x.__class__
-        if cls is not _NDARRAY or x.dtype is not _F32:
-            staging = self._staging
+        if x.__class__ is not _NDARRAY or x.dtype is not _F32:
+            cls, staging = x.__class__, self._staging
             if cls is list or cls is tuple:
                 try:
                     if x[0].__class__ in _INTS:  # ints of at most 31 bits: int32's pack checks
