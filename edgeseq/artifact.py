@@ -59,25 +59,64 @@ def sample_feeds(
     spec: ModelSpec, data: DataSpec, batch: int, steps: int, seed: int = 0, state_std: float = 0.0
 ) -> dict[str, np.ndarray]:
     """Random graph inputs: samples in physical units spread like the training data, and initial
-    states (zero, or normal with `state_std`). Parity proofs and golden files both use these."""
+    states (zero, or normal with `state_std`). Parity proofs and golden files both use these.
+
+    With a target transform the target columns move as the training targets did: each value
+    is the one `lag` steps back (a season back for a seasonal transform; the mean level at
+    first) plus a change spread like the changes the network read, through exp() for log
+    transforms, so they stay positive; without a lag, levels spread like the training ones."""
     rng = np.random.default_rng(seed)
     z = rng.standard_normal((batch, steps, spec.input_size)).astype(np.float32)
     if spec.task == "generate":  # the fixed vector repeats at every step
         z = np.repeat(z[:, :1], steps, axis=1)
     std = np.asarray(data.input_scaling.std, np.float32)
-    feeds = {"x": (z * std + np.asarray(data.input_scaling.mean, np.float32)).astype(np.float32)}
-    shape = (spec.num_layers, batch, spec.hidden_size)
-    for pair in state_pairs(spec):
+    x = z * std + np.asarray(data.input_scaling.mean, np.float32)
+    transform, levels = data.target_transform, data.target_levels
+    if transform is not None and levels is not None:
+        n, lag = len(data.targets), transform.lag
+        v = np.asarray(levels.mean) + z[:, :, :n] * np.asarray(levels.std)
+        if lag:  # each value the one `lag` steps back (the mean level at first) plus a change
+            change = x[:, :, :n]  # spread like the changes the network read
+            for t in range(steps):
+                v[:, t] = (v[:, t - lag] if t >= lag else np.asarray(levels.mean)) + change[:, t]
+        x[:, :, :n] = np.exp(v) if transform.log else v
+    feeds = {"x": x.astype(np.float32)}
+    for pair, shape in state_shapes(spec, data, batch).items():
         noise = rng.standard_normal(shape) if state_std else np.zeros(shape)
-        feeds[pair["input"]] = (state_std * noise).astype(np.float32)
+        feeds[pair] = (state_std * noise).astype(np.float32)
+        if pair == LAG_INPUT:  # a state of a stream that has started: flag 1, past levels
+            feeds[pair][0] = 1.0 if state_std else 0.0
     return feeds
 
 
-def state_pairs(spec: ModelSpec) -> list[dict[str, str]]:
+LAG_INPUT, LAG_OUTPUT = "lag0", "lagn"  # a target transform's past values (spec.TargetTransform)
+# With a target transform, the network's own input and output inside the graph
+# (export_transform.py): the runtime fuses the path between them and the transform around it.
+X_MODEL, Y_MODEL = "x_model", "y_model"
+
+
+def state_pairs(spec: ModelSpec, data: DataSpec | None = None) -> list[dict[str, str]]:
+    """The graph's state inputs and outputs: h0 -> hn (c0 -> cn for an LSTM), and lag0 -> lagn
+    when a target transform keeps past values."""
     pairs = [{"input": "h0", "output": "hn"}]
     if spec.has_cell_state:
         pairs.append({"input": "c0", "output": "cn"})
+    if data is not None and data.target_transform is not None and data.target_transform.lag:
+        pairs.append({"input": LAG_INPUT, "output": LAG_OUTPUT})
     return pairs
+
+
+def state_shapes(spec: ModelSpec, data: DataSpec | None, batch: int) -> dict[str, tuple[int, ...]]:
+    """Each state input's shape: [layers, batch, hidden]; lag0 is [1 + lag, batch, targets]
+    (a row for "primed", 1 once a sample has been seen, then the last `lag` values)."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for pair in state_pairs(spec, data):
+        if pair["input"] == LAG_INPUT:
+            assert data is not None and data.target_transform is not None
+            shapes[LAG_INPUT] = (1 + data.target_transform.lag, batch, len(data.targets))
+        else:
+            shapes[pair["input"]] = (spec.num_layers, batch, spec.hidden_size)
+    return shapes
 
 
 def output_layout(spec: ModelSpec, data: DataSpec) -> str:
@@ -115,7 +154,7 @@ def build_metadata(
         "sample_rate_hz": _rate_hz(data),
         "sample_period": data.sample_period,
         "sample_period_unit": "s" if data.time_unit == "s" else f"units of {data.time_col}",
-        "state": state_pairs(spec),
+        "state": state_pairs(spec, data),
         "output_layout": output_layout(spec, data),
         "training": training,
         "parity": parity,
@@ -171,12 +210,34 @@ def _described(meta: dict[str, Any]) -> ArtifactInfo:
             f"data_spec.features names {len(data.features)} columns; expected one per model "
             f"input (model_spec.input_size = {spec.input_size})"
         )
-    if meta["state"] != state_pairs(spec):
+    if meta["state"] != state_pairs(spec, data):
         raise ModelFormatError(
-            f"state must be {json.dumps(state_pairs(spec))} for cell {spec.cell}, "
+            f"state must be {json.dumps(state_pairs(spec, data))} for cell {spec.cell}, "
             f"found {json.dumps(meta['state'])[:100]}"
         )
+    _check_transform(spec, data)
     return ArtifactInfo(spec, data, meta)
+
+
+def _check_transform(spec: ModelSpec, data: DataSpec) -> None:
+    """A target transform belongs to a forecast whose first inputs are its targets, with its
+    levels described, and a seasonal one looks back at least as far as it forecasts."""
+    transform = data.target_transform
+    if transform is None:
+        return
+    where = f"data_spec.target_transform {transform.name!r}"
+    if spec.task not in ("forecast", "seq2seq") or not data.targets:
+        raise ModelFormatError(f"{where}: only forecast and seq2seq models with targets have one")
+    if tuple(data.features[: len(data.targets)]) != tuple(data.targets):
+        raise ModelFormatError(
+            f"{where}: the features must start with the targets {list(data.targets)}, "
+            f"found {list(data.features)[:8]}"
+        )
+    if data.target_levels is None:
+        raise ModelFormatError(f"{where}: data_spec.target_levels is missing")
+    if transform.seasonal and transform.season < spec.horizon:
+        raise ModelFormatError(f"{where}: season {transform.season} is shorter than the "
+                               f"horizon {spec.horizon}")  # fmt: skip
 
 
 def read_metadata(model: onnx.ModelProto, where: str) -> ArtifactInfo:

@@ -19,6 +19,7 @@ from rich.markdown import Markdown
 from edgeseq import __version__, serve_cli
 from edgeseq.errors import EdgeseqError
 from edgeseq.serve_cli import bundle, devices_app, loadtest, serve
+from edgeseq.spec import TRANSFORMS
 
 if TYPE_CHECKING:  # the training side imports torch; the CLI loads it only when a command runs
     from edgeseq.data import Dataset
@@ -47,6 +48,11 @@ class Cell(StrEnum):
     rnn = "rnn"
     lstm = "lstm"
     gru = "gru"
+
+
+TargetTransformName = StrEnum(  # type: ignore[misc]
+    "TargetTransformName", {name: name for name in ("auto", *TRANSFORMS)}
+)
 
 
 class Fill(StrEnum):
@@ -143,8 +149,19 @@ def train(
     ] = 0.15,
     season: Annotated[
         int | None,
-        typer.Option(help="Season length in steps, for the seasonal-persistence baseline."),
+        typer.Option(
+            help="Season length in steps: the seasonal-persistence baseline, and the seasonal "
+            "target transforms."
+        ),
     ] = None,
+    target_transform: Annotated[
+        TargetTransformName,
+        typer.Option(
+            help="forecast, seq2seq: what the network predicts. diff: the change from the last "
+            "value; log-diff: of its log; seasonal: the change from one --season back; auto: "
+            "the best of these on the validation split (one training run each)."
+        ),
+    ] = TargetTransformName("auto"),
     fill: Annotated[
         Fill, typer.Option(help="Missing values: error, or how to fill them.")
     ] = Fill.error,
@@ -171,7 +188,7 @@ def train(
         horizon=horizon, window=window, stride=stride, tbptt=tbptt, clip=clip,
         clip_value=clip_value, lr=lr, batch_size=batch_size, patience=patience, dropout=dropout,
         nonlinearity="relu" if relu else "tanh", val_size=val_size, test_size=test_size,
-        season=season, threads=threads,
+        season=season, threads=threads, target_transform=str(target_transform),
     )  # fmt: skip
     run_dir = out or Path("runs") / f"{csv.stem}-{task.value}-{cell.value}"
     _run_training(data, cfg, run_dir, test, resume)
@@ -192,6 +209,7 @@ def _run_training(
             command=["edgeseq", *sys.argv[1:]],
             resume=resume,
             on_epoch=on_epoch,
+            on_phase=on_epoch.phase,
         )
     console.print(metrics_table(result.metrics))
     if cfg.task == "classify":

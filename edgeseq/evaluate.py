@@ -13,10 +13,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from edgeseq import classical, target_transform
 from edgeseq.errors import UsageError
 from edgeseq.metrics import classification_scores, regression_scores
 from edgeseq.nn import predict
 from edgeseq.prepare import AUTOREGRESSIVE_TASKS, Encoded, Prepared
+
+NONE = target_transform.NONE
 
 
 @dataclass
@@ -38,7 +41,9 @@ def _unscale(values: np.ndarray, prepared: Prepared) -> np.ndarray:
     return values * np.asarray(scaling.std) + np.asarray(scaling.mean)
 
 
-def _forecast(model: nn.Module, p: Prepared, segs: list[Encoded], season: int | None) -> Evaluation:
+def _forecast(
+    model: nn.Module, p: Prepared, segs: list[Encoded], season: int | None, with_classical: bool
+) -> Evaluation:
     h = p.horizon
     if season is not None and season < h:
         raise UsageError(f"--season {season} must be at least --horizon {h}")
@@ -47,6 +52,7 @@ def _forecast(model: nn.Module, p: Prepared, segs: list[Encoded], season: int | 
     for e in segs:
         n_t = e.targets.shape[1]
         out = _unscale(raw_outputs(model, e).reshape(len(e.x), h, n_t), p)
+        out = target_transform.inverse(out, e.targets, p.data_spec.target_transform or NONE)
         pos = np.flatnonzero(e.mask)
         ahead = pos[:, None] + np.arange(1, h + 1)[None, :]  # (P, h) rows being forecast
         preds.append(out[pos])
@@ -61,12 +67,33 @@ def _forecast(model: nn.Module, p: Prepared, segs: list[Encoded], season: int | 
     baselines = {"persistence": regression_scores(np.concatenate(naive), truth)}
     if season is not None:
         baselines["seasonal_persistence"] = regression_scores(np.concatenate(seasonal), truth)
+    if with_classical:
+        baselines[classical.NAME] = _classical(p, segs, season, truth)
     scores: dict[str, Any] = dict(regression_scores(pred, truth))
     if h > 1:
         scores["rmse_by_step"] = [
             float(np.sqrt(np.mean((pred[:, k] - truth[:, k]) ** 2))) for k in range(h)
         ]
     return Evaluation(scores, baselines, example)
+
+
+def _classical(
+    p: Prepared, segs: list[Encoded], season: int | None, truth: np.ndarray
+) -> dict[str, Any]:
+    """Holt-Winters (classical.py) fitted on the training rows, one step ahead over the
+    scored rows; or a note saying why not."""
+    train_rows = {e.key: len(e.targets) for e in p.train}
+    rows = sum(len(e.targets) for e in segs)
+    keys = {e.key for e in segs} | set(train_rows)
+    why = classical.why_not(rows, len(p.data_spec.targets), p.horizon, len(keys))
+    if why is not None:
+        return {"note": why}
+    forecasts = []
+    for e in segs:
+        series = e.targets[:, 0]
+        one_step = classical.one_step_forecasts(series, train_rows[e.key], season)
+        forecasts.append(one_step[np.flatnonzero(e.mask) + 1])
+    return regression_scores(np.concatenate(forecasts).reshape(truth.shape), truth)
 
 
 def _last_outputs(model: nn.Module, segs: list[Encoded]) -> np.ndarray:
@@ -134,13 +161,15 @@ def evaluate(
     segments: list[Encoded],
     *,
     season: int | None = None,
+    classical_baseline: bool = True,
 ) -> Evaluation:
-    """Scores of `model` on `segments` and of the task's naive baseline on the same targets."""
+    """Scores of `model` on `segments` and of the task's naive baselines on the same targets
+    (and for a forecast a classical one, unless `classical_baseline` is False)."""
     if not segments:
         raise UsageError("nothing to evaluate: the held-out split is empty")
     task = prepared.task
     if task in AUTOREGRESSIVE_TASKS:
-        return _forecast(model, prepared, segments, season)
+        return _forecast(model, prepared, segments, season, classical_baseline)
     if task == "classify":
         return _classify(model, prepared, segments, prepared.train)
     if task == "regress":

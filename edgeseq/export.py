@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from edgeseq import checkpoint, heldout
 from edgeseq.artifact import METADATA_KEY, OPSET, RECURRENT_OPS, build_metadata, op_counts
 from edgeseq.errors import ModelFormatError, UsageError
+from edgeseq.export_transform import Transformed, compose
 from edgeseq.heldout import Segment
 from edgeseq.parity import TOLERANCE, prove
 from edgeseq.quantize import int8_model
@@ -227,8 +228,15 @@ def to_onnx(
         raise UsageError(f"cannot write {out}: folder {out.parent} does not exist")
     model, spec = adopt(model, task)
     data = data or _default_data_spec(spec)
-    wrapper = Exportable(model, spec, data).eval()
-    raw = _trace(wrapper, spec)
+    network = Exportable(model, spec, data).eval()
+    wrapper: nn.Module = network
+    raw = _trace(network, spec)
+    transform = data.target_transform
+    if transform is not None:  # the transform's graph pieces around the network's
+        joined = compose(onnx.load_from_string(raw), transform, spec.input_size,
+                         spec.n_targets, spec.horizon)  # fmt: skip
+        raw = joined.SerializeToString(deterministic=True)
+        wrapper = Transformed(network, transform, spec.n_targets, spec.horizon).eval()
     check_op_types(onnx.load_from_string(raw), spec)
     parity = prove(wrapper, raw, spec, data)
     worst = max(parity["torch_vs_onnxruntime_full_sequence"],

@@ -37,7 +37,9 @@ def _confusion(ax: Any, scores: dict[str, Any]) -> None:
     ax.set_title(f"Test confusion (accuracy {scores['accuracy']:.3f})")
 
 
-def _predictions(ax: Any, example: dict[str, np.ndarray], task: str, target: str) -> None:
+def _predictions(
+    ax: Any, example: dict[str, np.ndarray], task: str, target: str, transform: str | None
+) -> None:
     if task == "regress":
         ax.scatter(example["truth"], example["pred"], s=12)
         lo = float(min(example["truth"].min(), example["pred"].min()))
@@ -51,7 +53,8 @@ def _predictions(ax: Any, example: dict[str, np.ndarray], task: str, target: str
         ax.set_xlabel("step")
         ax.set_ylabel(target)
         ax.legend()
-    ax.set_title("Test predictions" + (" (one step ahead)" if task == "forecast" else ""))
+    title = "Test predictions" + (" (one step ahead)" if task == "forecast" else "")
+    ax.set_title(title + (f"; target transform: {transform}" if transform else ""))
 
 
 def save_run_plot(
@@ -61,14 +64,16 @@ def save_run_plot(
     scores: dict[str, Any],
     example: dict[str, np.ndarray],
     target: str,
+    transform: str | None = None,
 ) -> None:
-    """Two panels: losses per epoch, then the test-split view that suits the task."""
+    """Two panels: losses per epoch, then the test-split view that suits the task (a forecast's
+    title names the target transform the network predicts through)."""
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
     _losses(left, history)
     if task == "classify":
         _confusion(right, scores)
     else:
-        _predictions(right, example, task, target)
+        _predictions(right, example, task, target, transform)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

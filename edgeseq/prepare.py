@@ -8,13 +8,14 @@ would on a device, while only targets inside the region are scored.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
+from edgeseq import target_transform
 from edgeseq.data import Dataset, Recording
 from edgeseq.errors import DataError, UsageError
-from edgeseq.spec import DataSpec, Scaling
+from edgeseq.spec import DataSpec, Scaling, TargetTransform
 
 # Tasks whose input is the target's own past plus covariates (autoregressive).
 AUTOREGRESSIVE_TASKS = ("forecast", "seq2seq")
@@ -39,6 +40,8 @@ class Encoded:
     mask: np.ndarray
     targets: np.ndarray  # (T, n_targets) physical units, for metrics and baselines
     label: int = -1
+    raw_x: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.float32))  # (T, F):
+    # the model's inputs in physical units (the graph's)
 
 
 @dataclass
@@ -163,20 +166,24 @@ def _encode(
     feature_scaling: Scaling,
     target_scaling: Scaling,
     label_index: dict[str, int],
+    transform: TargetTransform,
 ) -> Encoded:
     rec = seg.recording
     feats = _scaled(rec.features[: seg.end], feature_scaling)
     raw_targets = rec.targets[: seg.end]
-    targets = _scaled(raw_targets, target_scaling)
     steps = seg.end
     t = np.arange(steps)
     label = -1
+    raw_x: np.ndarray = rec.features[: seg.end]
+    y: np.ndarray
     if task in AUTOREGRESSIVE_TASKS:
-        x = np.concatenate([targets, feats], axis=1)
-        # y[t] = targets[t+1 .. t+horizon], horizon-major; valid while t + horizon < T.
-        y = np.zeros((steps, horizon * targets.shape[1]), np.float32)
-        for k in range(1, horizon + 1):
-            y[: steps - k, (k - 1) * targets.shape[1] : k * targets.shape[1]] = targets[k:]
+        raw_x = np.concatenate([raw_targets, raw_x], axis=1)
+        # the network reads the transformed targets and predicts the transformed y[t] for
+        # targets[t+1 .. t+horizon], horizon-major; valid while t + horizon < T.
+        seen = _scaled(target_transform.inputs(raw_targets, transform), target_scaling)
+        x = np.concatenate([seen, feats], axis=1)
+        future = target_transform.ahead(raw_targets, transform, horizon)
+        y = _scaled(future, target_scaling).reshape(steps, -1)
         mask = (t + horizon < steps) & (t + 1 >= seg.score_from)
     elif task == "classify":
         x, label = feats, label_index[str(rec.label)]
@@ -184,13 +191,15 @@ def _encode(
         mask = np.ones(steps, bool)
     elif task == "regress":
         x = feats
-        y = np.repeat(targets[-1:], steps, axis=0)
+        y = np.repeat(_scaled(raw_targets, target_scaling)[-1:], steps, axis=0)
         mask = np.ones(steps, bool)
     else:  # generate: a fixed vector (the first row's features) in at every step
         x = np.repeat(feats[:1], steps, axis=0)
-        y = targets
+        raw_x = np.repeat(raw_x[:1], steps, axis=0)
+        y = _scaled(raw_targets, target_scaling)
         mask = t >= seg.score_from
-    return Encoded(rec.key, np.ascontiguousarray(x), y, mask, raw_targets, label)
+    return Encoded(rec.key, np.ascontiguousarray(x), y, mask, raw_targets, label,
+                   np.ascontiguousarray(raw_x, np.float32))  # fmt: skip
 
 
 def prepare(
@@ -202,8 +211,10 @@ def prepare(
     val_size: float = 0.15,
     test_size: float = 0.15,
     seed: int = 0,
+    transform: TargetTransform | None = None,
 ) -> Prepared:
-    """Split, fit scaling on the training rows, and encode every segment for `task`."""
+    """Split, fit scaling on the training rows, and encode every segment for `task`; a
+    forecast's targets go through `transform` first (target_transform.py)."""
     if test is not None and (
         test.feature_names != data.feature_names or test.target_names != data.target_names
     ):
@@ -222,8 +233,10 @@ def prepare(
     feature_scaling = _fit_scaling(
         [s.recording.features[: s.end] for s in train], len(data.feature_names)
     )
+    transform = transform if task in AUTOREGRESSIVE_TASKS and transform else target_transform.NONE
     target_scaling = _fit_scaling(
-        [s.recording.targets[: s.end] for s in train], len(data.target_names)
+        [target_transform.inputs(s.recording.targets[: s.end], transform) for s in train],
+        len(data.target_names),
     )
     labels = sorted({str(s.recording.label) for s in train}) if task == "classify" else []
     index = {name: i for i, name in enumerate(labels)}
@@ -253,10 +266,18 @@ def prepare(
         label_col=data.columns.label_col,
         sample_period=data.sample_period,
         time_unit=data.time_unit,
+        target_transform=None if transform == target_transform.NONE else transform,
+        target_levels=None
+        if transform == target_transform.NONE
+        else _fit_scaling(
+            [target_transform.levels(s.recording.targets[: s.end], transform) for s in train],
+            len(data.target_names),
+        ),
     )
 
     def encode(segs: list[Segment]) -> list[Encoded]:
-        out = [_encode(task, s, horizon, feature_scaling, target_scaling, index) for s in segs]
+        out = [_encode(task, s, horizon, feature_scaling, target_scaling, index, transform)
+               for s in segs]  # fmt: skip
         return [e for e in out if e.mask.any()]
 
     encoded_train = encode(train)

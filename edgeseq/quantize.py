@@ -19,7 +19,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from edgeseq.artifact import sample_feeds, state_pairs
+from edgeseq.artifact import sample_feeds, state_shapes
 from edgeseq.heldout import Segment
 from edgeseq.spec import DataSpec, ModelSpec
 
@@ -115,10 +115,10 @@ def _session(model_bytes: bytes) -> Any:
     return ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
 
 
-def _outputs(session: Any, x: np.ndarray, spec: ModelSpec) -> np.ndarray:
+def _outputs(session: Any, x: np.ndarray, spec: ModelSpec, data: DataSpec) -> np.ndarray:
     """The graph's y for one segment streamed from a zero state: (T, outputs)."""
-    shape = (spec.num_layers, 1, spec.hidden_size)
-    state = {p["input"]: np.zeros(shape, np.float32) for p in state_pairs(spec)}
+    state = {name: np.zeros(shape, np.float32)
+             for name, shape in state_shapes(spec, data, 1).items()}  # fmt: skip
     return np.asarray(session.run(["y"], {"x": x[None], **state})[0][0])
 
 
@@ -126,16 +126,17 @@ def heldout_error(session: Any, segments: list[Segment], spec: ModelSpec, data: 
     """Error on the scored steps: 1 - accuracy (classify), else RMSE in normalized units."""
     if spec.task == "classify":
         hits = [
-            int(np.argmax(_outputs(session, s.x, spec)[s.mask], axis=1)[-1] == s.y[s.mask][-1])
+            int(np.argmax(_outputs(session, s.x, spec, data)[s.mask], axis=1)[-1]
+                == s.y[s.mask][-1])
             for s in segments
-        ]
+        ]  # fmt: skip
         return 1.0 - float(np.mean(hits))
     assert data.target_scaling is not None
     repeat = spec.output_size // max(len(data.target_scaling.mean), 1)
     mean = np.tile(np.asarray(data.target_scaling.mean, np.float32), repeat)
     std = np.tile(np.asarray(data.target_scaling.std, np.float32), repeat)
     errors = [
-        ((_outputs(session, s.x, spec)[s.mask] - mean) / std - s.y[s.mask]).ravel()
+        ((_outputs(session, s.x, spec, data)[s.mask] - mean) / std - s.y[s.mask]).ravel()
         for s in segments
     ]
     return float(np.sqrt(np.mean(np.concatenate(errors) ** 2)))
@@ -164,7 +165,9 @@ def report(
         x = sample_feeds(spec, data, 1, 200, seed=2)["x"][0]
         scale = np.asarray(data.target_scaling.std if data.target_scaling else (1.0,), np.float32)
         scale = np.tile(scale, spec.output_size // len(scale))
-        diff = (_outputs(int8_session, x, spec) - _outputs(float_session, x, spec)) / scale
+        diff = (
+            _outputs(int8_session, x, spec, data) - _outputs(float_session, x, spec, data)
+        ) / scale
         float_error, int8_error = 0.0, float(np.sqrt(np.mean(diff**2)))
         measured_on = "random samples (no held-out split): RMSE of int8 vs float outputs"
     metric = "1 - accuracy" if spec.task == "classify" else "RMSE, normalized units"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -12,30 +12,52 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 
+class _EpochProgress:
+    """The `on_epoch` callback that advances a progress bar, and `phase` to name a new fit (the
+    bar starts over)."""
+
+    def __init__(self, progress: Progress, epochs: int) -> None:
+        self.progress, self.epochs = progress, epochs
+        self.task = progress.add_task("training", total=epochs, losses="")
+
+    def __call__(self, log: Any, state: Any) -> None:
+        val = "-" if log.val_loss is None else f"{log.val_loss:.4f}"
+        losses = (
+            f"train {log.train_loss:.4f}  val {val}  |grad| {log.grad_norm_max:.2f}"
+            f"  lr {log.lr:.1e}"
+        )
+        self.progress.update(self.task, completed=log.epoch, losses=losses)
+        if state.stopped_early:
+            self.progress.update(self.task, total=log.epoch)
+
+    def phase(self, name: str) -> None:
+        if self.progress.tasks[0].completed:
+            self.task = self.progress.add_task(name, total=self.epochs, losses="")
+        else:
+            self.progress.update(self.task, description=name)
+
+
 @contextmanager
-def epoch_progress(console: Console, epochs: int) -> Iterator[Callable[[Any, Any], None]]:
+def epoch_progress(console: Console, epochs: int) -> Iterator[_EpochProgress]:
     """A progress bar over epochs; yields the `on_epoch` callback that advances it."""
     columns = (
-        TextColumn("[bold]training"),
+        TextColumn("[bold]{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
         TextColumn("{task.fields[losses]}"),
         TimeElapsedColumn(),
     )
     with Progress(*columns, console=console, transient=False) as progress:
-        task = progress.add_task("train", total=epochs, losses="")
+        yield _EpochProgress(progress, epochs)
 
-        def advance(log: Any, state: Any) -> None:
-            val = "-" if log.val_loss is None else f"{log.val_loss:.4f}"
-            losses = (
-                f"train {log.train_loss:.4f}  val {val}  |grad| {log.grad_norm_max:.2f}"
-                f"  lr {log.lr:.1e}"
-            )
-            progress.update(task, completed=log.epoch, losses=losses)
-            if state.stopped_early:
-                progress.update(task, total=log.epoch)
 
-        yield advance
+def _transform(meta: dict[str, Any]) -> str:
+    """What the network predicts for the targets (spec.TargetTransform), as `train` names it."""
+    transform = (meta.get("data_spec") or {}).get("target_transform")
+    if not transform:
+        return "none (the targets' levels)"
+    season = f", season {transform['season']}" if transform["name"].endswith("seasonal") else ""
+    return f"{transform['name']}{season} (inverse in the graph: outputs in physical units)"
 
 
 def metrics_table(metrics: dict[str, Any]) -> Table:
@@ -48,8 +70,19 @@ def metrics_table(metrics: dict[str, Any]) -> Table:
         table.add_column(name.replace("_", " "), justify="right")
     for key in ("accuracy", "macro_f1", "mae", "rmse"):
         if key in metrics["test"]:
-            row = [f"{metrics['test'][key]:.4f}"] + [f"{b[key]:.4f}" for b in baselines.values()]
+            row = [f"{metrics['test'][key]:.4f}"]
+            row += [f"{b[key]:.4f}" if key in b else "-" for b in baselines.values()]
             table.add_row(key, *row)
+    notes = [f"{name.replace('_', ' ')}: {b['note']}" for name, b in baselines.items()
+             if "note" in b]  # fmt: skip
+    transform, tried = (
+        metrics.get("target_transform"),
+        metrics.get("target_transform_validation_rmse", {}),
+    )
+    if transform is not None:
+        how = f"best validation RMSE of {', '.join(tried)}" if len(tried) > 1 else "as asked"
+        notes.insert(0, f"target transform: {transform} ({how})")
+    table.caption = "; ".join(notes) or None
     return table
 
 
@@ -92,6 +125,7 @@ def inspect_tables(info: dict[str, Any]) -> list[Table]:
             ("targets", ", ".join(meta["target_names"]) or "-"),
             ("class labels", ", ".join(meta["class_labels"]) or "-"),
             ("sample period", _period(meta)),
+            ("target transform", _transform(meta)),
             ("state", ", ".join(f"{p['input']} -> {p['output']}" for p in meta["state"])),
             ("output", meta["output_layout"]),
         ]

@@ -217,6 +217,53 @@ class Scaling:
         return cls(**values)
 
 
+TRANSFORMS = ("none", "log", "diff", "log-diff", "seasonal", "log-seasonal")
+MAX_SEASON = 10_000  # the most past values a seasonal transform keeps per target and stream
+
+
+@dataclass(frozen=True)
+class TargetTransform:
+    """What a forecasting network predicts instead of the target's level, and how the graph
+    turns that back into physical units.
+
+    `log` works on log(target) (multiplicative growth; targets must stay positive). `diff`
+    feeds the network the change since the previous sample and has it predict the change from
+    the last observed value: y(t+k) = v(t) + out(t, k). `seasonal` does the same against the
+    value one season back: input v(t) - v(t - season), y(t+k) = v(t + k - season) + out(t, k).
+    Either keeps the last `lag` values of v as recurrent state (one more state input/output pair
+    beside h0/hn), primed with the first sample of a fresh stream. A level trained on a range
+    saturates the network outside it; a change does not.
+    """
+
+    name: str = field(default="none", metadata=_is(text(TRANSFORMS)))
+    season: int = field(default=1, metadata=_is(integer(1, MAX_SEASON)))
+
+    def __post_init__(self) -> None:
+        _check_fields(self)
+
+    @property
+    def log(self) -> bool:
+        return self.name.startswith("log")
+
+    @property
+    def seasonal(self) -> bool:
+        return self.name.endswith("seasonal")
+
+    @property
+    def lag(self) -> int:
+        """Past values kept per target: 0 (none, log), 1 (diff) or the season."""
+        if self.name.endswith("diff"):
+            return 1
+        return self.season if self.seasonal else 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str = "target_transform") -> TargetTransform:
+        return cls(**read_fields(cls, data, where))
+
+
 NAMES = array_of(text(), "strings")
 
 
@@ -244,13 +291,22 @@ class DataSpec:
     )
     # "s" when the time column held dates; else its own unit
     time_unit: str | None = field(default=None, metadata=_is(optional(text())))
+    # forecast and seq2seq: what the network predicts for the targets (None: their levels)
+    target_transform: TargetTransform | None = field(
+        default=None, metadata=_is(optional(record(TargetTransform)))
+    )
+    # with a target transform, input_scaling's target columns scale what the network reads (a
+    # change, say); these scale the targets' own levels (their log for log transforms), as
+    # fitted on the training rows: what a sample's target columns look like
+    target_levels: Scaling | None = field(default=None, metadata=_is(optional(record(Scaling))))
 
     def __post_init__(self) -> None:
         self._agree(_check_fields(self), type(self).__name__)
 
     @staticmethod
     def _agree(v: dict[str, Any], where: str) -> None:
-        for scaling, columns in (("input_scaling", "features"), ("target_scaling", "targets")):
+        for scaling, columns in (("input_scaling", "features"), ("target_scaling", "targets"),
+                                 ("target_levels", "targets")):  # fmt: skip
             if v[scaling] is not None:
                 n = len(v[scaling].mean)
                 _require(

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from edgeseq import checkpoint, heldout
@@ -24,8 +25,8 @@ from edgeseq.fit import EpochLog, FitOptions, FitState, fit, history_as_dicts, m
 from edgeseq.heldout import LAST_STEP_TASKS, scored_mask
 from edgeseq.nn import build_model
 from edgeseq.plots import save_run_plot
-from edgeseq.prepare import Encoded, Prepared, prepare
-from edgeseq.spec import ModelSpec
+from edgeseq.prepare import AUTOREGRESSIVE_TASKS, Encoded, Prepared, prepare
+from edgeseq.spec import TRANSFORMS, ModelSpec, TargetTransform
 from edgeseq.windows import make_windows
 
 DEFAULT_WINDOW = 64  # forecast/seq2seq windows when neither --window nor --tbptt is given
@@ -55,6 +56,7 @@ class TrainConfig:
     val_size: float = 0.15
     test_size: float = 0.15
     season: int | None = None
+    target_transform: str = "auto"  # forecast, seq2seq: spec.TRANSFORMS, or auto (validation)
     threads: int = 1  # small recurrent nets gain nothing from intra-op threads; 2 jobs thrash
 
 
@@ -76,6 +78,31 @@ def _check(cfg: TrainConfig) -> None:
         raise UsageError(f"--tbptt must be >= 1, found {cfg.tbptt}")
     if cfg.lr <= 0 or cfg.clip < 0:
         raise UsageError("--lr must be > 0 and --clip >= 0")
+    if cfg.target_transform not in ("auto", *TRANSFORMS):
+        raise UsageError(f"--target-transform {cfg.target_transform!r}: expected auto or one of "
+                         f"{', '.join(TRANSFORMS)}")  # fmt: skip
+    if cfg.target_transform.endswith("seasonal") and cfg.season is None:
+        raise UsageError(f"--target-transform {cfg.target_transform} needs --season (its length "
+                         "in steps)")  # fmt: skip
+    if cfg.season is not None and cfg.season < cfg.horizon:
+        raise UsageError(f"--season {cfg.season} must be at least --horizon {cfg.horizon}")
+
+
+def transform_candidates(cfg: TrainConfig, data: Dataset) -> list[TargetTransform]:
+    """The transforms `auto` tries on the validation split (one, when the choice is made):
+    levels, changes, and with --season seasonal changes; each also of the log where every
+    target is positive (multiplicative growth)."""
+    season = cfg.season or 1
+    if cfg.task not in AUTOREGRESSIVE_TASKS:
+        return [TargetTransform()]
+    if cfg.target_transform != "auto":
+        return [TargetTransform(cfg.target_transform, season)]
+    names = ["none", "diff"]
+    if all(bool((r.targets > 0).all()) for r in data.recordings):
+        names.append("log-diff")
+    if cfg.season is not None:
+        names += ["seasonal", "log-seasonal"] if "log-diff" in names else ["seasonal"]
+    return [TargetTransform(name, season) for name in names]
 
 
 def _window(cfg: TrainConfig) -> int | None:
@@ -175,22 +202,27 @@ def _metrics(cfg: TrainConfig, prepared: Prepared, ev: Evaluation, state: FitSta
     }
 
 
-def train(
-    data: Dataset,
-    cfg: TrainConfig,
-    run_dir: str | Path,
-    *,
-    test: Dataset | None = None,
-    command: list[str] | None = None,
-    resume: bool = False,
-    on_epoch: Callable[[EpochLog, FitState], None] | None = None,
-) -> RunResult:
-    """Train, evaluate on the held-out split and write the run directory."""
-    _check(cfg)
-    run_dir = Path(run_dir)
+@dataclass
+class _Candidate:
+    """One fit: the data as one target transform encodes it, and the model trained on it."""
+
+    prepared: Prepared
+    spec: ModelSpec
+    model: torch.nn.Module
+    state: FitState
+    resume_blob: dict[str, Any] | None
+    summary: dict[str, Any]
+    val_rmse: float = float("inf")
+
+
+def _fit_candidate(
+    data: Dataset, cfg: TrainConfig, run_dir: Path, transform: TargetTransform, *,
+    test: Dataset | None, command: list[str] | None, resume: bool,
+    on_epoch: Callable[[EpochLog, FitState], None] | None,
+) -> _Candidate:  # fmt: skip
+    """Prepare the data under `transform`, then fit from the same seed as every other
+    candidate, writing the checkpoint after every epoch (what --resume continues from)."""
     torch.manual_seed(cfg.seed)
-    torch.use_deterministic_algorithms(True)
-    torch.set_num_threads(cfg.threads)
     prepared = prepare(
         data,
         cfg.task,
@@ -199,16 +231,13 @@ def train(
         val_size=cfg.val_size,
         test_size=cfg.test_size,
         seed=cfg.seed,
+        transform=transform,
     )
     spec = model_spec_for(cfg, prepared)
     model = build_model(spec)
     windows = make_windows(
         prepared.train, _window(cfg), cfg.stride, last_only=cfg.task in LAST_STEP_TASKS
     )
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UsageError(f"cannot create run directory {run_dir}: {exc.strerror}") from None
     state, resume_blob = _restore(run_dir, spec, model) if resume else (None, None)
     summary: dict[str, Any] = {
         "config": asdict(cfg),
@@ -216,19 +245,11 @@ def train(
         "train_windows": len(windows),
         "window_length": int(windows.x.shape[1]),
     }
-
-    def save(fit_state: FitState, resumable: dict | None, weights: dict | None = None) -> None:
-        best = weights if weights is not None else (fit_state.best_weights or model.state_dict())
-        blob = _resume_blob(model, fit_state, resumable) if resumable is not None else None
-        checkpoint.save(
-            run_dir / "checkpoint.pt",
-            checkpoint.Checkpoint(spec, prepared.data_spec, best, summary, blob),
-        )
+    run = _Candidate(prepared, spec, model, FitState(), resume_blob, summary)
 
     def after_epoch(log: EpochLog, fit_state: FitState, resumable: dict[str, Any]) -> None:
-        nonlocal resume_blob
-        resume_blob = resumable
-        save(fit_state, resumable)
+        run.resume_blob = resumable
+        _save(run_dir, run, fit_state, resumable)
         if on_epoch is not None:
             on_epoch(log, fit_state)
 
@@ -243,7 +264,7 @@ def train(
         classify=cfg.task == "classify",
     )
     validate = _validator(prepared, options.classify)
-    state = fit(
+    run.state = fit(
         model,
         windows,
         validate,
@@ -253,16 +274,93 @@ def train(
         resume=resume_blob,
         on_epoch=after_epoch,
     )
+    if prepared.val and cfg.task in AUTOREGRESSIVE_TASKS:
+        scores = evaluate(model, prepared, prepared.val, classical_baseline=False).scores
+        run.val_rmse = float(scores["rmse"])
+    return run
+
+
+def _save(
+    run_dir: Path, run: _Candidate, fit_state: FitState, resumable: dict[str, Any] | None,
+    weights: dict[str, Any] | None = None,
+) -> None:  # fmt: skip
+    best = weights if weights is not None else (fit_state.best_weights or run.model.state_dict())
+    blob = _resume_blob(run.model, fit_state, resumable) if resumable is not None else None
+    checkpoint.save(
+        run_dir / "checkpoint.pt",
+        checkpoint.Checkpoint(run.spec, run.prepared.data_spec, best, run.summary, blob),
+    )
+
+
+def _transform_name(prepared: Prepared) -> str:
+    return (prepared.data_spec.target_transform or TargetTransform()).name
+
+
+def _heldout_targets(e: Encoded, prepared: Prepared) -> np.ndarray:
+    """What int8 export scores against: a forecast's future targets in physical units, scaled
+    by the target scaling (the network's own y when its targets are not transformed)."""
+    if prepared.task not in AUTOREGRESSIVE_TASKS:
+        return e.y
+    scaling = prepared.data_spec.target_scaling
+    assert scaling is not None
+    steps, n = e.targets.shape
+    future = np.zeros((steps, prepared.horizon, n))
+    for k in range(1, prepared.horizon + 1):
+        future[: steps - k, k - 1] = e.targets[k:]
+    scaled = (future - np.asarray(scaling.mean)) / np.asarray(scaling.std)
+    return scaled.reshape(steps, -1).astype(np.float32)
+
+
+def train(
+    data: Dataset,
+    cfg: TrainConfig,
+    run_dir: str | Path,
+    *,
+    test: Dataset | None = None,
+    command: list[str] | None = None,
+    resume: bool = False,
+    on_epoch: Callable[[EpochLog, FitState], None] | None = None,
+    on_phase: Callable[[str], None] | None = None,
+) -> RunResult:
+    """Train (once per target transform when it is `auto`, keeping the one best on the
+    validation split), evaluate on the held-out split and write the run directory."""
+    _check(cfg)
+    run_dir = Path(run_dir)
+    torch.use_deterministic_algorithms(True)
+    torch.set_num_threads(cfg.threads)
+    candidates = transform_candidates(cfg, data)
+    if resume:  # the transform the interrupted run was fitting
+        saved = checkpoint.load(run_dir).data_spec.target_transform
+        candidates = [saved or TargetTransform()]
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"cannot create run directory {run_dir}: {exc.strerror}") from None
+    runs: list[_Candidate] = []
+    for transform in candidates:
+        if runs and not runs[0].prepared.val:
+            break  # no validation split to choose by: the levels, as without a transform
+        if on_phase is not None and len(candidates) > 1:
+            on_phase(f"target transform {transform.name}")
+        runs.append(_fit_candidate(data, cfg, run_dir, transform, test=test, command=command,
+                                   resume=resume, on_epoch=on_epoch))  # fmt: skip
+    run = min(runs, key=lambda r: r.val_rmse)  # the first on a tie (or without validation)
+    prepared, model, state = run.prepared, run.model, run.state
     evaluation = evaluate(model, prepared, prepared.test or prepared.val, season=cfg.season)
     metrics = _metrics(cfg, prepared, evaluation, state)
-    summary["metrics"] = metrics
-    summary["history"] = history_as_dicts(state)
-    save(state, resume_blob, weights=model.state_dict())
+    if cfg.task in AUTOREGRESSIVE_TASKS:
+        metrics["target_transform"] = _transform_name(prepared)
+        metrics["target_transform_validation_rmse"] = {
+            _transform_name(r.prepared): r.val_rmse if np.isfinite(r.val_rmse) else None
+            for r in runs
+        }
+    run.summary["metrics"] = metrics
+    run.summary["history"] = history_as_dicts(state)
+    _save(run_dir, run, state, run.resume_blob, weights=model.state_dict())
     heldout.save(
         run_dir / heldout.FILENAME,
         [
-            heldout.Segment(heldout.physical(e.x, prepared.data_spec), e.y,
-                            scored_mask(e.mask, cfg.task))
+            heldout.Segment(e.raw_x, _heldout_targets(e, prepared), scored_mask(e.mask, cfg.task))
             for e in prepared.test or prepared.val
         ],
     )  # fmt: skip
@@ -271,10 +369,11 @@ def train(
     target = (prepared.data_spec.targets or ("label",))[0]
     save_run_plot(
         run_dir / "plot.png",
-        summary["history"],
+        run.summary["history"],
         cfg.task,
         evaluation.scores,
         evaluation.example,
         target,
+        transform=metrics.get("target_transform"),
     )
     return RunResult(run_dir, prepared, model, evaluation, state, metrics)

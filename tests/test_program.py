@@ -14,7 +14,7 @@ from edgeseq.runtime import cells
 from edgeseq.runtime import program as ir
 
 ROOT = Path(__file__).resolve().parents[1]
-ARRAYS = {"p", "x", "y", "state", "gates"}  # what a cell takes before an op's fields
+ARRAYS = {"p", "x", "y", "state", "gates", "sample"}  # what a cell takes before an op's fields
 
 
 @pytest.mark.parametrize("kind", ir.KINDS, ids=lambda kind: kind.__name__)
@@ -27,6 +27,7 @@ def test_an_ops_fields_are_its_cells_arguments_in_order_so_a_row_passes_straight
     assert params[: len(arrays)] == arrays
     assert [f.name for f in dataclasses.fields(kind)] == params[len(arrays) :]
     assert ("state" in arrays) is kind.STATEFUL
+    assert not kind.ARRAYS or len(kind.ARRAYS) == len(arrays)  # specialize.py passes these
     assert 1 + len(dataclasses.fields(kind)) <= ir.CODE_WIDTH
     assert ir.OPS[kind.OPCODE] is kind
 

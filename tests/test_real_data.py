@@ -47,3 +47,19 @@ def test_the_basicmotions_classifier_is_accurate_on_the_test_file(shared_data, t
     )  # fmt: skip
     assert metrics["splits"]["test"]["sequences"] == 40
     assert metrics["test"]["accuracy"] >= MIN_BASICMOTIONS_ACCURACY
+
+
+def test_the_co2_forecaster_beats_persistence_and_seasonal_persistence(shared_data, tmp_path):
+    """Issue 18: a trending, seasonal series (the test years lie above the training range).
+    The target transform is chosen by validation (auto); a classical Holt-Winters forecaster
+    is reported beside the naive baselines."""
+    metrics = _train(
+        [str(shared_data / "co2_weekly_raw.csv"), "--target", "co2", "--time-col", "week_ending",
+         "--fill", "interpolate", "--season", "52"],
+        tmp_path,
+    )  # fmt: skip
+    baselines = metrics["baselines"]
+    assert metrics["test"]["rmse"] < baselines["persistence"]["rmse"]
+    assert metrics["test"]["rmse"] < baselines["seasonal_persistence"]["rmse"]
+    assert metrics["target_transform"] != "none"
+    assert baselines["holt_winters"]["n"] == metrics["test"]["n"]

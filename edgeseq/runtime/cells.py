@@ -408,6 +408,47 @@ def act(p, x, y, n, kind, off_alpha):
 
 
 @inline_kernel
+def transform_in(x, y, state, n_in, n_t, lag, log, off_lag):
+    """program.TransformIn: the targets' change since `lag` samples back (or their log)."""
+    for j in range(n_in):
+        y[j] = x[j]
+    if lag == 0:
+        if log:
+            for j in range(n_t):
+                y[j] = np.log(x[j])
+        return
+    past = state[off_lag : off_lag + (1 + lag) * n_t]
+    if past[0] == ZERO:  # a fresh stream: its first sample is its past
+        for i in range(1, lag + 1):
+            for j in range(n_t):
+                past[i * n_t + j] = x[j]
+    for j in range(n_t):
+        old = past[n_t + j]
+        y[j] = np.log(x[j] / old) if log else x[j] - old
+
+
+@inline_kernel
+def transform_out(sample, x, y, state, n_out, n_t, lag, log, seasonal, off_lag):
+    """program.TransformOut: forecasts in physical units, then the past moves on by the
+    sample."""
+    if lag == 0:
+        for i in range(n_out):
+            y[i] = np.exp(x[i]) if log else x[i]
+        return
+    past = state[off_lag : off_lag + (1 + lag) * n_t]
+    for i in range(n_out):
+        k, j = i // n_t + 1, i % n_t  # step t + k, target j
+        base = past[(1 + k) * n_t + j] if seasonal and k < lag else sample[j]
+        y[i] = base * np.exp(x[i]) if log else base + x[i]
+    for i in range(1, lag):
+        for j in range(n_t):
+            past[i * n_t + j] = past[(i + 1) * n_t + j]
+    for j in range(n_t):
+        past[lag * n_t + j] = sample[j]
+        past[j] = ONE
+
+
+@inline_kernel
 def softmax(x, y, n):
     peak = x[0]
     for j in range(n):

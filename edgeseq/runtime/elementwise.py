@@ -221,6 +221,8 @@ OPS: dict[str, Any] = {
     "Div": _div,
     "Relu": lambda attrs, x: [np.maximum(x, 0).astype(x.dtype)],
     "Tanh": lambda attrs, x: [np.tanh(x)],
+    "Log": lambda attrs, x: [np.log(x)],  # a forecast's log target transform
+    "Exp": lambda attrs, x: [np.exp(x)],
     "Sigmoid": lambda attrs, x: [(1 / (1 + np.exp(-x))).astype(x.dtype)],
     "LeakyRelu": _leaky_relu,
     "Softmax": _softmax,

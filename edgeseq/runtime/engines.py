@@ -20,6 +20,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from edgeseq.artifact import LAG_INPUT
 from edgeseq.errors import ShapeError
 from edgeseq.runtime import aligned
 from edgeseq.runtime.batched import RunBatch, Stacker, state_arrays
@@ -135,6 +136,8 @@ class KernelEngine:
         self.gemm = BatchRunner(plan)
         self.shapes = {f"{L.node}.h": (L.hidden,) for L in plan.layers}
         self.shapes |= {f"{L.node}.c": (L.hidden,) for L in plan.layers if L.c_offset >= 0}
+        if plan.lag is not None:  # a target transform's past, named as the graph's input
+            self.shapes[LAG_INPUT] = (plan.lag[1],)
 
     def new_state(self) -> np.ndarray:
         return self.plan.initial_state.copy()
@@ -240,6 +243,9 @@ class KernelEngine:
                 saved[f"{layer.node}.c"] = state[
                     layer.c_offset : layer.c_offset + layer.hidden
                 ].copy()
+        if self.plan.lag is not None:
+            offset, size = self.plan.lag
+            saved[LAG_INPUT] = state[offset : offset + size].copy()
         return saved
 
     def restore(self, saved: StateDict) -> np.ndarray:
@@ -249,6 +255,9 @@ class KernelEngine:
             state[layer.h_offset : layer.h_offset + layer.hidden] = saved[f"{layer.node}.h"]
             if layer.c_offset >= 0:
                 state[layer.c_offset : layer.c_offset + layer.hidden] = saved[f"{layer.node}.c"]
+        if self.plan.lag is not None:
+            offset, size = self.plan.lag
+            state[offset : offset + size] = saved[LAG_INPUT]
         return state
 
 
@@ -262,9 +271,13 @@ class GraphEngine:
         n_features: int,
         n_outputs: int,
         time_first: bool,
+        pairs: list[tuple[str, str]] | None = None,
     ) -> None:
         self.graph = streamable(graph)
         self.zero_inputs = zero_inputs  # batch-1 zeros for every input but x (e.g. h0, c0)
+        # graph inputs fed from the graph outputs of the call before (a target transform's
+        # lag0 <- lagn): no recurrent node carries them
+        self.pairs = pairs or []
         self.n_outputs = n_outputs
         self.x_name, self.y_name = graph.inputs[0], graph.outputs[0]
 
@@ -291,16 +304,21 @@ class GraphEngine:
             for n, vs in self.initial.items()
             for s, v in zip("hc", vs, strict=False)
         }
+        self.shapes |= {i: (zero_inputs[i].size,) for i, _ in self.pairs}
         batch_first = {n.name: 0 for n in self.graph.recurrent_nodes if n.attrs.get("layout") == 1}
         self.stacker = Stacker(self._run_batch, self.step, self.new_state, n_features,
                                n_outputs, time_first, batch_first)  # fmt: skip
 
     def _run_batch(self, x: np.ndarray, state: dict[str, Any]) -> tuple[np.ndarray, Any]:
-        env, carried = step_graph(self.graph, {self.x_name: x, **self.zero_inputs}, state)
+        fed = {i: state[i][0] for i, _ in self.pairs}
+        nodes = {n: v for n, v in state.items() if n in self.initial}
+        env, carried = step_graph(self.graph, {self.x_name: x, **self.zero_inputs, **fed}, nodes)
+        carried |= {i: (env[o],) for i, o in self.pairs}
         return env[self.y_name], carried
 
     def new_state(self) -> dict[str, tuple[np.ndarray, ...]]:
-        return {n: tuple(v.copy() for v in vs) for n, vs in self.initial.items()}
+        fresh = {n: tuple(v.copy() for v in vs) for n, vs in self.initial.items()}
+        return fresh | {i: (self.zero_inputs[i].copy(),) for i, _ in self.pairs}
 
     def step(self, x: np.ndarray, state: dict[str, Any], out: np.ndarray) -> int:
         return _one_step(self._run_batch, x, state, out)
@@ -309,21 +327,26 @@ class GraphEngine:
         return _feed_or_undo(self, xs, state, out)
 
     def export(self, state: dict[str, Any]) -> StateDict:
-        return {
+        saved = {
             f"{n}.{s}": np.asarray(v, np.float32).reshape(-1).copy()
             for n, vs in state.items()
+            if n in self.initial
             for s, v in zip("hc", vs, strict=False)
         }
+        return saved | {i: np.asarray(state[i][0], np.float32).reshape(-1).copy()
+                        for i, _ in self.pairs}  # fmt: skip
 
     def restore(self, saved: StateDict) -> dict[str, Any]:
         saved = _check_keys(saved, self.shapes)
-        return {
+        state = {
             n: tuple(
                 np.array(saved[f"{n}.{s}"], np.float32).reshape(v.shape)
                 for s, v in zip("hc", vs, strict=False)
             )
             for n, vs in self.initial.items()
         }
+        return state | {i: (np.array(saved[i], np.float32).reshape(self.zero_inputs[i].shape),)
+                        for i, _ in self.pairs}  # fmt: skip
 
 
 class OrtEngine:

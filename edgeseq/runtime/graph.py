@@ -254,17 +254,23 @@ class Graph:
 
         `initial` replaces the initial state inputs of named recurrent nodes: this is how a
         stream carries each layer's state from one call to the next.
+
+        Arithmetic that leaves the reals (log of 0 in a probe of zeros, say) gives NaN or
+        infinity without a warning: the engines judge results by their values (a stream
+        refuses a non-finite answer), as ONNX Runtime computes them.
         """
         env: dict[str, np.ndarray] = dict(self.constants)
         env.update(feeds)
-        for node in self.nodes:
-            args = [env[i] if i else None for i in node.inputs]
-            if initial and node.name in initial:
-                args += [None] * (7 - len(args))
-                args[5 : 5 + len(initial[node.name])] = initial[node.name]
-            for name, value in zip(node.outputs, run_node(node, args, self.where), strict=False):
-                if name:
-                    env[name] = value
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            for node in self.nodes:
+                args = [env[i] if i else None for i in node.inputs]
+                if initial and node.name in initial:
+                    args += [None] * (7 - len(args))
+                    args[5 : 5 + len(initial[node.name])] = initial[node.name]
+                results = run_node(node, args, self.where)
+                for name, value in zip(node.outputs, results, strict=False):
+                    if name:
+                        env[name] = value
         return env
 
 

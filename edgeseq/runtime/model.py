@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from edgeseq.artifact import METADATA_KEY, ArtifactInfo, read_metadata
+from edgeseq.artifact import LAG_INPUT, METADATA_KEY, ArtifactInfo, read_metadata, sample_feeds
 from edgeseq.errors import EdgeseqError, ModelFormatError, ShapeError, UsageError
 from edgeseq.runtime.engines import Engine, GraphEngine, KernelEngine, OrtEngine, as_real
 from edgeseq.runtime.graph import LOAD_LIMITS, Graph, limited
@@ -89,15 +89,19 @@ class Model:
         return None
 
     def _x(self, batch: int, steps: int, rng: np.random.Generator) -> np.ndarray:
-        x = rng.standard_normal((batch, steps, self.n_features)).astype(np.float32)
-        if self.info is not None:
-            scaling = self.info.data_spec.input_scaling
-            x = x * np.asarray(scaling.std, np.float32) + np.asarray(scaling.mean, np.float32)
+        if self.info is not None:  # spread like the training data (artifact.sample_feeds)
+            seed = int(rng.integers(1 << 31))
+            x = sample_feeds(self.info.model_spec, self.info.data_spec, batch, steps, seed)["x"]
+        else:
+            x = rng.standard_normal((batch, steps, self.n_features)).astype(np.float32)
         return self.inputs.layout(x)
 
     def _try_plan(self) -> Plan | None:
         try:
-            plan = build_plan(self.graph, self.n_features)
+            data = self.info.data_spec if self.info is not None else None
+            transform = data.target_transform if data is not None else None
+            plan = build_plan(self.graph, self.n_features, transform,
+                              len(data.targets) if data is not None else 0)  # fmt: skip
             if own_kernel_only(plan) and not specializing():
                 raise NoPlan("its ops (clip, activations, peepholes, int8 weights, a seq2seq "
                              "decoder...) run only in the model's own kernel, and "
@@ -134,7 +138,11 @@ class Model:
         else:
             self.plan_note = "no fused plan: the numpy backend evaluates the graph with NumPy"
         return GraphEngine(self.graph, self._one_sample_inputs(), self.n_features,
-                           self.n_outputs, self.time_first)  # fmt: skip
+                           self.n_outputs, self.time_first, self._carried_pairs())  # fmt: skip
+
+    def _carried_pairs(self) -> list[tuple[str, str]]:
+        """State pairs no recurrent node carries (a target transform's lag0 -> lagn)."""
+        return [(i, o) for i, o in (self.info.state_pairs if self.info else []) if i == LAG_INPUT]
 
     def _count_outputs(self) -> int:
         try:

@@ -21,10 +21,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from edgeseq.artifact import X_MODEL, Y_MODEL
 from edgeseq.runtime import aligned, cells, recurrent_ops
 from edgeseq.runtime import int8_weights as int8
 from edgeseq.runtime import program as ir
 from edgeseq.runtime.graph import Graph, Node, fold_constants
+from edgeseq.spec import TargetTransform
 
 GLUE = ("Identity", "Transpose", "Squeeze", "Unsqueeze", "Reshape", "Cast")
 ACTIVATIONS = {
@@ -61,6 +63,7 @@ class Plan:
     layers: list[RecurrentLayer]
     initial_state: np.ndarray  # (S,) float32
     output: str
+    lag: tuple[int, int] | None = None  # a target transform's past: (offset, size) in the state
 
     @property
     def state_size(self) -> int:
@@ -528,8 +531,13 @@ def _next_output(node: Node, users: dict[str, list[Node]], target: str) -> str:
     return next(used, node.outputs[0] if node.outputs else "")
 
 
-def build_plan(graph: Graph, n_features: int) -> Plan:
-    """Follow the data path from the first input to the first output; raise NoPlan off it."""
+def build_plan(graph: Graph, n_features: int, transform: TargetTransform | None = None,
+               n_targets: int = 0) -> Plan:  # fmt: skip
+    """Follow the data path from the first input to the first output; raise NoPlan off it.
+
+    With a forecast's target transform (the artifact's metadata says which), the network's
+    path runs from X_MODEL to Y_MODEL (export_transform.py), and the transform's cells go
+    before and after it; `verify` proves the whole against the graph like any plan."""
     consts = fold_constants(graph)
     # Shape only reads the data path's size (e.g. to build a zero initial state): not a use.
     live = [n for n in graph.nodes
@@ -541,6 +549,16 @@ def build_plan(graph: Graph, n_features: int) -> Plan:
     producers = {name: node for node in graph.nodes for name in node.outputs if name}
     b, layers = _Builder(width=n_features), []
     cur, n, target = graph.inputs[0], n_features, graph.outputs[0]
+    lag: tuple[int, int] | None = None
+    if transform is not None:
+        if X_MODEL not in users or Y_MODEL not in producers:
+            raise NoPlan(f"a target transform without the graph values {X_MODEL!r} and "
+                         f"{Y_MODEL!r} around the network")  # fmt: skip
+        size = (1 + transform.lag) * n_targets
+        lag = (b.own_state(np.zeros(size, np.float32)), size) if transform.lag else None
+        b.emit(ir.TransformIn(n_features, n_targets, transform.lag, int(transform.log),
+                              lag[0] if lag else 0))  # fmt: skip
+        cur, target = X_MODEL, Y_MODEL
     while cur != target:
         nexts = users.get(cur, [])
         if len(nexts) != 1:
@@ -583,6 +601,10 @@ def build_plan(graph: Graph, n_features: int) -> Plan:
                 raise NoPlan(f"node {node.name!r} ({node.op}) is off the fused plan's patterns")
         cur = after
     b.flush_affine(n)
+    if transform is not None:
+        b.emit(ir.TransformOut(n, n_targets, transform.lag, int(transform.log),
+                               int(transform.seasonal), lag[0] if lag else 0))  # fmt: skip
+        target = graph.outputs[0]
     if not layers:
         raise NoPlan("the data path has no recurrent layer")
     if b.repeat:
@@ -598,4 +620,5 @@ def build_plan(graph: Graph, n_features: int) -> Plan:
         layers,
         state,
         target,
+        lag,
     )

@@ -34,6 +34,8 @@ OP_RNN_Q, OP_LSTM_Q, OP_GRU_Q, OP_DENSE_Q = range(10, 14)
 # seq2seq: a decoder that re-reads the encoder's output `horizon` times, and a dense layer
 # applied to each of its steps; also only in the per-model kernels.
 OP_LSTM_DECODER, OP_DENSE_ROWS = 14, 15
+# a forecast's target transform before and after the network; also only in the per-model kernels
+OP_TRANSFORM_IN, OP_TRANSFORM_OUT = 16, 17
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +45,9 @@ class Op:
     OPCODE: ClassVar[int]
     CELL: ClassVar[str]  # the function in cells.py
     STATEFUL: ClassVar[bool] = False  # the cell takes the stream's state and gate scratch
+    # the cell's arrays, when not (p, src, dst[, state, g]), as the generated kernel names
+    # them: "x" the sample, "src"/"dst" the data path in and out, "state" the stream's state
+    ARRAYS: ClassVar[tuple[str, ...]] = ()
 
     def values(self) -> tuple[int, ...]:
         return tuple(int(getattr(self, f.name)) for f in dataclasses.fields(self))
@@ -299,14 +304,53 @@ class Softmax(Op):
     n: int
 
 
+@dataclasses.dataclass(frozen=True)
+class TransformIn(Op):
+    """A forecast's target transform before the network (spec.TargetTransform): the first n_t
+    of the sample's n_in values become their change since `lag` samples back (the log of the
+    ratio when log=1), or their log when there is no lag. The past lives in the stream's state
+    at off_lag, [1 + lag, n_t]: a row of "seen" flags (0 on a fresh stream, whose first sample
+    then primes the past), then the last `lag` values, oldest first."""
+
+    OPCODE: ClassVar[int] = OP_TRANSFORM_IN
+    CELL: ClassVar[str] = "transform_in"
+    STATEFUL: ClassVar[bool] = True
+    ARRAYS: ClassVar[tuple[str, ...]] = ("src", "dst", "state")
+    n_in: int
+    n_t: int
+    lag: int
+    log: int
+    off_lag: int
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformOut(Op):
+    """The target transform after the network: its n_out = horizon * n_t outputs back to
+    physical forecasts, base + out (base * exp(out) when log=1), the base for step t + k being
+    the sample's value (diff) or the value at t + k - lag (seasonal=1); exp(out) or out without
+    a lag. Then the past (TransformIn's) moves on by the sample."""
+
+    OPCODE: ClassVar[int] = OP_TRANSFORM_OUT
+    CELL: ClassVar[str] = "transform_out"
+    STATEFUL: ClassVar[bool] = True
+    ARRAYS: ClassVar[tuple[str, ...]] = ("x", "src", "dst", "state")
+    n_out: int
+    n_t: int
+    lag: int
+    log: int
+    seasonal: int
+    off_lag: int
+
+
 KINDS: tuple[type[Op], ...] = (Rnn, Lstm, Gru, RnnAny, LstmAny, GruAny, RnnQ, LstmQ, GruQ,
                                LstmDecoder, Dense, DenseQ, DenseRows, Affine, Act,
-                               Softmax)  # fmt: skip
+                               Softmax, TransformIn, TransformOut)  # fmt: skip
 OPS: dict[int, type[Op]] = {cls.OPCODE: cls for cls in KINDS}
 ANY_CELLS = (RnnAny, LstmAny, GruAny)  # the ONNX operators' every option
 INT8 = (RnnQ, LstmQ, GruQ, DenseQ)
 SEQ2SEQ = (LstmDecoder, DenseRows)
-OWN_KERNEL_ONLY = (*ANY_CELLS, *INT8, *SEQ2SEQ)  # only the per-model kernels run these
+TRANSFORMS = (TransformIn, TransformOut)
+OWN_KERNEL_ONLY = (*ANY_CELLS, *INT8, *SEQ2SEQ, *TRANSFORMS)  # only the per-model kernels
 
 
 def c_header() -> str:

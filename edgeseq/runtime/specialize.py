@@ -100,6 +100,8 @@ def _call(op: ir.Op, src: str, dst: str) -> str:
     arrays = ["p", src, dst, *(["state", "g"] if op.STATEFUL else [])]
     if isinstance(op, ir.Softmax):
         arrays = [src, dst]
+    if op.ARRAYS:
+        arrays = [{"src": src, "dst": dst}.get(name, name) for name in op.ARRAYS]
     return f"cells.{op.CELL}({', '.join(arrays + [str(v) for v in op.values()])})"
 
 
