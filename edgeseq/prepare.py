@@ -233,7 +233,8 @@ def prepare(
     feature_scaling = _fit_scaling(
         [s.recording.features[: s.end] for s in train], len(data.feature_names)
     )
-    transform = transform if task in AUTOREGRESSIVE_TASKS and transform else target_transform.NONE
+    if task not in AUTOREGRESSIVE_TASKS or transform is None or transform.name == "none":
+        transform = target_transform.NONE  # the levels, whatever season it was given
     target_scaling = _fit_scaling(
         [target_transform.inputs(s.recording.targets[: s.end], transform) for s in train],
         len(data.target_names),

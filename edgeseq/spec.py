@@ -316,7 +316,13 @@ class DataSpec:
                 )
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """As JSON; without a target transform its keys are left out, so a model without one
+        stays readable by an edgeseq that predates them (a board not yet upgraded)."""
+        values = asdict(self)
+        for key in ("target_transform", "target_levels"):
+            if values[key] is None:
+                del values[key]
+        return values
 
     @classmethod
     def from_dict(cls, data: Any, where: str = "data_spec") -> DataSpec:

@@ -227,3 +227,25 @@ def test_an_int8_export_keeps_the_transform_and_runs_fused(exported, tmp_path):
     streamed = model.stream().feed(feeds["x"][0])
     # int8 activations in ONNX Runtime, weights only in the fused plan: close, not equal
     np.testing.assert_allclose(streamed, full, rtol=0.02, atol=0.02 * np.abs(full).max())
+
+
+def test_a_seq2seq_forecaster_with_a_seasonal_transform_streams_fused(tmp_path):
+    cfg = TrainConfig(task="seq2seq", hidden=8, epochs=2, horizon=3, season=SEASON,
+                      target_transform="seasonal")  # fmt: skip
+    train(_data(), cfg, tmp_path / "run")
+    export_checkpoint(tmp_path / "run", tmp_path / "m.onnx")
+    _, info = load_info(tmp_path / "m.onnx")
+    feeds = sample_feeds(info.model_spec, info.data_spec, 1, 60, seed=9)
+    full = ort.InferenceSession(str(tmp_path / "m.onnx")).run(None, feeds)[0][0]
+    model = edgeseq.load(tmp_path / "m.onnx")
+    assert model.plan is not None, model.plan_note
+    assert [type(op) for op in model.plan.ops[:1] + model.plan.ops[-1:]] == [
+        ir.TransformIn,
+        ir.TransformOut,
+    ]
+    assert model.plan.uses(ir.LstmDecoder)
+    streamed = np.stack([model.stream().step(x) for x in feeds["x"][0][:1]])
+    np.testing.assert_allclose(streamed, full[:1], rtol=TOL, atol=TOL * np.abs(full).max())
+    stream = model.stream()
+    streamed = np.stack([stream.step(x) for x in feeds["x"][0]])
+    np.testing.assert_allclose(streamed, full, rtol=TOL, atol=TOL * np.abs(full).max())

@@ -601,8 +601,8 @@ def build_plan(graph: Graph, n_features: int, transform: TargetTransform | None 
                 raise NoPlan(f"node {node.name!r} ({node.op}) is off the fused plan's patterns")
         cur = after
     b.flush_affine(n)
-    if transform is not None:
-        b.emit(ir.TransformOut(n, n_targets, transform.lag, int(transform.log),
+    if transform is not None:  # on every output: a seq2seq decoder's rows of them too
+        b.emit(ir.TransformOut(n * b.rows, n_targets, transform.lag, int(transform.log),
                                int(transform.seasonal), lag[0] if lag else 0))  # fmt: skip
         target = graph.outputs[0]
     if not layers:
