@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from edgeseq.artifact import sample_feeds
 from edgeseq.errors import EdgeseqError
 from edgeseq.runtime import Model, load
 from edgeseq.runtime.program import OWN_KERNEL_ONLY, c_header
@@ -78,9 +79,14 @@ def _timed_calls(fn: Any, calls: int) -> np.ndarray:
 
 
 def _inputs(model: Model, rows: int, seed: int = 0) -> np.ndarray:
+    """Samples spread like the training data: with a target transform, target columns that
+    move as the training targets did (artifact.sample_feeds), not its changes' spread."""
+    info = model.info
+    if info is not None and info.data_spec.target_transform is not None:
+        return sample_feeds(info.model_spec, info.data_spec, 1, rows, seed)["x"][0]
     x = np.random.default_rng(seed).standard_normal((rows, model.n_features)).astype(np.float32)
-    if model.info is not None:
-        scaling = model.info.data_spec.input_scaling
+    if info is not None:
+        scaling = info.data_spec.input_scaling
         x = x * np.asarray(scaling.std, np.float32) + np.asarray(scaling.mean, np.float32)
     return x
 
