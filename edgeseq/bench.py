@@ -192,7 +192,7 @@ import os, sys, time
 t0 = float(sys.argv[2])
 import numpy as np, edgeseq
 m = edgeseq.load(sys.argv[1], backend=sys.argv[3])
-m.stream().step(np.zeros(m.n_features, np.float32))
+m.stream().step(np.ones(m.n_features, np.float32))  # 1: in the domain of a log transform too
 first = time.time() - t0
 for line in open('/proc/self/status'):
     if line.startswith(('VmRSS', 'VmHWM')):
@@ -202,11 +202,15 @@ print('first', first)
 
 
 def _start(path: Path, backend: str, env: dict[str, str]) -> dict[str, float]:
-    out = subprocess.run(
+    done = subprocess.run(
         [sys.executable, "-c", START_SCRIPT, str(path), repr(time.time()), backend],
-        env=env, capture_output=True, text=True, check=True,
-    ).stdout  # fmt: skip
-    values = dict(line.split() for line in out.strip().splitlines())
+        env=env, capture_output=True, text=True,
+    )  # fmt: skip
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise EdgeseqError(f"{path}: a fresh process could not load and step it with the "
+                           f"{backend} backend ({last})")  # fmt: skip
+    values = dict(line.split() for line in done.stdout.strip().splitlines())
     return {"first": float(values["first"]), "rss": float(values["VmRSS"])}
 
 
