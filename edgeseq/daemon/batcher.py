@@ -32,6 +32,7 @@ from edgeseq.daemon.protocol import (
     error,
     parse_csv,
     parse_json,
+    width_of,
 )
 from edgeseq.daemon.table import StreamTable
 from edgeseq.errors import EdgeseqError
@@ -86,12 +87,18 @@ class Batcher:
 
     # -- the edge --------------------------------------------------------------------------------
 
+    @property
+    def width(self) -> int:
+        """The served model's feature count, with their names (protocol.Width)."""
+        model = self.table.model
+        return width_of(model.n_features, model.feature_names)
+
     def parse(self, line: bytes, parse: Parser | None = None) -> Sample:
-        return (parse or self._parse)(line, self.table.model.n_features, self.config.max_line_bytes)
+        return (parse or self._parse)(line, self.width, self.config.max_line_bytes)
 
     def parse_lines(self, lines: Iterable[bytes | None]) -> list[Entry]:
         """Every line as a Sample or a Refused; TOO_LONG marks a line cut off at the limit."""
-        parse, width, limit = self._parse, self.table.model.n_features, self.config.max_line_bytes
+        parse, width, limit = self._parse, self.width, self.config.max_line_bytes
         entries: list[Entry] = []
         for line in lines:
             if line is TOO_LONG:

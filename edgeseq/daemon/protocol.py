@@ -1,6 +1,7 @@
 """The wire format (DESIGN.md): one JSON object per line in, one per line out.
 
 In:  {"id": "pump-7", "seq": 42, "x": [0.4, 1.2, 0.0]}   (+ optional "reset", "start", "end": true)
+     {"id": "pump-7", "seq": 42, "x": {"pressure": 0.4, "flow": 1.2, "temperature": 0.0}}
 Out: {"id": "pump-7", "seq": 42, "y": [...]}
 Bad: {"id": ..., "seq": ..., "error": {"code": "...", "message": "..."}}
 
@@ -34,6 +35,23 @@ MAX_ID_CHARS = 256
 FLOAT32_MAX = 3.4028234663852886e38
 FIELDS = frozenset({"id", "seq", "x", "reset", "start", "end"})
 NUMBERS = frozenset({float, int})  # the types of a valid "x" value as JSON decodes it
+
+
+class Width(int):
+    """A model's number of features, and their names, by which "x" may give a sample
+    ({"pressure": 0.4, ...}). A plain int works wherever a Width does (no names then)."""
+
+    names: tuple[str, ...] = ()
+
+    def __new__(cls, names: tuple[str, ...]) -> Width:
+        width = super().__new__(cls, len(names))
+        width.names = tuple(names)
+        return width
+
+
+def width_of(n_features: int, names: tuple[str, ...]) -> int:
+    """The width the parsers take: a Width when the model names every feature, else the count."""
+    return Width(names) if names and len(names) == n_features else n_features
 
 
 class BadMessage(Exception):
@@ -94,9 +112,31 @@ def _check_seq(value: object, sid: str) -> int | None:
     return int(value)  # type: ignore[call-overload]
 
 
+def _named(value: dict[Any, Any], n_features: int, sid: str, seq: int | None) -> list[Any]:
+    """ "x" given by feature name: its values in the model's order, or a refusal naming what
+    is missing or unknown, and what the model takes."""
+    names = getattr(n_features, "names", ())
+    takes = ", ".join(map(repr, names))
+    if not names:
+        raise BadMessage("bad_x", '"x" names its values, but this model has no feature names; '
+                         f"expected a list of {n_features} numbers", sid, seq)  # fmt: skip
+    missing = [name for name in names if name not in value]
+    if missing:
+        raise BadMessage("wrong_features", f'"x" has no {", ".join(map(repr, missing))}; the '
+                         f"model takes {takes}", sid, seq)  # fmt: skip
+    if len(value) != len(names):
+        unknown = [_brief(key) for key in value if key not in names]
+        raise BadMessage("wrong_features", f'"x" names {", ".join(unknown)}, which the model '
+                         f"does not take; it takes {takes}", sid, seq)  # fmt: skip
+    return [value[name] for name in names]
+
+
 def _check_x(value: object, n_features: int, sid: str, seq: int | None) -> list[float]:
     if n_features == 1 and isinstance(value, int | float) and not isinstance(value, bool):
         value = [value]  # a one-feature model takes a bare number too
+    keys: list[Any] = list(range(n_features))  # how an error names a value: "x"[1], "x"["flow"]
+    if isinstance(value, dict):
+        value, keys = _named(value, n_features, sid, seq), list(getattr(n_features, "names", ()))
     if not isinstance(value, list):
         raise BadMessage(
             "bad_x", f'"x" is {_brief(value)}; expected a list of {n_features} numbers', sid, seq
@@ -108,7 +148,8 @@ def _check_x(value: object, n_features: int, sid: str, seq: int | None) -> list[
             sid,
             seq,
         )
-    for i, v in enumerate(value):
+    for key, v in zip(keys, value, strict=True):
+        i = json.dumps(key)
         if not isinstance(v, int | float) or isinstance(v, bool):
             raise BadMessage("bad_x", f'"x"[{i}] is {_brief(v)}; expected a number', sid, seq)
         # float32 is what the model computes in: 1e39 is finite in JSON but not there, and an

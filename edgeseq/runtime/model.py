@@ -191,9 +191,15 @@ class Model:
             )
         return self._engine
 
+    @property
+    def feature_names(self) -> tuple[str, ...]:
+        """The inputs' names in order, from the edgeseq metadata (() without it): a sample may
+        be a mapping of these names to values, `stream.step({"pressure": 2.5, ...})`."""
+        return tuple(self.info.data_spec.features) if self.info is not None else ()
+
     def stream(self) -> Stream:
         """A stream with its own state, starting from the model's initial state."""
-        return Stream(self._streaming_engine(), self.n_features)
+        return Stream(self._streaming_engine(), self.n_features, self.feature_names)
 
     def pool(self, capacity: int = 1024) -> StreamPool:
         """Many named streams; its `fingerprint` names this model file (for state snapshots)."""

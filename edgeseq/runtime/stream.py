@@ -8,7 +8,7 @@ returned array.
 from __future__ import annotations
 
 import struct
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -122,6 +122,25 @@ class _Staging:
         return None
 
 
+def by_name(sample: Mapping[str, Any], names: tuple[str, ...], what: str = "sample") -> list[Any]:
+    """A sample given by feature name, as its values in the model's order; refused, naming
+    the expected names, when one is missing or unknown (or the model names none)."""
+    if not names:
+        raise ShapeError(f"{what} is given by name, but this model has no feature names (no "
+                         "edgeseq metadata); give its values in order")  # fmt: skip
+    try:
+        values = [sample[name] for name in names]
+    except KeyError:
+        missing = [name for name in names if name not in sample]
+        raise ShapeError(f"{what} has no {', '.join(map(repr, missing))}; the model takes "
+                         f"{', '.join(map(repr, names))}") from None  # fmt: skip
+    if len(sample) != len(names):
+        unknown = [key for key in sample if key not in names]
+        raise ShapeError(f"{what} names {', '.join(map(repr, unknown))}, which the model does "
+                         f"not take; it takes {', '.join(map(repr, names))}")  # fmt: skip
+    return values
+
+
 def _block(xs: Any, n_features: int, what: str = "samples") -> np.ndarray:
     arr = xs if isinstance(xs, np.ndarray) and xs.dtype == _F32 else _real(xs, what)
     arr = np.ascontiguousarray(arr)
@@ -154,8 +173,9 @@ class Stream:
     row of a frame, float64, ints, a list...) into the stream's own vector first (_Staging).
     """
 
-    def __init__(self, engine: Engine, n_features: int) -> None:
+    def __init__(self, engine: Engine, n_features: int, names: tuple[str, ...] = ()) -> None:
         self._engine, self.n_features = engine, n_features
+        self.feature_names = names  # a sample may map them to values (by_name)
         self._n_out = engine.n_outputs
         fast = engine.stream_kernel() if isinstance(engine, KernelEngine) else None
         if fast is not None:
@@ -184,6 +204,8 @@ class Stream:
         # would build an error message (~100 us).
         if x.__class__ is not _NDARRAY or x.dtype is not _F32:
             cls, staging = x.__class__, self._staging
+            if cls is dict:  # by name: the values in the model's order, then as a list
+                x, cls = by_name(x, self.feature_names), list
             if cls is list or cls is tuple:
                 try:
                     if x[0].__class__ in _INTS:  # ints of at most 31 bits: int32's pack checks

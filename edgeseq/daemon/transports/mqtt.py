@@ -230,7 +230,7 @@ class MqttTransport:
                     topic_id,
                     seq if type(seq) is int and seq >= 0 else None,  # never a client's raw value
                 )
-        return read_message(message, self.batcher.table.model.n_features, checked_text)
+        return read_message(message, self.batcher.width, checked_text)
 
     def deliver(self, parcel: Parcel, lines: bytes) -> None:
         """Publish each answer on its stream's topic; a QoS 1 sample is acknowledged once the
