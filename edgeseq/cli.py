@@ -7,6 +7,7 @@ fast and never import torch. Errors become `error: ...` on stderr with the excep
 
 from __future__ import annotations
 
+import logging
 import sys
 from enum import StrEnum
 from pathlib import Path
@@ -377,8 +378,19 @@ def _error(message: str) -> None:
     err_console.print(f"error: {message}", markup=False, highlight=False, soft_wrap=True)
 
 
+def _say_what_the_runtime_does() -> None:
+    """The runtime's notices (a first compile, compile_notice.py) as lines on stderr; `serve`
+    replaces this with its own log format."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("edgeseq: %(message)s"))
+    runtime = logging.getLogger("edgeseq.runtime")
+    runtime.addHandler(handler)
+    runtime.setLevel(logging.INFO)
+
+
 def run() -> None:
     """Console-script target (and `python -m edgeseq`): this process is the command, so `edgeseq
     serve` may replace it by a fresh one after compiling its kernels (serve_cli.py)."""
     serve_cli.OWN_PROCESS = True
+    _say_what_the_runtime_does()
     sys.exit(main())

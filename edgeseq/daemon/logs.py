@@ -37,3 +37,6 @@ def configure(level: str, fmt: str) -> None:
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     root.propagate = False
+    runtime = logging.getLogger("edgeseq.runtime")  # its notices: lines of this log only
+    runtime.handlers.clear()
+    runtime.setLevel(logging.NOTSET)
