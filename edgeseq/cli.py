@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.markdown import Markdown
 
 from edgeseq import __version__, serve_cli
-from edgeseq.errors import EdgeseqError
+from edgeseq.errors import EdgeseqError, UsageError
 from edgeseq.serve_cli import bundle, devices_app, loadtest, serve
 from edgeseq.spec import TRANSFORMS
 
@@ -97,11 +97,13 @@ def train(
     ] = 200,
     seed: Annotated[int, typer.Option(help="Seed: same seed, same data -> same model on CPU.")] = 0,
     out: Annotated[
-        Path | None, typer.Option(help="Run directory [default: runs/<csv>-<task>-<cell>].")
+        Path | None, typer.Option(help="Run directory \\[default: runs/<csv>-<task>-<cell>].")
     ] = None,
     features: Annotated[
         str | None,
-        typer.Option(help="Input columns, comma-separated [default: every other numeric column]."),
+        typer.Option(
+            help="Input columns, comma-separated \\[default: every other numeric column]."
+        ),
     ] = None,
     target: Annotated[
         str | None, typer.Option(help="Column(s) to predict, comma-separated.")
@@ -116,12 +118,12 @@ def train(
         str | None, typer.Option(help="Column of class labels (classify).")
     ] = None,
     test_csv: Annotated[
-        Path | None, typer.Option(help="Separate test file [default: hold out part of CSV].")
+        Path | None, typer.Option(help="Separate test file \\[default: hold out part of CSV].")
     ] = None,
     window: Annotated[int | None, typer.Option(help="Training window length in steps.")] = None,
     stride: Annotated[
         int | None,
-        typer.Option(help="Steps between windows [default: 1, or coarser above 4096 windows]."),
+        typer.Option(help="Steps between windows \\[default: 1, or coarser above 4096 windows]."),
     ] = None,
     horizon: Annotated[int, typer.Option(help="Steps ahead to predict (forecast, seq2seq).")] = 1,
     tbptt: Annotated[
@@ -174,6 +176,11 @@ def train(
     """Train a recurrent model on a CSV and evaluate it against a naive baseline."""
     from edgeseq.data import Columns, load_csv
     from edgeseq.train import TrainConfig
+
+    if task.value != "classify" and not target:  # said before reading data or any progress
+        raise UsageError(f"task {task.value} needs --target (the column(s) to predict)")
+    if task.value == "classify" and not label_col:
+        raise UsageError("task classify needs --label-col (the column holding each label)")
 
     columns = Columns(
         targets=_names(target) or (),
@@ -274,6 +281,12 @@ def replay(
 ) -> None:
     """Rebuild reference models from their recipes: train, export, write golden I/O."""
     from edgeseq.recipes import replay as replay_recipe
+
+    if not out_dir.is_dir():  # before minutes of training, not after
+        raise UsageError(f"--out-dir {out_dir} is not a folder; create it first")
+    missing = [str(r) for r in recipes if not r.is_file()]
+    if missing:
+        raise UsageError(f"no such recipe file: {', '.join(missing)}")
 
     for recipe in recipes:
         with console.status(f"replaying {recipe}..."):

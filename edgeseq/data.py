@@ -226,9 +226,11 @@ def from_frame(
         if columns.label_col:
             distinct = part[columns.label_col].astype(str).unique()
             if len(distinct) > 1:
+                hint = ("; is each recording named in a column? give it with --id-col"
+                        if columns.id_col is None else "")  # fmt: skip
                 raise DataError(
                     f"{source}: sequence {key!r} has several labels {sorted(distinct)[:5]}; "
-                    "expected one label per sequence"
+                    f"expected one label per sequence{hint}"
                 )
             label = str(distinct[0])
         recordings.append(

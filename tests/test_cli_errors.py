@@ -79,3 +79,33 @@ def test_help_lists_the_train_command(tmp_path):
     result = edgeseq(tmp_path, "--help")
     assert result.returncode == 0, result.stderr
     assert re.search(r"^\W*train\s", result.stdout, re.MULTILINE), result.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [(["train", "good.csv", "--time-col", "t"], "task forecast needs --target"),
+     (["train", "good.csv", "--task", "classify"], "task classify needs --label-col"),
+     (["replay", "recipe.toml", "--out-dir", "missing"], "--out-dir missing is not a folder")],
+)  # fmt: skip
+def test_what_long_work_needs_is_checked_before_any_of_it(tmp_path, args, message):
+    """No data read, no progress bar, no training: the error first."""
+    result = edgeseq(tmp_path, *args)
+    assert result.returncode == USAGE_EXIT_CODE
+    assert message in result.stderr and not result.stdout.strip(), (result.stdout, result.stderr)
+
+
+def test_a_labels_file_without_ids_hints_at_id_col(tmp_path):
+    (tmp_path / "labels.csv").write_text(
+        "t,acc,label\n"
+        + "".join(f"{i},{i * 0.1},{'walk' if i < 5 else 'run'}\n" for i in range(10))
+    )
+    result = edgeseq(tmp_path, "train", "labels.csv", "--task", "classify", "--label-col", "label")
+    assert result.returncode != 0 and "give it with --id-col" in result.stderr, result.stderr
+
+
+def test_option_help_keeps_its_defaults_in_brackets(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "edgeseq", "train", "--help"],
+                            capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "COLUMNS": "200"})  # fmt: skip
+    assert "Run directory [default: runs/<csv>-<task>-<cell>]." in result.stdout
+    assert " ." not in result.stdout
