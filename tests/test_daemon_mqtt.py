@@ -15,6 +15,7 @@ import json
 import os
 import queue
 import socket
+import subprocess
 import threading
 import time
 import uuid
@@ -768,3 +769,28 @@ def test_no_acknowledged_sample_is_lost_when_the_daemon_is_killed_mid_burst(
         f"{len(lost)} of {len(everything)} samples (e.g. {lost[:3]}) were neither answered nor "
         "redelivered after kill -9: the daemon acknowledged them before their answers were sent"
     )
+
+
+def test_without_its_broker_the_daemon_waits_saying_so_and_is_ready_once_subscribed(tmp_path):
+    """`serve --mqtt` to a broker that is not up says it waits for it, says "ready" only once
+    subscribed to it, and the moment the broker comes up (paho's reconnect) it is."""
+    from edgeseq.loadgen.broker import ensure_mosquitto, free_port, stop_broker, write_config
+
+    binary = ensure_mosquitto(clients=False)
+    port = free_port()
+    broker = None
+    try:
+        with DaemonProcess(MODEL, "--mqtt", f"mqtt://127.0.0.1:{port}",
+                           "--mqtt-client-id", unique("edgeseq-waits")) as daemon:  # fmt: skip
+            daemon.wait_for(f"waiting for the MQTT broker at 127.0.0.1:{port}")
+            time.sleep(1.0)
+            assert not any(entry.get("event") == "ready" for entry in daemon.logs), daemon.logs
+            conf = write_config(tmp_path, port)
+            with open(tmp_path / "mosquitto.log", "ab") as log:
+                broker = subprocess.Popen([binary, "-c", str(conf)], stdout=log,
+                                          stderr=subprocess.STDOUT, cwd=tmp_path)  # fmt: skip
+            daemon.wait_for("ready", timeout=90)
+            assert daemon.stop() == 0
+    finally:
+        if broker is not None:
+            stop_broker(broker)

@@ -131,14 +131,29 @@ class Daemon:
         tasks = [asyncio.create_task(batcher.run(), name="batcher")]
         tasks += [asyncio.create_task(job(), name=job.__name__) for job in self._periodic()]
         settle_garbage_collector()
-        self.metrics.ready = True
-        self.notifier.ready(f"serving {os.path.basename(self.config.model)}")
-        log.info("ready", extra={"streams": len(self.table), "pid": os.getpid()})
+        if await self._connected():
+            self.metrics.ready = True
+            self.notifier.ready(f"serving {os.path.basename(self.config.model)}")
+            log.info("ready", extra={"streams": len(self.table), "pid": os.getpid()})
         await self.stopping.wait()
         await self._shutdown(tasks, batcher)
         if metrics_server is not None:
             metrics_server.shutdown()
         return 0
+
+    async def _connected(self) -> bool:
+        """Wait until every transport can take samples (an MQTT broker may not be up yet),
+        saying what for; False when told to stop first. The others serve meanwhile."""
+        waits = [w for t in self.transports if (w := t.waiting_for()) is not None]
+        if not waits:
+            return True
+        log.info(f"waiting for {', '.join(waits)}")
+        ready = asyncio.ensure_future(asyncio.gather(*(t.until_ready() for t in self.transports)))
+        stop = asyncio.ensure_future(self.stopping.wait())
+        await asyncio.wait({ready, stop}, return_when=asyncio.FIRST_COMPLETED)
+        for task in (ready, stop):
+            task.cancel()
+        return not self.stopping.is_set()
 
     def _track(self) -> None:
         self.metrics.track("streams", lambda: len(self.table))

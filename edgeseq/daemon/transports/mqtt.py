@@ -29,7 +29,6 @@ from edgeseq.daemon.protocol import BadMessage, _brief, decode_fast, encode, rea
 from edgeseq.daemon.transports.paho_asyncio import BufferedClient, PahoOnLoop
 
 log = logging.getLogger("edgeseq.daemon")
-SUBSCRIBE_WAIT = 10.0  # seconds start() waits for the broker before going on without it
 GOODBYE_WAIT = 2.0  # seconds stop() waits for the broker to take the "offline" status
 # Answers in flight (awaiting the broker's PUBACK) at most; later ones wait here until earlier
 # ones are acknowledged. MQTT's message ids are 16 bits and paho keys its messages in flight by
@@ -89,12 +88,14 @@ class MqttTransport:
         self._paho.connect()
         broker = f"{self.host}:{self.port}"
         log.info("mqtt client started", extra={"transport": "mqtt", "broker": broker})
-        # Ready means subscribed: a client that publishes on seeing "ready" must not be lost.
-        try:
-            await asyncio.wait_for(self._subscribed.wait(), SUBSCRIBE_WAIT)
-        except TimeoutError:
-            log.warning("mqtt broker not reachable yet; retrying in the background",
-                        extra={"broker": broker})  # fmt: skip
+
+    def waiting_for(self) -> str | None:
+        """What must happen before the daemon may say "ready" (None: nothing): it is ready
+        when subscribed, so a client that publishes on seeing "ready" is not lost."""
+        return None if self._subscribed.is_set() else f"the MQTT broker at {self.host}:{self.port}"
+
+    async def until_ready(self) -> None:
+        await self._subscribed.wait()
 
     def stop_reading(self) -> None:
         """On the way out: no more samples (what was read is still answered)."""

@@ -43,6 +43,13 @@ class StdinTransport:
         except (BrokenPipeError, ValueError):
             log.warning("stdout closed; answers are no longer delivered")
 
+    def waiting_for(self) -> str | None:
+        """Nothing to wait for once started (see MqttTransport.waiting_for)."""
+        return None
+
+    async def until_ready(self) -> None:
+        return None
+
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         threading.Thread(target=self._read, args=(loop,), name="stdin", daemon=True).start()

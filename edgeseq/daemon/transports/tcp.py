@@ -30,6 +30,13 @@ class TcpTransport:
         self.server: asyncio.Server | None = None
         self.connections: set[Connection] = set()
 
+    def waiting_for(self) -> str | None:
+        """Nothing to wait for once started (see MqttTransport.waiting_for)."""
+        return None
+
+    async def until_ready(self) -> None:
+        return None
+
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         self.server = await loop.create_server(
