@@ -38,6 +38,7 @@ class Recording:
     features: np.ndarray  # (T, n_features) float64
     targets: np.ndarray  # (T, n_targets) float64
     label: str | None = None
+    times: np.ndarray | None = None  # (T,) the time column's values in order (plots' x axis)
 
     def __len__(self) -> int:
         return int(self.features.shape[0])
@@ -143,6 +144,13 @@ def _fill(values: pd.DataFrame, policy: str, source: str) -> pd.DataFrame:
     raise AssertionError(policy)  # "drop" is handled before grouping
 
 
+def _stamps(column: pd.Series) -> np.ndarray:
+    """A time column's values (already ordered and checked by _order): numbers, or dates."""
+    if pd.api.types.is_numeric_dtype(column):
+        return column.to_numpy(np.float64)
+    return pd.to_datetime(column, format="mixed").to_numpy()
+
+
 def _order(frame: pd.DataFrame, time_col: str, source: str) -> tuple[pd.DataFrame, pd.Series]:
     """Sort by the time column (numeric or date-like); returns the frame and time in seconds."""
     raw = frame[time_col]
@@ -221,6 +229,7 @@ def from_frame(
         if columns.time_col:
             part, seconds = _order(part, columns.time_col, source)
             times.append(seconds.to_numpy())
+        stamps = _stamps(part[columns.time_col]) if columns.time_col else None
         part_values = _fill(values.loc[part.index], fill, source)
         label = None
         if columns.label_col:
@@ -241,6 +250,7 @@ def from_frame(
                 .to_numpy(np.float64)
                 .reshape(len(part), -1),
                 label=label,
+                times=stamps,
             )
         )
     return Dataset(

@@ -62,7 +62,8 @@ def _forecast(
             back = np.where(ahead - season >= 0, ahead - season, pos[:, None])
             seasonal.append(e.targets[back])
         if not example:
-            example = {"t": pos + 1, "truth": e.targets[pos + 1, 0], "pred": out[pos, 0, 0]}
+            example = {"t": _when(e, pos + 1), "truth": e.targets[pos + 1, 0],
+                       "pred": out[pos, 0, 0]}  # fmt: skip
     pred, truth = np.concatenate(preds), np.concatenate(truths)
     baselines = {"persistence": regression_scores(np.concatenate(naive), truth)}
     if season is not None:
@@ -75,6 +76,11 @@ def _forecast(
             float(np.sqrt(np.mean((pred[:, k] - truth[:, k]) ** 2))) for k in range(h)
         ]
     return Evaluation(scores, baselines, example)
+
+
+def _when(e: Encoded, rows: np.ndarray) -> np.ndarray:
+    """The time column's values at these rows (the plot's x axis), else the row numbers."""
+    return e.times[rows] if e.times is not None else rows
 
 
 def _classical(
@@ -143,7 +149,7 @@ def _generate(
         base.append(profile[pos])
     first = segs[0]
     example = {
-        "t": np.arange(len(first.targets)),
+        "t": _when(first, np.arange(len(first.targets))),
         "truth": first.targets[:, 0],
         "pred": _unscale(raw_outputs(model, first), p)[:, 0],
     }

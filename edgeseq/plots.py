@@ -38,8 +38,9 @@ def _confusion(ax: Any, scores: dict[str, Any]) -> None:
 
 
 def _predictions(
-    ax: Any, example: dict[str, np.ndarray], task: str, target: str, transform: str | None
-) -> None:
+    ax: Any, example: dict[str, np.ndarray], task: str, target: str, transform: str | None,
+    time_label: str | None,
+) -> None:  # fmt: skip
     if task == "regress":
         ax.scatter(example["truth"], example["pred"], s=12)
         lo = float(min(example["truth"].min(), example["pred"].min()))
@@ -50,7 +51,9 @@ def _predictions(
     else:
         ax.plot(example["t"], example["truth"], label="truth", color="black", lw=1)
         ax.plot(example["t"], example["pred"], label="prediction", lw=1)
-        ax.set_xlabel("step")
+        ax.set_xlabel(time_label or "step")
+        if np.issubdtype(np.asarray(example["t"]).dtype, np.datetime64):
+            ax.tick_params(axis="x", labelrotation=30)  # dates: this panel only
         ax.set_ylabel(target)
         ax.legend()
     title = "Test predictions" + (" (one step ahead)" if task == "forecast" else "")
@@ -65,15 +68,17 @@ def save_run_plot(
     example: dict[str, np.ndarray],
     target: str,
     transform: str | None = None,
+    time_label: str | None = None,
 ) -> None:
     """Two panels: losses per epoch, then the test-split view that suits the task (a forecast's
-    title names the target transform the network predicts through)."""
+    title names the target transform the network predicts through; its x axis is the time
+    column's values, `time_label`, when there is one)."""
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
     _losses(left, history)
     if task == "classify":
         _confusion(right, scores)
     else:
-        _predictions(right, example, task, target, transform)
+        _predictions(right, example, task, target, transform, time_label)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -42,6 +42,7 @@ class Encoded:
     label: int = -1
     raw_x: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.float32))  # (T, F):
     # the model's inputs in physical units (the graph's)
+    times: np.ndarray | None = None  # (T,) the time column's values, when there is one
 
 
 @dataclass
@@ -198,8 +199,9 @@ def _encode(
         raw_x = np.repeat(raw_x[:1], steps, axis=0)
         y = _scaled(raw_targets, target_scaling)
         mask = t >= seg.score_from
+    times = rec.times[: seg.end] if rec.times is not None else None
     return Encoded(rec.key, np.ascontiguousarray(x), y, mask, raw_targets, label,
-                   np.ascontiguousarray(raw_x, np.float32))  # fmt: skip
+                   np.ascontiguousarray(raw_x, np.float32), times)  # fmt: skip
 
 
 def prepare(

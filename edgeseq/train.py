@@ -375,5 +375,6 @@ def train(
         evaluation.example,
         target,
         transform=metrics.get("target_transform"),
+        time_label=prepared.data_spec.time_col,
     )
     return RunResult(run_dir, prepared, model, evaluation, state, metrics)

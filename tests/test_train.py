@@ -115,3 +115,20 @@ def test_gradient_norms_before_clipping_are_logged_every_epoch(tmp_path):
     assert len(history) == 4
     assert all(h.grad_norm_max > 0.01 for h in history)  # logged before clipping to 0.01
     assert all(h.clipped_fraction > 0.9 for h in history)
+
+
+def test_the_plots_time_axis_is_the_time_columns_values(tmp_path):
+    """A forecast's test panel is plotted against --time-col's values (dates stay dates)."""
+    import numpy as np
+    import pandas as pd
+
+    from edgeseq.data import Columns, from_frame
+    from edgeseq.evaluate import evaluate
+
+    days = pd.date_range("2020-01-01", periods=200, freq="D")
+    frame = pd.DataFrame({"day": days.strftime("%Y-%m-%d"), "v": np.sin(np.arange(200) / 5.0)})
+    data = from_frame(frame, Columns(targets=("v",), time_col="day"))
+    result = train(data, TrainConfig(**dict(SMALL, target_transform="none")), tmp_path / "r")
+    example = evaluate(result.model, result.prepared, result.prepared.test).example
+    assert example["t"].dtype.kind == "M" and example["t"][0] >= np.datetime64("2020-06-01")
+    assert (tmp_path / "r" / "plot.png").stat().st_size > 0
