@@ -6,6 +6,7 @@ from __future__ import annotations
 import platform
 import subprocess
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 C_LABEL = "-O3 -march=native and the kernels' fast-math flags"
@@ -20,6 +21,26 @@ def _cpu() -> str:
     except (OSError, subprocess.CalledProcessError):
         pass
     return platform.processor() or platform.machine()
+
+
+# The speed targets relative to other runtimes and to C are set for the bench models
+# (export/bench-*.onnx, the sizes DESIGN.md names); on a smaller model a call's fixed cost
+# weighs more, and the report says the target does not apply rather than that it failed.
+SPEED_TARGETS = ("step vs", "step / C step", "feed per sample / C step", "pool of")
+BENCH_MODEL_PREFIX = "bench-"
+
+
+def applies(r: dict[str, Any], target: str) -> bool:
+    """Whether a target is one this model is held to (see SPEED_TARGETS)."""
+    is_bench = Path(str(r["model"])).name.startswith(BENCH_MODEL_PREFIX)
+    return is_bench or not target.startswith(SPEED_TARGETS)
+
+
+def verdict(r: dict[str, Any], target: str, ok: bool) -> str:
+    """The "met" column: yes, **no**, or why the target does not apply to this model."""
+    if not applies(r, target):
+        return "n/a (set for export/bench-*.onnx)"
+    return "yes" if ok else "**no**"
 
 
 def targets(r: dict[str, Any]) -> list[tuple[str, float, str, bool]]:
@@ -176,8 +197,7 @@ def markdown(results: list[dict[str, Any]], command: str) -> str:
             "|---|---:|---|---|",
         ]
         lines += [
-            f"| {n} | {v:.2f} | {need} | {'yes' if ok else '**no**'} |"
-            for n, v, need, ok in targets(r)
+            f"| {n} | {v:.2f} | {need} | {verdict(r, n, ok)} |" for n, v, need, ok in targets(r)
         ]
         lines.append("")
     return "\n".join(lines)  # fmt: skip

@@ -21,11 +21,8 @@ class _EpochProgress:
         self.task = progress.add_task("training", total=epochs, losses="")
 
     def __call__(self, log: Any, state: Any) -> None:
-        val = "-" if log.val_loss is None else f"{log.val_loss:.4f}"
-        losses = (
-            f"train {log.train_loss:.4f}  val {val}  |grad| {log.grad_norm_max:.2f}"
-            f"  lr {log.lr:.1e}"
-        )
+        val = "-" if log.val_loss is None else f"{log.val_loss:.3f}"
+        losses = f"train {log.train_loss:.3f} val {val} |g| {log.grad_norm_max:.2f} lr {log.lr:.0e}"
         self.progress.update(self.task, completed=log.epoch, losses=losses)
         if state.stopped_early:
             self.progress.update(self.task, total=log.epoch)
@@ -40,9 +37,9 @@ class _EpochProgress:
 @contextmanager
 def epoch_progress(console: Console, epochs: int) -> Iterator[_EpochProgress]:
     """A progress bar over epochs; yields the `on_epoch` callback that advances it."""
-    columns = (
+    columns = (  # one line of at most 80 columns: a terminal's default width
         TextColumn("[bold]{task.description}"),
-        BarColumn(),
+        BarColumn(bar_width=10),
         MofNCompleteColumn(),
         TextColumn("{task.fields[losses]}"),
         TimeElapsedColumn(),

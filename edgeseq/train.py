@@ -321,9 +321,21 @@ def train(
     resume: bool = False,
     on_epoch: Callable[[EpochLog, FitState], None] | None = None,
     on_phase: Callable[[str], None] | None = None,
+    progress: bool = True,
 ) -> RunResult:
     """Train (once per target transform when it is `auto`, keeping the one best on the
-    validation split), evaluate on the held-out split and write the run directory."""
+    validation split), evaluate on the held-out split and write the run directory.
+
+    Without an `on_epoch` callback, a progress bar on stderr shows the epochs (a minute of
+    training is not silent) unless `progress` is False."""
+    if on_epoch is None and progress:
+        from rich.console import Console
+
+        from edgeseq.report import epoch_progress
+
+        with epoch_progress(Console(stderr=True), cfg.epochs) as bar:
+            return train(data, cfg, run_dir, test=test, command=command, resume=resume,
+                         on_epoch=bar, on_phase=bar.phase)  # fmt: skip
     _check(cfg)
     run_dir = Path(run_dir)
     torch.use_deterministic_algorithms(True)
@@ -341,7 +353,7 @@ def train(
         if runs and not runs[0].prepared.val:
             break  # no validation split to choose by: the levels, as without a transform
         if on_phase is not None and len(candidates) > 1:
-            on_phase(f"target transform {transform.name}")
+            on_phase(transform.name)  # the progress line's label: which transform is fitted
         runs.append(_fit_candidate(data, cfg, run_dir, transform, test=test, command=command,
                                    resume=resume, on_epoch=on_epoch))  # fmt: skip
     run = min(runs, key=lambda r: r.val_rmse)  # the first on a tie (or without validation)
