@@ -119,6 +119,29 @@ def state_shapes(spec: ModelSpec, data: DataSpec | None, batch: int) -> dict[str
     return shapes
 
 
+def output_scale(spec: ModelSpec, data: DataSpec, use_floor: bool = True) -> np.ndarray:
+    """Each output's unit of error: its target's training std.
+
+    With a target transform the outputs are levels again (v + a change), and float32 holds a
+    level to 6e-8 of itself, so the unit is the std of the levels but at least |level| / 8 (and
+    |level| * |log level| / 8 for log transforms, whose exp() turns an ulp of log(level) into
+    |log level| ulps of the level): the tolerance then stays ~20 float32 ulps above the
+    rounding of the level however little the level varies. Without `use_floor`, the plain std
+    of the levels: the unit of an error metric rather than of a float32 tolerance."""
+    if spec.task == "classify" or data.target_scaling is None:
+        return np.ones(spec.output_size, np.float32)
+    per_target = np.asarray(data.target_scaling.std, np.float32)
+    levels, transform = data.target_levels, data.target_transform
+    if transform is not None and levels is not None:
+        mean, std = np.asarray(levels.mean), np.asarray(levels.std)
+        floor = np.abs(mean) / 8
+        if transform.log:  # exp(v): the spread and the rounding near exp(mean)
+            floor = np.exp(mean) * np.maximum(1.0, np.abs(mean)) / 8
+            std = np.exp(mean) * std
+        per_target = np.maximum(std, floor if use_floor else 0.0).astype(np.float32)
+    return np.tile(per_target, spec.output_size // max(len(per_target), 1))
+
+
 def output_layout(spec: ModelSpec, data: DataSpec) -> str:
     """A sentence for humans (and Netron) on what y[b, t, :] holds."""
     if spec.task == "classify":

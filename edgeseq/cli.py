@@ -240,15 +240,15 @@ def export(
 ) -> None:
     """Export a trained model to one verified, self-describing ONNX file."""
     from edgeseq.export import export_checkpoint
-    from edgeseq.report import parity_line, quantization_line
+    from edgeseq.report import int8_parity_line, parity_line, quantization_line
 
     with console.status("exporting and proving parity with ONNX Runtime..."):
         meta = export_checkpoint(source, output, quantize=quantize, max_error=max_error)
-    if "quantization" in meta:
+    proof = parity_line(meta["parity"])
+    if "quantization" in meta:  # the int8 file's own figures, not its float twin's
         console.print(quantization_line(meta))
-    console.print(
-        f"wrote {output} ({output.stat().st_size:,} bytes): {parity_line(meta['parity'])}"
-    )
+        proof = f"{int8_parity_line(meta['quantization'])}; float model: {proof}"
+    console.print(f"wrote {output} ({output.stat().st_size:,} bytes): {proof}")
 
 
 @app.command()

@@ -250,7 +250,8 @@ def to_onnx(
     graph = onnx.load_from_string(raw)
     if quantize == "int8":
         meta["float_file_bytes"] = len(_with_metadata(onnx.load_from_string(raw), meta))
-        graph, meta["quantization"] = int8_model(graph, spec, data, heldout, max_error)
+        graph, meta["quantization"] = int8_model(graph, spec, data, heldout, max_error,
+                                                 lambda m: _with_metadata(m, meta))  # fmt: skip
     _write_atomically(out, _with_metadata(graph, meta))
     return meta
 

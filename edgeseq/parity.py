@@ -18,7 +18,7 @@ import numpy as np
 import onnx
 import torch
 
-from edgeseq.artifact import sample_feeds
+from edgeseq.artifact import output_scale, sample_feeds
 from edgeseq.spec import DataSpec, ModelSpec
 
 TOLERANCE = 1e-5  # float32: max abs error allowed (normalized output units)
@@ -29,28 +29,6 @@ def _torch_run(wrapper: torch.nn.Module, feeds: dict[str, np.ndarray]) -> list[n
     with torch.no_grad():
         outs = wrapper(*(torch.from_numpy(v) for v in feeds.values()))
     return [o.numpy() for o in outs]
-
-
-def _output_scale(spec: ModelSpec, data: DataSpec) -> np.ndarray:
-    """Each output's unit of error: its target's training std.
-
-    With a target transform the outputs are levels again (v + a change), and float32 holds a
-    level to 6e-8 of itself, so the unit is the std of the levels but at least |level| / 8 (and
-    |level| * |log level| / 8 for log transforms, whose exp() turns an ulp of log(level) into
-    |log level| ulps of the level): the tolerance then stays ~20 float32 ulps above the
-    rounding of the level however little the level varies."""
-    if spec.task == "classify" or data.target_scaling is None:
-        return np.ones(spec.output_size, np.float32)
-    per_target = np.asarray(data.target_scaling.std, np.float32)
-    levels, transform = data.target_levels, data.target_transform
-    if transform is not None and levels is not None:
-        mean, std = np.asarray(levels.mean), np.asarray(levels.std)
-        floor = np.abs(mean) / 8
-        if transform.log:  # exp(v): the spread and the rounding near exp(mean)
-            floor = np.exp(mean) * np.maximum(1.0, np.abs(mean)) / 8
-            std = np.exp(mean) * std
-        per_target = np.maximum(std, floor).astype(np.float32)
-    return np.tile(per_target, spec.output_size // max(len(per_target), 1))
 
 
 def prove(
@@ -65,7 +43,7 @@ def prove(
     options = ort.SessionOptions()
     options.log_severity_level = 3
     session = ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
-    scale = _output_scale(spec, data)
+    scale = output_scale(spec, data)
 
     feeds = sample_feeds(spec, data, batch=3, steps=64, seed=0)
     expected = _torch_run(wrapper, feeds)

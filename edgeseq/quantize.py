@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from edgeseq.artifact import sample_feeds, state_shapes
+from edgeseq.artifact import output_scale, sample_feeds, state_shapes
 from edgeseq.heldout import Segment
 from edgeseq.spec import DataSpec, ModelSpec
 
@@ -122,12 +123,29 @@ def _outputs(session: Any, x: np.ndarray, spec: ModelSpec, data: DataSpec) -> np
     return np.asarray(session.run(["y"], {"x": x[None], **state})[0][0])
 
 
-def heldout_error(session: Any, segments: list[Segment], spec: ModelSpec, data: DataSpec) -> float:
+Outputs = Callable[[np.ndarray], np.ndarray]  # one segment's samples (T, F) -> (T, outputs)
+
+
+def ort_whole_sequence(session: Any, spec: ModelSpec, data: DataSpec) -> Outputs:
+    """ONNX Runtime on a whole segment in one run() (what a batch job does)."""
+    return lambda x: _outputs(session, x, spec, data)
+
+
+def streamed(path: Path) -> Outputs:
+    """edgeseq's runtime streaming a segment one sample at a time from a fresh state, as a
+    board uses the model (Stream.feed: the same numbers as a step per sample)."""
+    from edgeseq.runtime import load
+
+    model = load(path)
+    return lambda x: model.stream().feed(x)
+
+
+def heldout_error(outputs: Outputs, segments: list[Segment], spec: ModelSpec,
+                  data: DataSpec) -> float:  # fmt: skip
     """Error on the scored steps: 1 - accuracy (classify), else RMSE in normalized units."""
     if spec.task == "classify":
         hits = [
-            int(np.argmax(_outputs(session, s.x, spec, data)[s.mask], axis=1)[-1]
-                == s.y[s.mask][-1])
+            int(np.argmax(outputs(s.x)[s.mask], axis=1)[-1] == s.y[s.mask][-1])
             for s in segments
         ]  # fmt: skip
         return 1.0 - float(np.mean(hits))
@@ -135,11 +153,33 @@ def heldout_error(session: Any, segments: list[Segment], spec: ModelSpec, data: 
     repeat = spec.output_size // max(len(data.target_scaling.mean), 1)
     mean = np.tile(np.asarray(data.target_scaling.mean, np.float32), repeat)
     std = np.tile(np.asarray(data.target_scaling.std, np.float32), repeat)
-    errors = [
-        ((_outputs(session, s.x, spec, data)[s.mask] - mean) / std - s.y[s.mask]).ravel()
-        for s in segments
-    ]
+    unit = output_scale(spec, data, use_floor=False)  # the targets' std (levels' if transformed)
+    errors = [((outputs(s.x)[s.mask] - (s.y[s.mask] * std + mean)) / unit).ravel()
+              for s in segments]  # fmt: skip
     return float(np.sqrt(np.mean(np.concatenate(errors) ** 2)))
+
+
+def _own_parity(int8_path: Path, session: Any, spec: ModelSpec, data: DataSpec) -> dict[str, Any]:
+    """The int8 file's own parity: edgeseq streaming it against ONNX Runtime, one sample at a
+    time with the state fed back, and against ONNX Runtime's whole-sequence run() (which
+    quantizes activations over the whole sequence: not how a stream runs), normalized."""
+    feeds = sample_feeds(spec, data, 1, 200, seed=3)
+    x = feeds["x"][0]
+    state = {k: v for k, v in feeds.items() if k != "x"}
+    stepped = []
+    for t in range(len(x)):
+        out = session.run(None, {"x": x[None, t : t + 1], **state})
+        stepped.append(out[0][0, 0])
+        state = dict(zip(state, out[1:], strict=True))
+    scale = output_scale(spec, data)
+    ours = streamed(int8_path)(x)
+    whole = _outputs(session, x, spec, data)
+    return {
+        "edgeseq_streamed_vs_onnxruntime_streamed": float(np.max(np.abs(ours - stepped) / scale)),
+        "onnxruntime_streamed_vs_whole_sequence": float(np.max(np.abs(stepped - whole) / scale)),
+        "steps": len(x),
+        "units": "normalized outputs (physical error / target std)",
+    }
 
 
 def _weight_bytes(model: onnx.ModelProto) -> int:
@@ -152,24 +192,37 @@ def report(
     spec: ModelSpec,
     data: DataSpec,
     segments: list[Segment] | None,
+    described: Callable[[onnx.ModelProto], bytes],
 ) -> dict[str, Any]:
-    """Sizes and the error of both models on the held-out split (or, without one, how far the
-    int8 outputs stray from the float ones on random samples, in normalized units)."""
+    """Sizes and the error of both models on the held-out split, each streamed one sample at a
+    time through edgeseq's runtime as a board runs it (ONNX Runtime's whole-sequence figures
+    beside); without a held-out split, how far the int8 outputs stray from the float ones on
+    random samples, in normalized units. `described` makes a model a file edgeseq loads
+    (its metadata attached: a target transform needs it)."""
     float_session = _session(float_model.SerializeToString())
     int8_session = _session(int8_model.SerializeToString())
-    if segments:
-        float_error = heldout_error(float_session, segments, spec, data)
-        int8_error = heldout_error(int8_session, segments, spec, data)
-        measured_on = f"held-out split ({len(segments)} sequences)"
-    else:
-        x = sample_feeds(spec, data, 1, 200, seed=2)["x"][0]
-        scale = np.asarray(data.target_scaling.std if data.target_scaling else (1.0,), np.float32)
-        scale = np.tile(scale, spec.output_size // len(scale))
-        diff = (
-            _outputs(int8_session, x, spec, data) - _outputs(float_session, x, spec, data)
-        ) / scale
-        float_error, int8_error = 0.0, float(np.sqrt(np.mean(diff**2)))
-        measured_on = "random samples (no held-out split): RMSE of int8 vs float outputs"
+    with tempfile.TemporaryDirectory() as tmp:
+        float_path, int8_path = Path(tmp) / "float.onnx", Path(tmp) / "int8.onnx"
+        float_path.write_bytes(described(float_model))
+        int8_path.write_bytes(described(int8_model))
+        if segments:
+            float_error = heldout_error(streamed(float_path), segments, spec, data)
+            int8_error = heldout_error(streamed(int8_path), segments, spec, data)
+            whole = {
+                "float_error": heldout_error(
+                    ort_whole_sequence(float_session, spec, data), segments, spec, data),
+                "int8_error": heldout_error(
+                    ort_whole_sequence(int8_session, spec, data), segments, spec, data),
+            }  # fmt: skip
+            measured_on = (f"held-out split ({len(segments)} sequences), streamed one sample "
+                           "at a time through edgeseq's runtime")  # fmt: skip
+        else:
+            x = sample_feeds(spec, data, 1, 200, seed=2)["x"][0]
+            diff = (streamed(int8_path)(x) - streamed(float_path)(x)) / output_scale(spec, data)
+            float_error, int8_error, whole = 0.0, float(np.sqrt(np.mean(diff**2))), {}
+            measured_on = ("random samples (no held-out split), streamed through edgeseq's "
+                           "runtime: RMSE of int8 vs float outputs")  # fmt: skip
+        parity = _own_parity(int8_path, int8_session, spec, data)
     metric = "1 - accuracy" if spec.task == "classify" else "RMSE, normalized units"
     return {
         "scheme": "onnxruntime dynamic (DynamicQuantizeLSTM)" if spec.cell == "lstm"
@@ -179,6 +232,8 @@ def report(
         "float_error": float_error,
         "int8_error": int8_error,
         "error_growth": int8_error - float_error,
+        "onnxruntime_whole_sequence": whole,
+        "parity": parity,
         "float_weight_bytes": _weight_bytes(float_model),
         "int8_weight_bytes": _weight_bytes(int8_model),
     }  # fmt: skip
@@ -190,13 +245,15 @@ def int8_model(
     data: DataSpec,
     segments: list[Segment] | None,
     max_error: float,
+    described: Callable[[onnx.ModelProto], bytes],
 ) -> tuple[onnx.ModelProto, dict[str, Any]]:
     """The int8 model and its figures; refused when its error grows by more than `max_error`."""
     from edgeseq.errors import ModelFormatError
 
     model = quantize(float_model, spec)
     onnx.checker.check_model(model)
-    figures = report(float_model, model, spec, data, segments) | {"max_error": max_error}
+    figures = report(float_model, model, spec, data, segments, described)
+    figures["max_error"] = max_error
     if figures["error_growth"] > max_error:
         raise ModelFormatError(
             f"int8 export refused: {figures['metric']} on the {figures['measured_on']} grows "

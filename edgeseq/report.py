@@ -179,5 +179,24 @@ def quantization_line(meta: dict[str, Any]) -> str:
         f"int8 ({q['scheme']}): weights {q['float_weight_bytes']:,} -> {q['int8_weight_bytes']:,} "
         f"bytes, file {meta['float_file_bytes']:,} bytes as float32; {q['metric']} on the "
         f"{q['measured_on']}: {q['float_error']:.4g} -> {q['int8_error']:.4g} "
-        f"(limit +{q['max_error']:g})"
+        f"(limit +{q['max_error']:g})" + _whole_sequence(q)
+    )
+
+
+def _whole_sequence(q: dict[str, Any]) -> str:
+    whole = q.get("onnxruntime_whole_sequence") or {}
+    if not whole:
+        return ""
+    return (f"; ONNX Runtime on whole sequences (activations quantized over each): "
+            f"{whole['float_error']:.4g} -> {whole['int8_error']:.4g}")  # fmt: skip
+
+
+def int8_parity_line(q: dict[str, Any]) -> str:
+    """The int8 file's own parity (quantize._own_parity), for the "wrote" line."""
+    p = q["parity"]
+    return (
+        f"int8 file: edgeseq vs ONNX Runtime, both streamed, "
+        f"{p['edgeseq_streamed_vs_onnxruntime_streamed']:.2e}; ONNX Runtime streamed vs its "
+        f"whole-sequence run {p['onnxruntime_streamed_vs_whole_sequence']:.2e} over "
+        f"{p['steps']} steps (normalized)"
     )

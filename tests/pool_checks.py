@@ -1,5 +1,7 @@
-"""A check several test files share: a pool's answers are its streams' answers, bit for bit
-where the pool runs the model's own kernel, and to float32 rounding where it runs BLAS."""
+"""A check several test files share: a pool's answers are its streams' answers, to a few
+float32 ulps where the pool runs the model's own kernel (its pool kernel inlines the step, and
+fast-math may compile the inlined copy a little differently: which one depends on what the
+Numba cache held when it was compiled), and to float32 rounding where it runs BLAS."""
 
 from __future__ import annotations
 
@@ -7,8 +9,9 @@ import numpy as np
 
 from edgeseq.runtime import Model
 
-# The model's own kernel serially and in parallel: the same machine code as a stream's step.
+# The model's own kernel serially and in parallel: the stream's step, inlined.
 OWN_KERNEL_SIZES = (1, 64)
+ULPS = 1e-6  # relative: a few float32 ulps
 # From 512 streams per call (engines.GEMM_BATCH_CACHED) BLAS matrix products over the batch:
 # the sums run in another order, so the answers agree to float32 rounding (README, gemm.py).
 BLAS_SIZE = 600
@@ -26,4 +29,4 @@ def assert_pools_step_as_separate_streams(model: Model, seed: int, steps: int = 
             if size == BLAS_SIZE:
                 np.testing.assert_allclose(pooled, alone, rtol=1e-5, atol=1e-5)
             else:
-                np.testing.assert_array_equal(pooled, alone)
+                np.testing.assert_allclose(pooled, alone, rtol=ULPS, atol=ULPS)

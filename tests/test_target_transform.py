@@ -138,7 +138,8 @@ def test_edgeseqs_runtime_streams_the_transform_as_onnx_runtime_computes_it(
 
 
 @pytest.mark.parametrize("name", ["diff", "log-seasonal"])
-def test_a_pool_answers_as_its_streams_do_bit_for_bit(exported, name):
+def test_a_pool_answers_as_its_streams_do(exported, name):
+    """To a few float32 ulps (tests/pool_checks.py says why not bit for bit)."""
     model = edgeseq.load(exported[name])
     _, info = load_info(exported[name])
     x = sample_feeds(info.model_spec, info.data_spec, 64, 20, seed=5)["x"]
@@ -146,7 +147,7 @@ def test_a_pool_answers_as_its_streams_do_bit_for_bit(exported, name):
     streams = [model.stream() for _ in ids]
     for t in range(x.shape[1]):
         alone = np.stack([s.step(x[b, t]) for b, s in enumerate(streams)])
-        np.testing.assert_array_equal(pool.step(ids, x[:, t]), alone)
+        np.testing.assert_allclose(pool.step(ids, x[:, t]), alone, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("backend", ["numba", "numpy", "onnxruntime"])
