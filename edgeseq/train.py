@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from edgeseq import checkpoint, heldout
+from edgeseq import checkpoint, heldout, target_transform
 from edgeseq.data import Dataset
 from edgeseq.errors import UsageError
 from edgeseq.evaluate import Evaluation, evaluate, raw_outputs
@@ -303,12 +303,9 @@ def _heldout_targets(e: Encoded, prepared: Prepared) -> np.ndarray:
         return e.y
     scaling = prepared.data_spec.target_scaling
     assert scaling is not None
-    steps, n = e.targets.shape
-    future = np.zeros((steps, prepared.horizon, n))
-    for k in range(1, prepared.horizon + 1):
-        future[: steps - k, k - 1] = e.targets[k:]
+    future = target_transform.ahead(e.targets, target_transform.NONE, prepared.horizon)
     scaled = (future - np.asarray(scaling.mean)) / np.asarray(scaling.std)
-    return scaled.reshape(steps, -1).astype(np.float32)
+    return scaled.reshape(len(e.targets), -1).astype(np.float32)
 
 
 def train(
