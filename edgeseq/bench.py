@@ -188,8 +188,14 @@ def c_step_ns(model: Model, steps: int = 200_000) -> float | None:
 
 
 START_SCRIPT = """
-import os, sys, time
+import logging, os, sys, time
 t0 = float(sys.argv[2])
+class Notice(logging.Handler):
+    def emit(self, record):
+        if "compiling kernels" in record.getMessage():
+            print('notice', time.time() - t0)
+logging.getLogger("edgeseq.runtime").addHandler(Notice())
+logging.getLogger("edgeseq.runtime").setLevel(logging.INFO)
 import numpy as np, edgeseq
 m = edgeseq.load(sys.argv[1], backend=sys.argv[3])
 m.stream().step(np.ones(m.n_features, np.float32))  # 1: in the domain of a log transform too
@@ -211,7 +217,38 @@ def _start(path: Path, backend: str, env: dict[str, str]) -> dict[str, float]:
         raise EdgeseqError(f"{path}: a fresh process could not load and step it with the "
                            f"{backend} backend ({last})")  # fmt: skip
     values = dict(line.split() for line in done.stdout.strip().splitlines())
-    return {"first": float(values["first"]), "rss": float(values["VmRSS"])}
+    got = {"first": float(values["first"]), "rss": float(values["VmRSS"])}
+    if "notice" in values:
+        got["notice"] = float(values["notice"])
+    return got
+
+
+def serve_notice_s(path: Path, timeout: float = 60.0) -> float:
+    """Seconds from launching `edgeseq serve MODEL` on a cold cache to its compile notice on
+    stderr, as a person at the terminal sees it (the process is stopped then: the compile's
+    own time is the cold start's figure)."""
+    from edgeseq.runtime.compile_notice import MESSAGE
+
+    with tempfile.TemporaryDirectory() as cache:
+        env = dict(os.environ, NUMBA_CACHE_DIR=cache)
+        env.pop("EDGESEQ_KERNEL_DIR", None)
+        start = time.monotonic()
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "edgeseq", "serve", str(path), "--log-format", "text"],
+            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            env=env, text=True,
+        )  # fmt: skip
+        try:
+            assert proc.stderr is not None
+            for line in proc.stderr:
+                if MESSAGE in line:
+                    return time.monotonic() - start
+                if time.monotonic() - start > timeout:
+                    break
+        finally:
+            proc.kill()
+            proc.communicate()
+    raise EdgeseqError(f"`edgeseq serve {path}` on a cold cache never said it was compiling")
 
 
 NEW_SHAPE_HIDDEN = 24  # units of the new-shape LSTM: no model in export/ has a layer of 24
@@ -234,6 +271,8 @@ def start_up(path: Path, others: list[str]) -> dict[str, Any]:
             got = _start(path, "numba", env)
             figures[f"first_prediction_{label}_s"] = got["first"]
             figures["rss_mib"] = got["rss"]
+            if label == "cold" and "notice" in got:
+                figures["compile_notice_load_s"] = got["notice"]
         other = Path(cache) / "new-shape.onnx"
         lstm_file(other, load(path).n_features, NEW_SHAPE_HIDDEN)
         figures["first_prediction_new_shape_s"] = _start(other, "numba", env)["first"]
@@ -241,6 +280,7 @@ def start_up(path: Path, others: list[str]) -> dict[str, Any]:
             got = _start(path, backend, env)
             figures["other_backends"][backend] = {"first_prediction_s": got["first"],
                                                   "rss_mib": got["rss"]}  # fmt: skip
+    figures["compile_notice_serve_s"] = serve_notice_s(path)
     return figures
 
 

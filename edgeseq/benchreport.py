@@ -79,6 +79,10 @@ def targets(r: dict[str, Any]) -> list[tuple[str, float, str, bool]]:
     )
     rows.append(("first prediction, warm cache (s)", r["first_prediction_warm_s"], "< 1.5", False))
     rows.append(("first prediction, cold cache (s)", r["first_prediction_cold_s"], "<= 10", False))
+    for key, what in (("load", "edgeseq.load"), ("serve", "edgeseq serve")):
+        if f"compile_notice_{key}_s" in r:
+            name = f"compile notice of a cold {what}, from process start (s)"
+            rows.append((name, r[f"compile_notice_{key}_s"], "<= 1", False))
     if r.get("layouts"):
         worst = max(_layout_ratios(r["layouts"]).values())
         rows.append(("slowest sample layout / contiguous float32", worst, LAYOUT_TARGET, False))

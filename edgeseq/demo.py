@@ -2,11 +2,14 @@
 
 Train a small LSTM forecaster on the pump data, export it to ONNX (parity proven), then load the
 file with the streaming runtime, as a board would, and stream the whole recording through it one
-sample at a time, timing each step.
+sample at a time, timing each step. The run directory also gets the data as files, so every
+example of the README has something real to read: `pump.csv` (the recording), and its samples
+as the daemon's input, `samples.jsonl` (features by name) and `samples.csv` (`id,seq,...`).
 """
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -37,6 +40,22 @@ def _stream_recording(model_path: Path, samples: np.ndarray) -> tuple[np.ndarray
     return predictions, latencies
 
 
+def write_sample_files(frame: Any, feature_names: list[str], out: Path, stream_id: str) -> None:
+    """`samples.jsonl` and `samples.csv`: the recording as one stream's wire messages.
+
+    JSON lines name the features (the order cannot go wrong); the CSV has a header and the
+    values in the model's feature order, as `--format csv` reads them."""
+    rows = frame[feature_names].to_numpy(np.float64).round(6)
+    with open(out / "samples.jsonl", "w") as lines:
+        for seq, row in enumerate(rows):
+            x = dict(zip(feature_names, row.tolist(), strict=True))
+            lines.write(json.dumps({"id": stream_id, "seq": seq, "x": x}) + "\n")
+    with open(out / "samples.csv", "w") as csv:
+        csv.write(",".join(["id", "seq", *feature_names]) + "\n")
+        for seq, row in enumerate(rows):
+            csv.write(",".join([stream_id, str(seq), *(repr(v) for v in row.tolist())]) + "\n")
+
+
 def run_demo(out: Path, epochs: int, console: Console, train_run: Any) -> None:
     from edgeseq.data import Columns, from_frame
     from edgeseq.datasets import pump_frame
@@ -45,7 +64,12 @@ def run_demo(out: Path, epochs: int, console: Console, train_run: Any) -> None:
     from edgeseq.train import TrainConfig
 
     frame = pump_frame()
-    console.print(f"[bold]demo[/]: built-in pump data, {len(frame)} samples: {list(frame.columns)}")
+    out.mkdir(parents=True, exist_ok=True)
+    frame.to_csv(out / "pump.csv", index=False)
+    console.print(
+        f"[bold]demo[/]: built-in pump data, {len(frame)} samples: {list(frame.columns)} "
+        f"(written to {out / 'pump.csv'})"
+    )
     columns = Columns(targets=("pressure",), features=("flow", "temperature"), time_col="t")
     data = from_frame(frame, columns, source="built-in pump data")
     cfg = TrainConfig(task="forecast", cell="lstm", hidden=32, epochs=epochs, window=64)
@@ -55,6 +79,11 @@ def run_demo(out: Path, epochs: int, console: Console, train_run: Any) -> None:
         meta = export_checkpoint(out, out / "model.onnx")
     console.print(f"wrote {out / 'model.onnx'}: {parity_line(meta['parity'])}")
 
+    write_sample_files(frame, list(meta["feature_names"]), out, "pump-1")
+    console.print(
+        f"wrote {out / 'samples.jsonl'} and {out / 'samples.csv'}: the recording as stream "
+        "pump-1's messages for `edgeseq serve`"
+    )
     samples = frame[list(meta["feature_names"])].to_numpy(np.float32)
     predictions, latencies = _stream_recording(out / "model.onnx", samples)
     table = Table(title="streamed by the runtime (edgeseq.load, one sample per step)")

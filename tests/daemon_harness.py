@@ -28,12 +28,14 @@ class DaemonProcess:
     """`edgeseq serve ARGS` in a subprocess; stdout is a pipe (answers in stdin mode)."""
 
     def __init__(
-        self, *args: str, stdin: Any = subprocess.DEVNULL, env: dict[str, str] | None = None
-    ) -> None:
-        cmd = [sys.executable, "-m", "edgeseq", "serve", *args, "--log-format", "json"]
+        self, *args: str, stdin: Any = subprocess.DEVNULL, env: dict[str, str] | None = None,
+        argv: list[str] | None = None, cwd: Path = ROOT,
+    ) -> None:  # fmt: skip
+        """`argv` replaces the whole command (the README's commands, run as written)."""
+        cmd = argv or [sys.executable, "-m", "edgeseq", "serve", *args, "--log-format", "json"]
         self.proc = subprocess.Popen(
             cmd, stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            env={**os.environ, **(env or {})}, cwd=ROOT,
+            env={**os.environ, **(env or {})}, cwd=cwd,
         )  # fmt: skip
         self.logs: list[dict[str, Any]] = []
         self.raw_stderr: list[str] = []

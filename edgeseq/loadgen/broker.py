@@ -109,12 +109,14 @@ def _accepts(port: int) -> bool:
 
 
 def start_broker(
-    binary: str, folder: Path, timeout: float = 15.0
+    binary: str, folder: Path, timeout: float = 15.0, port: int | None = None
 ) -> tuple[subprocess.Popen[bytes], int]:
-    """Start mosquitto on a free port; retried when another process takes the port first."""
+    """Start mosquitto on `port`, else on a free port (retried when another process takes the
+    port first)."""
     log_path = folder / "mosquitto.log"
-    for _attempt in range(3):
-        port = free_port()
+    asked = port
+    for _attempt in range(1 if asked else 3):
+        port = asked or free_port()
         conf = write_config(folder, port)
         with open(log_path, "ab") as log:
             proc = subprocess.Popen(
