@@ -56,7 +56,7 @@ say "installing edgeseq $EDGESEQ_VERSION for $EDGESEQ_DEVICE (runtime and daemon
   --force-reinstall --no-deps "$here/wheels/${EDGESEQ_WHEEL}"
 
 # No cache to clear on an upgrade: Numba's cache entries of the runtime's kernels are stamped
-# with a digest of every runtime source and the edgeseq version (edgeseq/runtime/kernel_cache.py),
+# with a digest of every runtime source and the edgeseq version (edgeseq/runtime/kernels/kernel_cache.py),
 # so the warmup below recompiles exactly when the code changed and loads the cache otherwise.
 
 install -d -m 0755 "$etc"

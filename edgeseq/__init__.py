@@ -1,12 +1,12 @@
 """edgeseq: recurrent sequence models (RNN, LSTM, GRU) from PyTorch to ONNX to a streaming runtime.
 
-The package root never imports torch: the training side lives in `edgeseq.train`, `edgeseq.nn`
-and `edgeseq.export`, which are imported explicitly by whoever needs them.
+The package root never imports torch: the training side lives in `edgeseq.data`,
+`edgeseq.train` and `edgeseq.export`, which are imported explicitly by whoever needs them. The
+layout, stage by stage, is docs/architecture.md.
 """
 
 from __future__ import annotations
 
-from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING
 
 from edgeseq.errors import (
@@ -17,11 +17,7 @@ from edgeseq.errors import (
     ShapeError,
     UsageError,
 )
-
-try:
-    __version__ = version("edgeseq")
-except PackageNotFoundError:  # pragma: no cover - running from a source tree without install
-    __version__ = "0.0.0"
+from edgeseq.version import __version__
 
 if TYPE_CHECKING:  # for type checkers; at run time these import lazily (below)
     from edgeseq.runtime import Model, Stream, StreamPool, load

@@ -1,5 +1,5 @@
 """`python -m edgeseq` is the `edgeseq` command."""
 
-from edgeseq.cli import run
+from edgeseq.cli.app import run
 
 run()

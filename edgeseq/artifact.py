@@ -91,7 +91,7 @@ def sample_feeds(
 
 LAG_INPUT, LAG_OUTPUT = "lag0", "lagn"  # a target transform's past values (spec.TargetTransform)
 # With a target transform, the network's own input and output inside the graph
-# (export_transform.py): the runtime fuses the path between them and the transform around it.
+# (transform_graph.py): the runtime fuses the path between them and the transform around it.
 X_MODEL, Y_MODEL = "x_model", "y_model"
 
 

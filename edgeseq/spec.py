@@ -1,6 +1,6 @@
 """ModelSpec and DataSpec: the contract that training, export, the runtime and the daemon share.
 
-Both travel inside every checkpoint and every exported artifact as plain JSON (STYLE.md #2: the
+Both travel inside every checkpoint and every exported artifact as plain JSON (the
 artifact describes itself), so they are validated whenever they are read back. Each field names
 its rule (a `Check`) once, next to its type: `from_dict` applies the rules to untrusted JSON and
 reports the key path of the first bad value; `__post_init__` applies them to values built in code.

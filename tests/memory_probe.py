@@ -12,7 +12,7 @@ import resource
 import sys
 import tempfile
 
-from edgeseq.train import TrainConfig, train
+from edgeseq.train.pipeline import TrainConfig, train
 from tests.toys import sine_series
 
 

@@ -5,7 +5,7 @@ with apt-get when it is missing: CI machines start fresh and run as root), start
 port of 127.0.0.1 with a config written to a temporary folder, waits until the port accepts
 connections, yields (host, port) and stops the broker at the end of the session. A broker that
 cannot be installed or started fails the tests, loudly: they must run in CI, never be skipped.
-The work is edgeseq.loadgen.broker's, shared with `edgeseq loadtest`.
+The work is edgeseq.bench.loadgen.broker's, shared with `edgeseq loadtest`.
 
 Import it into a test module to use it, then ask for `mqtt_broker` like any fixture:
 `from tests.mqtt_broker import mqtt_broker_fixture  # noqa: F401`.
@@ -17,8 +17,8 @@ from collections.abc import Iterator
 
 import pytest
 
+from edgeseq.bench.loadgen.broker import HOST, ensure_mosquitto, start_broker, stop_broker
 from edgeseq.errors import EdgeseqError
-from edgeseq.loadgen.broker import HOST, ensure_mosquitto, start_broker, stop_broker
 
 
 @pytest.fixture(scope="session", name="mqtt_broker")

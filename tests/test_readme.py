@@ -38,8 +38,8 @@ from typing import Any
 import numpy as np
 import pytest
 
+from edgeseq.bench.loadgen.broker import ensure_mosquitto, start_broker, stop_broker
 from edgeseq.errors import EdgeseqError
-from edgeseq.loadgen.broker import ensure_mosquitto, start_broker, stop_broker
 from tests.daemon_harness import DaemonProcess, LineClient, offline_predictions
 from tests.readme_blocks import Block, Command, blocks, commands
 
@@ -402,7 +402,7 @@ def test_the_int8_figures_are_what_the_readme_quotes(readme: ReadmeRun) -> None:
 
 def test_the_resident_weight_figures_are_what_the_readme_quotes() -> None:
     import edgeseq
-    from edgeseq.benchmodels import resident_weight_bytes
+    from edgeseq.bench.models_table import resident_weight_bytes
 
     quoted = _quoted(RESIDENT)
     for name, key in (("pump-lstm-int8", "int8"), ("pump-lstm", "float")):

@@ -9,8 +9,8 @@
    emulation (qemu-user-static via binfmt_misc, QEMU_CPU=cortex-a72 so nothing newer than a Pi 4
    slips in). install.sh runs `edgeseq warmup`; the Numba cache it fills lives in the root file
    system, so it survives to the next run (its entries are stamped with the runtime's sources:
-   edgeseq/runtime/kernel_cache.py).
-3. tests/test_device_suite.py runs in the guest: golden parity of every reference model in
+   edgeseq/runtime/kernels/kernel_cache.py).
+3. tests/deploy/test_device_suite.py runs in the guest: golden parity of every reference model in
    export/, the runtime invariants, and `edgeseq serve` answering over TCP.
 
 Emulation proves correctness only; its timings say nothing about a board's speed.
@@ -158,8 +158,9 @@ def stage(rootfs: Path, bundle: Path, wheelhouse: Path) -> None:
     shutil.copytree(bundle, root / "bundle")
     shutil.copytree(wheelhouse, root / "wheelhouse")
     suite = root / "suite"
-    (suite / "tests").mkdir(parents=True)
-    for name in ("__init__.py", "conftest.py", "daemon_harness.py", "test_device_suite.py"):
+    (suite / "tests" / "deploy").mkdir(parents=True)
+    for name in ("__init__.py", "conftest.py", "daemon_harness.py", "deploy/__init__.py",
+                 "deploy/test_device_suite.py"):  # fmt: skip
         shutil.copy2(ROOT / "tests" / name, suite / "tests" / name)
     shutil.copytree(ROOT / "export", suite / "export", ignore=shutil.ignore_patterns("recipes"))
     shutil.copy2(ROOT / "pyproject.toml", suite / "pyproject.toml")  # pytest's settings
@@ -190,7 +191,7 @@ def main() -> int:
         say("the device suite on aarch64")
         code = guest.run("python -c 'import platform; print(\"guest:\", platform.machine())' && "
                          "EDGESEQ_SPECIALIZE=0 python -m pytest -q -p no:cacheprovider "
-                         "tests/test_device_suite.py",
+                         "tests/deploy/test_device_suite.py",
                          "/root/suite")  # fmt: skip
     minutes = (time.monotonic() - start) / 60
     say(f"{'passed' if code == 0 else 'FAILED'} in {minutes:.1f} min (emulated: not board speed)")

@@ -22,8 +22,8 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from edgeseq.daemon.config import DaemonConfig
-from edgeseq.daemon.metrics import Metrics
+from edgeseq.daemon.options import DaemonConfig
+from edgeseq.daemon.prometheus import Metrics
 from edgeseq.daemon.protocol import (
     BadMessage,
     Sample,

@@ -1,4 +1,4 @@
-"""The wire format (DESIGN.md): one JSON object per line in, one per line out.
+"""The wire format (README.md, "Streaming daemon"): one JSON object per line in, one per line out.
 
 In:  {"id": "pump-7", "seq": 42, "x": [0.4, 1.2, 0.0]}   (+ optional "reset", "start", "end": true)
      {"id": "pump-7", "seq": 42, "x": {"pressure": 0.4, "flow": 1.2, "temperature": 0.0}}

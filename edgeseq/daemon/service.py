@@ -18,17 +18,18 @@ import time
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
+from edgeseq import config as settings  # `config` is the daemon's settings here
 from edgeseq.daemon.batcher import Batcher
-from edgeseq.daemon.checkpoints import Checkpointer
-from edgeseq.daemon.config import DaemonConfig, parse_address
-from edgeseq.daemon.metrics import Metrics, age, serve_metrics
+from edgeseq.daemon.checkpointing import Checkpointer
+from edgeseq.daemon.options import DaemonConfig, parse_address
+from edgeseq.daemon.prometheus import Metrics, age, serve_metrics
+from edgeseq.daemon.resident import resident_mib
 from edgeseq.daemon.systemd import Notifier
 from edgeseq.daemon.table import StreamTable
 from edgeseq.errors import EdgeseqError
-from edgeseq.resident import resident_mib
 from edgeseq.runtime import Model, load
-from edgeseq.runtime.memory import count_compiles, release_compiler_pages
-from edgeseq.runtime.specialize import kernels_are_kept
+from edgeseq.runtime.kernels.compiler_memory import count_compiles, release_compiler_pages
+from edgeseq.runtime.planning.specialize import kernels_are_kept
 from edgeseq.runtime.warmup import step_every_pool_path
 
 log = logging.getLogger("edgeseq.daemon")
@@ -43,7 +44,7 @@ def one_kernel_thread() -> None:
     daemon's work per sample; the rest is Python on one thread anyway."""
     import numba
 
-    from edgeseq.runtime import blas
+    from edgeseq.runtime.pools import blas
 
     if not os.environ.get("NUMBA_NUM_THREADS"):
         numba.set_num_threads(1)
@@ -326,19 +327,17 @@ class Daemon:
         log.info("stopped", extra={"streams": len(self.table)})
 
 
-AFRESH = "EDGESEQ_SERVE_AFRESH"  # set in a process that replaced one that compiled at start
-
-
 def serve(config: DaemonConfig, start_afresh: Callable[[], None] | None = None) -> int:
     """Run the daemon in this thread until SIGTERM/SIGINT (or end of stdin).
 
-    `start_afresh` (the command line's: serve_cli.py) replaces this process by a new one with
-    the same arguments and AFRESH set. It is called when loading the model compiled kernels (a
-    cold Numba cache), before anything is opened, read or restored: compiling leaves some 300
-    MB of LLVM's structures in the process for good (runtime/memory.py), and a daemon runs for
-    months. The new process loads the kernels from the cache. Not when the kernels could not
-    be kept (the new process would compile them all again), and never twice. Should it
-    return (it could not start the new process), this one serves on."""
+    `start_afresh` (the command line's: cli/serve.py) replaces this process by a new one with
+    the same arguments and SERVE_AFRESH set (edgeseq.config). It is called when loading the
+    model compiled kernels (a cold Numba cache), before anything is opened, read or restored:
+    compiling leaves LLVM's structures in the process for good (runtime/kernels/
+    compiler_memory.py), and a daemon runs for months. The new process loads the kernels from
+    the cache. Not when the kernels could not be kept (the new process would compile them all
+    again), and never twice. Should it return (it could not start the new process), this one
+    serves on."""
 
     async def main() -> int:
         daemon = Daemon(config)
@@ -351,7 +350,7 @@ def serve(config: DaemonConfig, start_afresh: Callable[[], None] | None = None) 
 
 def _after_compiling_at_start(kernels: int, start_afresh: Callable[[], None] | None) -> None:
     fields = {"kernels": kernels, "rss_mib": resident_mib()}
-    if os.environ.get(AFRESH):
+    if settings.ENV.serve_afresh:
         log.warning(
             "kernels compiled again after starting afresh: the Numba cache is not kept "
             "(are NUMBA_CACHE_DIR and EDGESEQ_KERNEL_DIR writable?)",

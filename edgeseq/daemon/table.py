@@ -27,7 +27,7 @@ import numpy as np
 from edgeseq.daemon.protocol import Sample, _brief, answer, error
 from edgeseq.errors import CheckpointError, EdgeseqError, UsageError
 from edgeseq.runtime import Model, StreamPool
-from edgeseq.runtime.state import Snapshot, pool_snapshot, restore_pool
+from edgeseq.runtime.state_files import Snapshot, pool_snapshot, restore_pool
 
 log = logging.getLogger("edgeseq.daemon")
 EXTREME_INPUT = 1e15  # |x| from which a sample may overflow float32 inside a model

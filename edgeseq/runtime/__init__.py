@@ -3,7 +3,7 @@
 `load(path, backend="numba")` -> Model; `model.stream()` -> Stream; `model.pool(n)` -> StreamPool.
 """
 
-from edgeseq.runtime import compile_notice, kernel_cache
+from edgeseq.runtime.kernels import compile_notice, kernel_cache
 
 kernel_cache.install()  # before any kernel module is imported: their cache keys depend on it
 compile_notice.install()  # a cold cache's compile says so before it starts

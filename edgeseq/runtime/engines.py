@@ -15,40 +15,57 @@ engine's callers except through `export`/`restore`, which use one format for all
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Mapping
-from typing import Any, Protocol
+from collections.abc import Mapping
+from typing import Any, NamedTuple, Protocol
 
+import numba
 import numpy as np
 
+from edgeseq import config
 from edgeseq.artifact import LAG_INPUT
 from edgeseq.errors import ShapeError
-from edgeseq.runtime import aligned
-from edgeseq.runtime.batched import RunBatch, Stacker, state_arrays
-from edgeseq.runtime.graph import Graph
-from edgeseq.runtime.plan import Plan
-from edgeseq.runtime.stepper import step_graph, stream_time_nodes, streamable
-from edgeseq.runtime.verify import specializing
+from edgeseq.runtime.graphs.graph import Graph
+from edgeseq.runtime.graphs.stepper import step_graph, stream_time_nodes, streamable
+from edgeseq.runtime.kernels import aligned, interpreter
+from edgeseq.runtime.kernels.codes import BAD_OUTPUT, Kernel
+from edgeseq.runtime.planning.plan import Plan
+from edgeseq.runtime.planning.specialize import compile_kernel, compile_rows, work_size
+from edgeseq.runtime.pools.gemm import BatchRunner
+from edgeseq.runtime.pools.stacked import RunBatch, Stacker, StateColumns, state_arrays
 
 StateDict = dict[str, np.ndarray]
-Kernel = Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray], int]
-SHAPE_MISMATCH = -2  # a specialized kernel's answer to arrays of the wrong length
-BAD_OUTPUT = -3  # finite samples drove the state or an output to NaN or infinity: rolled back
-PARALLEL_BATCH = 256  # below this many streams per call, one thread beats the fork/join cost
-PARALLEL_ROWS = 32  # the same for the model's own kernel (specialize.py), which is faster
-# From this many streams per call, BLAS matrix products (weights read once for the batch) beat
-# running the model's own kernel per stream on every core; later when the weights fit in a
-# core's L2 cache (CACHED_BYTES: half of Zen 3's or a Cortex-A72's), for then each stream reads
-# them at cache speed. Measured here, 2 cores: bench-lstm (205 KB) with 64 streams, 470k
-# samples/s per stream against 250k; with 1,024, 480k against 600k. A 455 KB LSTM with 1,024:
-# 4.8 ms per stream against 3.8 ms.
-GEMM_BATCH, GEMM_BATCH_CACHED, CACHED_BYTES = 128, 512, 256 * 1024
+# Pool steps from config.PARALLEL_BATCH / PARALLEL_ROWS streams use every thread; from
+# config.GEMM_BATCH(_CACHED) streams, BLAS matrix products (weights read once for the batch) beat
+# running the model's own kernel per stream on every core, later when the weights fit in a
+# core's L2 cache (config.CACHED_BYTES), for then each stream reads them at cache speed.
 # Pool steps that use every core, or buffers an engine keeps (BLAS, the interpreter's scratch),
 # take turns across threads: each already keeps every core busy, and Numba's workqueue layer
 # (used where neither OpenMP nor TBB is installed) aborts the process on concurrent launches.
 _TAKE_TURNS = threading.Lock()
 
 
+class StateTable(Protocol):
+    """Many streams' states, one row each: a pool's storage, in the engine's own layout."""
+
+    def put(self, row: int, state: Any) -> None: ...
+    def get(self, row: int) -> Any: ...
+
+
+class OwnKernel(NamedTuple):
+    """A model's own compiled kernel with what one stream needs to call it (Stream's fast
+    path): kernel(params, x, work, out), where work holds the state then the scratch."""
+
+    kernel: Kernel
+    params: np.ndarray
+    work: np.ndarray
+    state_size: int
+
+
 class Engine(Protocol):
+    """Everything Stream and StreamPool call: one stream's state (new_state, step, feed,
+    export, restore, own_kernel) and a pool's (new_table, step_rows, undoes_overflow,
+    pool_note)."""
+
     n_outputs: int
 
     def new_state(self) -> Any: ...
@@ -56,6 +73,13 @@ class Engine(Protocol):
     def feed(self, xs: np.ndarray, state: Any, out: np.ndarray) -> int: ...
     def export(self, state: Any) -> StateDict: ...
     def restore(self, saved: StateDict) -> Any: ...
+    def own_kernel(self) -> OwnKernel | None: ...
+    def new_table(self, capacity: int) -> StateTable: ...
+    def step_rows(
+        self, xs: np.ndarray, table: StateTable, rows: np.ndarray, out: np.ndarray
+    ) -> int: ...
+    def undoes_overflow(self, batch: int) -> bool: ...
+    def pool_note(self) -> str: ...
 
 
 def first_bad(values: np.ndarray) -> int:
@@ -117,22 +141,30 @@ def _check_keys(saved: StateDict, shapes: Mapping[str, tuple[int, ...]]) -> Stat
     return checked
 
 
+class StateRows:
+    """A kernel engine's pool table: each stream's state vector as one row of one array, and
+    the pool's own work vectors (so pools of one model can step in different threads)."""
+
+    def __init__(self, array: np.ndarray, works: np.ndarray) -> None:
+        self.array, self.works = array, works
+
+    def put(self, row: int, state: np.ndarray) -> None:
+        self.array[row] = state
+
+    def get(self, row: int) -> np.ndarray:
+        return self.array[row]
+
+
 class KernelEngine:
     def __init__(self, plan: Plan) -> None:
-        from edgeseq.runtime import kernels
-
-        self.plan, self.kernels = plan, kernels
+        self.plan, self.kernels = plan, interpreter
         self.n_outputs = plan.n_outputs
         self.scratch = aligned.zeros(3 * plan.width).reshape(3, plan.width)  # reused every step
         self._specialized: Kernel | None = None
         self._rows: tuple[Any, Any] | None = None  # per-model pool kernels (serial, parallel)
         self._rows_sought = False
-        from numba import get_num_threads
-
-        self.threads = get_num_threads()
+        self.threads = numba.get_num_threads()
         self.wide_scratch = np.zeros((self.threads, 3, plan.width), np.float32)
-        from edgeseq.runtime.gemm import BatchRunner
-
         self.gemm = BatchRunner(plan)
         self.shapes = {f"{L.node}.h": (L.hidden,) for L in plan.layers}
         self.shapes |= {f"{L.node}.c": (L.hidden,) for L in plan.layers if L.c_offset >= 0}
@@ -142,24 +174,23 @@ class KernelEngine:
     def new_state(self) -> np.ndarray:
         return self.plan.initial_state.copy()
 
-    def stream_kernel(self) -> tuple[Kernel, np.ndarray] | None:
-        """This model's own compiled kernel and its parameters, for Stream's fast path (None
-        when EDGESEQ_SPECIALIZE=0: streams then use the interpreter like pools do)."""
-        if not specializing():
+    def _compiled(self) -> Kernel | None:
+        """This model's own compiled kernel (None when EDGESEQ_SPECIALIZE=0: streams then use
+        the interpreter like pools do)."""
+        if not config.ENV.specialize:
             return None
         if self._specialized is None:
-            from edgeseq.runtime.specialize import compile_kernel
-
             self._specialized = compile_kernel(self.plan)
-        return self._specialized, self.plan.params
+        return self._specialized
 
-    def new_work(self) -> np.ndarray:
-        """One stream's state followed by its own scratch rows (the specialized kernel's work)."""
-        from edgeseq.runtime.specialize import work_size
-
+    def own_kernel(self) -> OwnKernel | None:
+        """The kernel and a fresh work vector (one stream's state, then its own scratch)."""
+        kernel = self._compiled()
+        if kernel is None:
+            return None
         work = aligned.zeros(work_size(self.plan))
         work[: self.plan.state_size] = self.plan.initial_state
-        return work
+        return OwnKernel(kernel, self.plan.params, work, self.plan.state_size)
 
     def step(self, x: np.ndarray, state: np.ndarray, out: np.ndarray) -> int:
         saved = state.copy()
@@ -171,41 +202,42 @@ class KernelEngine:
         bad = self.kernels.feed(self.plan.code, self.plan.params, xs, state, self.scratch, out)
         return _kept_finite(int(bad), state, saved, out)
 
-    def new_table(self, capacity: int) -> np.ndarray:
-        """Room for `capacity` streams' states, one row each (a pool's state table)."""
-        return np.zeros((capacity, self.plan.state_size), np.float32)
+    def new_table(self, capacity: int) -> StateRows:
+        """Room for `capacity` streams' states, one row each, and the pool's own work vectors."""
+        return StateRows(np.zeros((capacity, self.plan.state_size), np.float32), self.new_works())
 
     def _rows_kernels(self) -> tuple[Any, Any] | None:
         """This model's own pool kernels (serial, parallel); None when EDGESEQ_SPECIALIZE=0."""
         if not self._rows_sought:
             self._rows_sought = True
-            if self.stream_kernel():
-                from edgeseq.runtime.specialize import compile_rows
-
+            if self._compiled():
                 self._rows = compile_rows(self.plan)
         return self._rows
 
     def new_works(self) -> np.ndarray:
         """Work vectors for the pool kernels, one per thread: each pool has its own, so pools
         of one model can step in different threads (the kernels release the GIL)."""
-        from edgeseq.runtime.specialize import work_size
-
         spans = max(1, self.threads)
         return aligned.zeros(spans * work_size(self.plan)).reshape(spans, -1)
 
     def step_rows(
-        self, xs: np.ndarray, table: np.ndarray, rows: np.ndarray, out: np.ndarray,
-        works: np.ndarray | None = None,
-    ) -> int:  # fmt: skip
+        self, xs: np.ndarray, table: StateTable, rows: np.ndarray, out: np.ndarray
+    ) -> int:
         """One batched kernel call for many (distinct) streams; threads only pay off for large
-        batches. `works`: the caller's from new_works() (else made for this call)."""
+        batches."""
+        if not isinstance(table, StateRows):
+            raise TypeError(f"a kernel engine steps its own StateRows, not {type(table)}")
+        return self._step_rows(xs, table.array, rows, out, table.works)
+
+    def _step_rows(
+        self, xs: np.ndarray, table: np.ndarray, rows: np.ndarray, out: np.ndarray,
+        works: np.ndarray,
+    ) -> int:  # fmt: skip
         plan = self.plan
         gemm = self._uses_gemm(xs.shape[0])
         own = None if gemm else self._rows_kernels()
-        if own is not None:
-            works = self.new_works() if works is None else works
-            if xs.shape[0] < PARALLEL_ROWS or self.threads < 2:
-                return int(own[0](plan.params, xs, table, rows, works, out))  # nothing shared
+        if own is not None and (xs.shape[0] < config.PARALLEL_ROWS or self.threads < 2):
+            return int(own[0](plan.params, xs, table, rows, works, out))  # nothing shared
         with _TAKE_TURNS:
             if gemm:
                 out[:] = self.gemm.step(xs, table, rows)  # the pool checked xs for NaN already
@@ -215,19 +247,23 @@ class KernelEngine:
             return self._interpreted_rows(xs, table, rows, out)
 
     def _uses_gemm(self, batch: int) -> bool:
-        cached = self.plan.params.nbytes <= CACHED_BYTES
-        return batch >= (GEMM_BATCH_CACHED if cached else GEMM_BATCH) and self.gemm.supported
+        cached = self.plan.params.nbytes <= config.CACHED_BYTES
+        least = config.GEMM_BATCH_CACHED if cached else config.GEMM_BATCH
+        return batch >= least and self.gemm.supported
 
     def undoes_overflow(self, batch: int) -> bool:
         """Whether a pool step of `batch` streams keeps the state of a stream whose sample
         overflows (the model's own kernel does; BLAS and the interpreter do not)."""
         return not self._uses_gemm(batch) and self._rows_kernels() is not None
 
+    def pool_note(self) -> str:
+        return "one kernel call per pool step"
+
     def _interpreted_rows(
         self, xs: np.ndarray, table: np.ndarray, rows: np.ndarray, out: np.ndarray
     ) -> int:
         plan, k = self.plan, self.kernels
-        if xs.shape[0] >= PARALLEL_BATCH and self.threads > 1:
+        if xs.shape[0] >= config.PARALLEL_BATCH and self.threads > 1:
             return int(
                 k.step_rows_parallel(
                     plan.code, plan.params, xs, table, rows, self.wide_scratch, out
@@ -309,6 +345,23 @@ class GraphEngine:
         self.stacker = Stacker(self._run_batch, self.step, self.new_state, n_features,
                                n_outputs, time_first, batch_first)  # fmt: skip
 
+    def own_kernel(self) -> None:
+        return None
+
+    def new_table(self, capacity: int) -> StateColumns:
+        return self.stacker.columns(capacity)
+
+    def step_rows(
+        self, xs: np.ndarray, table: StateTable, rows: np.ndarray, out: np.ndarray
+    ) -> int:
+        return _step_rows_slowly(self, self.stacker, xs, table, rows, out)
+
+    def undoes_overflow(self, batch: int) -> bool:
+        return True
+
+    def pool_note(self) -> str:
+        return _stacking_note(self.stacker)
+
     def _run_batch(self, x: np.ndarray, state: dict[str, Any]) -> tuple[np.ndarray, Any]:
         fed = {i: state[i][0] for i, _ in self.pairs}
         nodes = {n: v for n, v in state.items() if n in self.initial}
@@ -370,6 +423,23 @@ class OrtEngine:
         self.stacker = Stacker(self._run_batch, self.step, self.new_state, n_features,
                                n_outputs, time_first)  # fmt: skip
 
+    def own_kernel(self) -> None:
+        return None
+
+    def new_table(self, capacity: int) -> StateColumns:
+        return self.stacker.columns(capacity)
+
+    def step_rows(
+        self, xs: np.ndarray, table: StateTable, rows: np.ndarray, out: np.ndarray
+    ) -> int:
+        return _step_rows_slowly(self, self.stacker, xs, table, rows, out)
+
+    def undoes_overflow(self, batch: int) -> bool:
+        return True
+
+    def pool_note(self) -> str:
+        return _stacking_note(self.stacker)
+
     def _run_batch(self, x: np.ndarray, state: dict[str, np.ndarray]) -> tuple[np.ndarray, Any]:
         y, *new = self.session.run(self.fetch, {self.x_name: x, **state})
         return y, dict(zip((i for i, _ in self.pairs), new, strict=True))
@@ -389,6 +459,33 @@ class OrtEngine:
     def restore(self, saved: StateDict) -> dict[str, np.ndarray]:
         saved = _check_keys(saved, self.shapes)
         return {i: np.array(saved[i], np.float32).reshape(v.shape) for i, v in self.zero.items()}
+
+
+def _step_rows_slowly(
+    engine: GraphEngine | OrtEngine, stacker: Stacker, xs: np.ndarray, table: StateTable,
+    rows: np.ndarray, out: np.ndarray,
+) -> int:  # fmt: skip
+    """A slow engine's pool step: every stream in one stacked call where that was proven equal
+    to separate steps (stacked.py), else one call per stream. A stream whose sample overflows
+    answers NaN and keeps its state. The pool has refused NaN input already: -1."""
+    if not isinstance(table, StateColumns):
+        raise TypeError(f"a {type(engine).__name__} steps its own StateColumns, not {type(table)}")
+    if len(rows) >= 2 and stacker.usable() and stacker.step_rows(xs, table, rows, out):
+        return -1
+    for b, row in enumerate(rows.tolist()):
+        state = table.get(row)
+        if engine.step(xs[b], state, out[b]) == BAD_OUTPUT:
+            out[b] = np.nan  # as the kernels answer it; its state is as it was
+        else:
+            table.put(row, state)
+    return -1
+
+
+def _stacking_note(stacker: Stacker) -> str:
+    """How a slow engine's pool step runs (proving, the first time, that it may stack)."""
+    if stacker.usable():
+        return "streams stacked into one call per pool step (proven equal to separate steps)"
+    return f"one call per stream: {stacker.reason}"
 
 
 def _one_step(run: RunBatch, x: np.ndarray, state: dict[str, Any], out: np.ndarray) -> int:

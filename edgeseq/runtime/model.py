@@ -12,15 +12,16 @@ from typing import Any
 
 import numpy as np
 
+from edgeseq import config
 from edgeseq.artifact import LAG_INPUT, METADATA_KEY, ArtifactInfo, read_metadata, sample_feeds
 from edgeseq.errors import EdgeseqError, ModelFormatError, ShapeError, UsageError
 from edgeseq.runtime.engines import Engine, GraphEngine, KernelEngine, OrtEngine, as_real
-from edgeseq.runtime.graph import LOAD_LIMITS, Graph, limited
-from edgeseq.runtime.inputs import find_baked_steps, read_inputs
-from edgeseq.runtime.loader import read_model
-from edgeseq.runtime.plan import NoPlan, Plan, build_plan
+from edgeseq.runtime.graphs.graph import LOAD_LIMITS, Graph, limited
+from edgeseq.runtime.graphs.inputs import find_baked_steps, read_inputs
+from edgeseq.runtime.graphs.reading import read_model
+from edgeseq.runtime.planning.plan import NoPlan, Plan, build_plan
+from edgeseq.runtime.planning.verify import own_kernel_only, verify
 from edgeseq.runtime.stream import Stream, StreamPool
-from edgeseq.runtime.verify import own_kernel_only, specializing, verify
 
 BACKENDS = ("numba", "onnxruntime", "numpy")
 PLAN_TOLERANCE = 1e-4  # relative gap allowed between a fused plan and the graph it replaces
@@ -102,7 +103,7 @@ class Model:
             transform = data.target_transform if data is not None else None
             plan = build_plan(self.graph, self.n_features, transform,
                               len(data.targets) if data is not None else 0)  # fmt: skip
-            if own_kernel_only(plan) and not specializing():
+            if own_kernel_only(plan) and not config.ENV.specialize:
                 raise NoPlan("its ops (clip, activations, peepholes, int8 weights, a seq2seq "
                              "decoder...) run only in the model's own kernel, and "
                              "EDGESEQ_SPECIALIZE=0")  # fmt: skip
@@ -210,13 +211,8 @@ class Model:
     @property
     def pool_note(self) -> str:
         """How a pool step runs on this backend (proving, the first time, that the onnxruntime
-        and numpy engines may stack their streams into one call; batched.py)."""
-        stacker = getattr(self._streaming_engine(), "stacker", None)
-        if stacker is None:
-            return "one kernel call per pool step"
-        if stacker.usable():
-            return "streams stacked into one call per pool step (proven equal to separate steps)"
-        return f"one call per stream: {stacker.reason}"
+        and numpy engines may stack their streams into one call; stacked.py)."""
+        return self._streaming_engine().pool_note()
 
     def run(self, feeds: dict[str, Any]) -> dict[str, np.ndarray]:
         """Evaluate the whole graph like onnxruntime's InferenceSession.run (all outputs)."""

@@ -1,6 +1,6 @@
 """Stream (one state) and StreamPool (many named states): validate at the edge, then advance.
 
-The verbs are `step`, `feed`, `reset` and `state` (STYLE.md #4). Inputs are checked once per
+The verbs are `step`, `feed`, `reset` and `state`. Inputs are checked once per
 call (shape, dtype, finite values) and never modified; the hot path below allocates only the
 returned array.
 """
@@ -14,16 +14,8 @@ from typing import Any
 import numpy as np
 
 from edgeseq.errors import ShapeError, UsageError
-from edgeseq.runtime.batched import Stacker, StateColumns
-from edgeseq.runtime.engines import (
-    BAD_OUTPUT,
-    SHAPE_MISMATCH,
-    Engine,
-    Kernel,
-    KernelEngine,
-    StateDict,
-    as_real,
-)
+from edgeseq.runtime.engines import Engine, StateDict, as_real
+from edgeseq.runtime.kernels.codes import BAD_OUTPUT, SHAPE_MISMATCH, Kernel
 
 _F32 = np.dtype(np.float32)  # a dtype object, not the type: np.empty resolves it 2x faster
 _F64 = np.dtype(np.float64)
@@ -177,13 +169,11 @@ class Stream:
         self._engine, self.n_features = engine, n_features
         self.feature_names = names  # a sample may map them to values (by_name)
         self._n_out = engine.n_outputs
-        fast = engine.stream_kernel() if isinstance(engine, KernelEngine) else None
-        if fast is not None:
-            assert isinstance(engine, KernelEngine)
-            self._kernel: Kernel | None = fast[0]
-            self._params = fast[1]
-            self._work = engine.new_work()
-            self._state = self._work[: engine.plan.state_size]  # a view: the kernel's state
+        own = engine.own_kernel()
+        if own is not None:
+            self._kernel: Kernel | None = own.kernel
+            self._params, self._work = own.params, own.work
+            self._state = self._work[: own.state_size]  # a view: the kernel's state
         else:
             self._kernel = None
             self._state = engine.new_state()
@@ -274,7 +264,7 @@ class StreamPool:
     With the Numba engine the states are rows of one (capacity, S) array and a step is one
     batched kernel call; the onnxruntime and numpy engines keep each state array of every
     stream in one array (StateColumns) and step them all in one stacked call where that is
-    proven equal to separate steps (batched.py), else one at a time.
+    proven equal to separate steps (stacked.py), else one at a time.
     """
 
     def __init__(self, engine: Engine, n_features: int, capacity: int) -> None:
@@ -288,13 +278,7 @@ class StreamPool:
         capacity = int(capacity)
         self._engine, self.n_features, self.capacity = engine, n_features, capacity
         self.fingerprint = ""  # the model file's sha256, set by Model.pool
-        self._table = engine.new_table(capacity) if hasattr(engine, "new_table") else None
-        self._works = engine.new_works() if hasattr(engine, "new_works") else None  # own scratch
-        # the onnxruntime and numpy engines' states: one array per state value (batched.py)
-        self._columns: StateColumns | None = None
-        if self._table is None:
-            stacker: Stacker = engine.stacker  # type: ignore[attr-defined]
-            self._columns = stacker.columns(capacity)
+        self._table = engine.new_table(capacity)  # every stream's state, in the engine's layout
         self._rows: dict[str, int] = {}
         self._free = list(range(capacity - 1, -1, -1))
         self._last: tuple[tuple[str, ...], np.ndarray] | None = None  # step()'s last ids, rows
@@ -310,18 +294,11 @@ class StreamPool:
         return list(self._rows)
 
     def _install(self, row: int, state: Any) -> None:
-        if self._columns is not None:
-            self._columns.put(row, state)
-        else:
-            assert self._table is not None
-            self._table[row] = state
+        self._table.put(row, state)
 
     def _state_of(self, row: int) -> Any:
         """One stream's state in its engine's form (for export, which copies it)."""
-        if self._columns is not None:
-            return self._columns.get(row)
-        assert self._table is not None
-        return self._table[row]
+        return self._table.get(row)
 
     def _row(self, stream_id: str) -> int:
         row = self._rows.get(stream_id)
@@ -353,32 +330,13 @@ class StreamPool:
             index = self._rows_of(key, block.shape[0])
             self._last = (key, index)
         out = np.empty((block.shape[0], self._engine.n_outputs), np.float32)
-        if self._columns is None:
-            step_rows = self._engine.step_rows  # type: ignore[attr-defined]
-            bad = step_rows(block, self._table, index, out, self._works)
-            _refuse(bad, block, "X")
-        elif not self._stacked(block, index, out):
-            for b, row in enumerate(index.tolist()):
-                state = self._columns.get(row)
-                if self._engine.step(block[b], state, out[b]) == BAD_OUTPUT:
-                    out[b] = np.nan  # as the kernels answer it; its state is as it was
-                else:
-                    self._columns.put(row, state)
+        _refuse(self._engine.step_rows(block, self._table, index, out), block, "X")
         return out
-
-    def _stacked(self, block: np.ndarray, index: np.ndarray, out: np.ndarray) -> bool:
-        """Steps the streams in one stacked call where an onnxruntime or numpy engine can
-        (batched.py); False when it cannot, having changed nothing."""
-        stacker: Stacker = self._engine.stacker  # type: ignore[attr-defined]
-        if len(index) < 2 or self._columns is None or not stacker.usable():
-            return False
-        return bool(stacker.step_rows(block, self._columns, index, out))
 
     def undoes_overflow(self, batch: int) -> bool:
         """Whether step() with `batch` streams keeps the state of a stream whose sample
         overflows the model (it always answers NaN for it)."""
-        undoes = getattr(self._engine, "undoes_overflow", None)
-        return True if undoes is None else bool(undoes(batch))
+        return self._engine.undoes_overflow(batch)
 
     def _rows_of(self, ids: tuple[str, ...], n_samples: int) -> np.ndarray:
         """The table rows of `ids`, taking free rows for new ones; checked before any is taken.

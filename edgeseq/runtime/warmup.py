@@ -21,9 +21,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from edgeseq.runtime import blas
-from edgeseq.runtime.engines import GEMM_BATCH, GEMM_BATCH_CACHED, PARALLEL_ROWS
+from edgeseq.config import GEMM_BATCH, GEMM_BATCH_CACHED, PARALLEL_ROWS
 from edgeseq.runtime.model import Model, load
+from edgeseq.runtime.pools import blas
 
 
 def lstm_file(path: Path, features: int = 2, hidden: int = 2) -> None:
@@ -53,15 +53,15 @@ def _signatures() -> dict[tuple[str, str], tuple[Any, ...]]:
     f1, f2, f3 = (types.Array(types.float32, n, "C") for n in (1, 2, 3))
     rows = (i2, f1, f2, f2, i1, f3, f2)
     i = types.int64
-    shares = {("lstm_shares", "lstm_layer"): (f2, f2, f1, f2, i1, i, i, f2, f2, f2, i)}
+    shares = {("pools.lstm_shares", "lstm_layer"): (f2, f2, f1, f2, i1, i, i, f2, f2, f2, i)}
     return (shares if blas.AVAILABLE else {}) | {
-        ("kernels", "step"): (i2, f1, f1, f1, f2, f1),
-        ("kernels", "feed"): (i2, f1, f2, f1, f2, f2),
-        ("kernels", "step_rows"): rows,
-        ("kernels", "step_rows_parallel"): rows,
-        ("gemm", "lstm_rows"): (f2, f1, f2, i1, types.int64, types.int64, f2),
-        ("gemm", "gru_cells"): (f2, f2, f2),
-        ("gemm", "activate_rows"): (f2, types.int64, types.float32),
+        ("kernels.interpreter", "step"): (i2, f1, f1, f1, f2, f1),
+        ("kernels.interpreter", "feed"): (i2, f1, f2, f1, f2, f2),
+        ("kernels.interpreter", "step_rows"): rows,
+        ("kernels.interpreter", "step_rows_parallel"): rows,
+        ("pools.gate_rows", "lstm_rows"): (f2, f1, f2, i1, types.int64, types.int64, f2),
+        ("pools.gate_rows", "gru_cells"): (f2, f2, f2),
+        ("pools.gate_rows", "activate_rows"): (f2, types.int64, types.float32),
     }
 
 

@@ -1,0 +1,187 @@
+"""`edgeseq serve`: the command-line face of the daemon (edgeseq.daemon does the work).
+
+Every option defaults to "not given", so that a `--config` file's value stands unless the
+command line overrides it. Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+Opt = typer.Option
+OWN_PROCESS = False  # set by cli.run(): `edgeseq ...` is this process's command
+
+
+def _may_start_afresh(config: Path | None) -> bool:
+    """Whether `edgeseq serve` may replace this process by a new one with the same arguments:
+    only when it is this process's own command (cli.run, not `cli.main([...])` called from other
+    Python code, whose process must never be re-run) and its --config can be read again (not a
+    pipe such as /dev/stdin)."""
+    return OWN_PROCESS and (config is None or config.is_file())
+
+
+def _start_afresh() -> None:
+    """Replace this process by the same command (same PID, same open stdin): see
+    edgeseq.daemon.service.serve. Returns only when that fails."""
+    from edgeseq.config import SERVE_AFRESH
+
+    os.environ[SERVE_AFRESH] = "1"  # read by the new process
+    try:
+        for stream in (sys.stdout, sys.stderr):
+            if stream is not None:
+                stream.flush()
+        os.execv(sys.executable, sys.orig_argv)
+    except (OSError, ValueError) as exc:
+        os.environ.pop(SERVE_AFRESH, None)
+        logging.getLogger("edgeseq.daemon").warning(
+            "could not start afresh; serving from this process", extra={"detail": str(exc)}
+        )
+
+
+def serve(
+    model: Annotated[Path | None, typer.Argument(help="The .onnx model to serve.")] = None,
+    config: Annotated[Path | None, Opt(help="TOML file of settings (keys as the options).")] = None,
+    listen: Annotated[
+        str | None, Opt(help="tcp://HOST:PORT for many clients (port 0: any).")
+    ] = None,
+    mqtt: Annotated[str | None, Opt(help="mqtt://HOST:PORT of a broker to serve through.")] = None,
+    mqtt_in: Annotated[str | None, Opt(help="Sample topic; '+' is the stream id.")] = None,
+    mqtt_out: Annotated[str | None, Opt(help="Answer topic; {id} is the stream id.")] = None,
+    mqtt_status: Annotated[str | None, Opt(help="Retained status topic (with last will).")] = None,
+    mqtt_qos: Annotated[int | None, Opt(help="QoS 0 or 1.")] = None,
+    mqtt_client_id: Annotated[str | None, Opt(help="Client id (the persistent session).")] = None,
+    format: Annotated[str | None, Opt(help="stdin format: json or csv (id,seq,x1..xn).")] = None,
+    backend: Annotated[str | None, Opt(help="numba, numpy or onnxruntime.")] = None,
+    max_streams: Annotated[int | None, Opt(help="Capacity of the stream table.")] = None,
+    idle_timeout: Annotated[str | None, Opt(help="Evict streams idle this long (10m).")] = None,
+    max_batch: Annotated[int | None, Opt(help="Most samples in one batched step.")] = None,
+    max_wait: Annotated[str | None, Opt(help="Wait this long to gather a batch (1ms).")] = None,
+    queue_size: Annotated[int | None, Opt(help="Samples waiting at most (backpressure).")] = None,
+    max_line_bytes: Annotated[int | None, Opt(help="Longest accepted message.")] = None,
+    state_dir: Annotated[str | None, Opt(help="Checkpoint stream states in this folder.")] = None,
+    checkpoint_interval: Annotated[str | None, Opt(help="Checkpoint every (30s).")] = None,
+    reset_on_model_change: Annotated[
+        bool | None, Opt("--reset-on-model-change", help="Discard states of another model.")
+    ] = None,
+    watch: Annotated[
+        bool | None, Opt("--watch", help="Reload when the model file changes.")
+    ] = None,
+    metrics: Annotated[str | None, Opt(help="HOST:PORT for Prometheus /metrics, /healthz.")] = None,
+    log_level: Annotated[str | None, Opt(help="debug, info, warning or error.")] = None,
+    log_format: Annotated[str | None, Opt(help="json or text.")] = None,
+) -> None:
+    """Serve a model to many streams: JSON lines on stdin (default), TCP or MQTT."""
+    given = dict(locals())  # every option, None where not given
+    from edgeseq.daemon.logs import configure
+    from edgeseq.daemon.options import build_config
+    from edgeseq.daemon.service import serve as run_daemon
+
+    overrides = {k: v for k, v in given.items() if k not in {"config", "model"}}
+    overrides["model"] = str(model) if model is not None else None
+    settings = build_config(config, overrides)
+    configure(settings.log_level, settings.log_format)
+    code = run_daemon(settings, start_afresh=_start_afresh if _may_start_afresh(config) else None)
+    if code:
+        raise typer.Exit(code)
+
+
+def loadtest(
+    model: Annotated[Path, typer.Argument(help="The .onnx model to serve under load.")],
+    streams: Annotated[int, Opt(help="Streams in the many-stream TCP workload.")] = 1000,
+    connections: Annotated[int, Opt(help="TCP connections the streams share.")] = 4,
+    seconds: Annotated[float, Opt(help="Seconds of each many-stream throughput run.")] = 10,
+    soak: Annotated[float, Opt(help="Seconds of load sampling memory (0: none).")] = 600,
+    solo: Annotated[float, Opt(help="Seconds of the one-stream closed loop.")] = 5,
+    stdin_lines: Annotated[int, Opt(help="Lines piped through the daemon's stdin.")] = 200_000,
+    mqtt: Annotated[bool, Opt("--mqtt/--no-mqtt", help="Measure MQTT via Mosquitto.")] = True,
+    write: Annotated[Path | None, Opt(help="Add the section to this file (BENCHMARKS.md).")] = None,
+) -> None:
+    """Load-test `edgeseq serve` from a separate process, as clients use it: TCP (many streams,
+    one stream), stdin and MQTT; beside a null server's rate (the generator's ceiling), the
+    runtime's own, and the daemon's memory over a soak."""
+    from rich.console import Console
+    from rich.markdown import Markdown
+
+    from edgeseq.bench.loadgen.run import Options, run
+    from edgeseq.bench.loadgen.section import markdown, write_section
+
+    options = Options(streams=streams, connections=connections, seconds=seconds, soak=soak,
+                      solo=solo, stdin_lines=stdin_lines, mqtt=mqtt)  # fmt: skip
+    console = Console()
+    with console.status(f"edgeseq loadtest {model}...") as status:
+        figures = run(model, options, say=status.update, note=console.log)
+    report = markdown(figures)
+    console.print(Markdown(report))
+    if write is not None:
+        write_section(write, report)
+        console.print(f"wrote {write}")
+
+
+devices_app = typer.Typer(help="Board profiles in devices/: list them, or show one.",
+                          invoke_without_command=True, no_args_is_help=False)  # fmt: skip
+
+
+@devices_app.callback()
+def devices(ctx: typer.Context) -> None:
+    """List the board profiles (devices/*.toml)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    from edgeseq.deploy.devices import list_profiles
+
+    table = Table("arch", "cpu", "cores", "memory MB", "python", "daemon memory MB")
+    table.add_column("name", no_wrap=True)
+    table.columns.insert(0, table.columns.pop())
+    for p in list_profiles():
+        limit = str(p.daemon.get("memory_limit_mb", "-"))
+        table.add_row(p.name, p.arch, p.numba_cpu, str(p.cores), f"{p.memory_mb:,}", p.python,
+                      limit)  # fmt: skip
+    Console().print(table)
+
+
+@devices_app.command("show")
+def devices_show(name: Annotated[str, typer.Argument(help="A profile name.")]) -> None:
+    """Print one board profile."""
+    from edgeseq.deploy.devices import get_profile
+
+    profile = get_profile(name)
+    assert profile.path is not None
+    print(profile.path.read_text(), end="")
+
+
+def bundle(
+    model: Annotated[Path, typer.Argument(help="The .onnx model to deploy.")],
+    device: Annotated[str, Opt(help="Board profile (edgeseq devices).")],
+    out: Annotated[Path, Opt("-o", "--out", help="Bundle folder to write (and FOLDER.tar.gz).")],
+    sample_rate: Annotated[
+        float | None, Opt(help="Samples per second per stream (default: the model's metadata).")
+    ] = None,
+) -> None:
+    """Write a self-contained folder to copy to a board: model, tuned config, wheel, systemd unit,
+    install.sh, README; warns with figures when the model does not fit the board."""
+    from rich.console import Console
+
+    from edgeseq.deploy.bundle import build_bundle
+    from edgeseq.deploy.devices import get_profile
+
+    console = Console()
+    profile = get_profile(device)
+    with console.status(f"bundling {model} for {device}..."):
+        result = build_bundle(model, profile, out, sample_rate)
+    fit = result.fit
+    err = Console(stderr=True)
+    for warning in fit.warnings:
+        err.print(f"warning: {warning}", markup=False, highlight=False, soft_wrap=True)
+    console.print(
+        f"{result.folder} ({len(result.files)} files) and {result.archive.name}: "
+        f"about {fit.us_per_sample:,.0f} us per sample, {fit.memory_mb:.0f} MB on {device}",
+        markup=False, highlight=False,
+    )  # fmt: skip
