@@ -1,2 +1,7 @@
-"""The `edgeseq` command: thin typer commands over the stages (app: the app and the training,
-export and runtime commands; serve: serve, loadtest, bundle and devices; demo; inspection)."""
+"""The `edgeseq` command: thin typer commands over the stages, each importing its stage only
+when it runs (so `edgeseq --help` imports no torch).
+
+- app: the typer app, its error boundary, and the training, export, runtime and bench commands;
+- serve: `edgeseq serve` (the daemon); loadtest: `edgeseq loadtest`; deploy: `edgeseq devices`,
+  `edgeseq bundle`; demo: `make demo`; inspection: `edgeseq inspect`.
+"""

@@ -18,7 +18,9 @@ from rich.console import Console
 from rich.markdown import Markdown
 
 from edgeseq.cli import serve as serve_cli
-from edgeseq.cli.serve import bundle, devices_app, loadtest, serve
+from edgeseq.cli.deploy import bundle, devices_app
+from edgeseq.cli.loadtest import loadtest
+from edgeseq.cli.serve import serve
 from edgeseq.errors import EdgeseqError, UsageError
 from edgeseq.spec import TRANSFORMS
 from edgeseq.version import __version__

@@ -1,7 +1,8 @@
 """The stream table on disk: `<state-dir>/state.npz`, restored at start, written periodically and
 on the way out.
 
-Writing is runtime/state_files.py's atomic snapshot (temp file, fsync, rename, fsync the folder), so after
+Writing is runtime/state_files.py's atomic snapshot (temp file, fsync, rename, fsync the
+folder), so after
 `kill -9` at any instant the file is the previous complete checkpoint or the new one. The
 snapshot is taken between batches on the event loop (every state and its seq bookkeeping from
 the same instant) and written from a worker thread, so serving goes on while the disk works.

@@ -2,7 +2,8 @@
 
 Its own module, importing nothing of edgeseq's runtime: the load generator reads the daemon's
 memory through it, and a process that maps Numba's LLVM shares those library pages with the
-daemon, which then cannot page them out (MADV_PAGEOUT skips shared pages: runtime/kernels/compiler_memory.py),
+daemon, which then cannot page them out (MADV_PAGEOUT skips shared pages:
+runtime/kernels/compiler_memory.py),
 and the daemon's memory reads some 35 MiB higher than when it runs alone.
 """
 

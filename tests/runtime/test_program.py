@@ -1,4 +1,5 @@
-"""The plan's program (runtime/kernels/program.py): one typed op per step, one layout for the kernels."""
+"""The plan's program (runtime/kernels/program.py): one typed op per step, one layout for the
+kernels."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Per-model kernels (runtime/planning/specialize.py): the interpreter's results to float32 rounding on
+"""Per-model kernels (runtime/planning/specialize.py): the interpreter's results to float32
+rounding on
 every reference model with a fused plan; safe source files; every kind of sample accepted or
 refused as before."""
 
