@@ -297,7 +297,50 @@ class KernelEngine:
         return state
 
 
-class GraphEngine:
+class _StackedPools:
+    """The pool side of the slow engines (numpy, onnxruntime): no own kernel; states kept as
+    StateColumns; a pool step stacks every stream into one graph call where that was proven
+    equal to separate steps (stacked.py), else one call per stream."""
+
+    stacker: Stacker
+
+    def step(self, x: np.ndarray, state: Any, out: np.ndarray) -> int:
+        raise NotImplementedError
+
+    def own_kernel(self) -> None:
+        return None
+
+    def new_table(self, capacity: int) -> StateColumns:
+        return self.stacker.columns(capacity)
+
+    def step_rows(
+        self, xs: np.ndarray, table: StateTable, rows: np.ndarray, out: np.ndarray
+    ) -> int:
+        """A stream whose sample overflows answers NaN and keeps its state. The pool has
+        refused NaN input already: -1."""
+        if not isinstance(table, StateColumns):
+            raise TypeError(f"{type(self).__name__} steps its own StateColumns, not {type(table)}")
+        stacker = self.stacker
+        if len(rows) >= 2 and stacker.usable() and stacker.step_rows(xs, table, rows, out):
+            return -1
+        for b, row in enumerate(rows.tolist()):
+            state = table.get(row)
+            if self.step(xs[b], state, out[b]) == BAD_OUTPUT:
+                out[b] = np.nan  # as the kernels answer it; its state is as it was
+            else:
+                table.put(row, state)
+        return -1
+
+    def undoes_overflow(self, batch: int) -> bool:
+        return True
+
+    def pool_note(self) -> str:
+        if self.stacker.usable():
+            return "streams stacked into one call per pool step (proven equal to separate steps)"
+        return f"one call per stream: {self.stacker.reason}"
+
+
+class GraphEngine(_StackedPools):
     """One NumPy pass over the graph per sample; exact for every forward-only graph."""
 
     def __init__(
@@ -345,23 +388,6 @@ class GraphEngine:
         self.stacker = Stacker(self._run_batch, self.step, self.new_state, n_features,
                                n_outputs, time_first, batch_first)  # fmt: skip
 
-    def own_kernel(self) -> None:
-        return None
-
-    def new_table(self, capacity: int) -> StateColumns:
-        return self.stacker.columns(capacity)
-
-    def step_rows(
-        self, xs: np.ndarray, table: StateTable, rows: np.ndarray, out: np.ndarray
-    ) -> int:
-        return _step_rows_slowly(self, self.stacker, xs, table, rows, out)
-
-    def undoes_overflow(self, batch: int) -> bool:
-        return True
-
-    def pool_note(self) -> str:
-        return _stacking_note(self.stacker)
-
     def _run_batch(self, x: np.ndarray, state: dict[str, Any]) -> tuple[np.ndarray, Any]:
         fed = {i: state[i][0] for i, _ in self.pairs}
         nodes = {n: v for n, v in state.items() if n in self.initial}
@@ -402,7 +428,7 @@ class GraphEngine:
                         for i, _ in self.pairs}  # fmt: skip
 
 
-class OrtEngine:
+class OrtEngine(_StackedPools):
     """ONNX Runtime, one sample per run() with the state outputs fed back as inputs."""
 
     def __init__(
@@ -423,23 +449,6 @@ class OrtEngine:
         self.stacker = Stacker(self._run_batch, self.step, self.new_state, n_features,
                                n_outputs, time_first)  # fmt: skip
 
-    def own_kernel(self) -> None:
-        return None
-
-    def new_table(self, capacity: int) -> StateColumns:
-        return self.stacker.columns(capacity)
-
-    def step_rows(
-        self, xs: np.ndarray, table: StateTable, rows: np.ndarray, out: np.ndarray
-    ) -> int:
-        return _step_rows_slowly(self, self.stacker, xs, table, rows, out)
-
-    def undoes_overflow(self, batch: int) -> bool:
-        return True
-
-    def pool_note(self) -> str:
-        return _stacking_note(self.stacker)
-
     def _run_batch(self, x: np.ndarray, state: dict[str, np.ndarray]) -> tuple[np.ndarray, Any]:
         y, *new = self.session.run(self.fetch, {self.x_name: x, **state})
         return y, dict(zip((i for i, _ in self.pairs), new, strict=True))
@@ -459,33 +468,6 @@ class OrtEngine:
     def restore(self, saved: StateDict) -> dict[str, np.ndarray]:
         saved = _check_keys(saved, self.shapes)
         return {i: np.array(saved[i], np.float32).reshape(v.shape) for i, v in self.zero.items()}
-
-
-def _step_rows_slowly(
-    engine: GraphEngine | OrtEngine, stacker: Stacker, xs: np.ndarray, table: StateTable,
-    rows: np.ndarray, out: np.ndarray,
-) -> int:  # fmt: skip
-    """A slow engine's pool step: every stream in one stacked call where that was proven equal
-    to separate steps (stacked.py), else one call per stream. A stream whose sample overflows
-    answers NaN and keeps its state. The pool has refused NaN input already: -1."""
-    if not isinstance(table, StateColumns):
-        raise TypeError(f"a {type(engine).__name__} steps its own StateColumns, not {type(table)}")
-    if len(rows) >= 2 and stacker.usable() and stacker.step_rows(xs, table, rows, out):
-        return -1
-    for b, row in enumerate(rows.tolist()):
-        state = table.get(row)
-        if engine.step(xs[b], state, out[b]) == BAD_OUTPUT:
-            out[b] = np.nan  # as the kernels answer it; its state is as it was
-        else:
-            table.put(row, state)
-    return -1
-
-
-def _stacking_note(stacker: Stacker) -> str:
-    """How a slow engine's pool step runs (proving, the first time, that it may stack)."""
-    if stacker.usable():
-        return "streams stacked into one call per pool step (proven equal to separate steps)"
-    return f"one call per stream: {stacker.reason}"
 
 
 def _one_step(run: RunBatch, x: np.ndarray, state: dict[str, Any], out: np.ndarray) -> int:
