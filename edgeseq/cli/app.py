@@ -17,7 +17,7 @@ import typer
 from rich.console import Console
 from rich.markdown import Markdown
 
-from edgeseq.cli import serve as serve_cli
+from edgeseq.cli import serve as serve_command
 from edgeseq.cli.deploy import bundle, devices_app
 from edgeseq.cli.loadtest import loadtest
 from edgeseq.cli.serve import serve
@@ -324,11 +324,11 @@ def bench(
     command += f" --models-in {models_in}" if models_in is not None else ""
     report = markdown(results, command)
     if models_in is not None:
-        from edgeseq.bench import models_table as benchmodels
+        from edgeseq.bench import models_table
 
         with console.status(f"measuring every model in {models_in}..."):
-            rows = benchmodels.measure_folder(models_in)
-        report += "\n" + benchmodels.markdown(rows, models_in)
+            rows = models_table.measure_folder(models_in)
+        report += "\n" + models_table.markdown(rows, models_in)
     console.print(Markdown(report))
     if write is not None:
         from edgeseq.bench.loadgen.section import keep_load_section
@@ -407,6 +407,6 @@ def _say_what_the_runtime_does() -> None:
 def run() -> None:
     """Console-script target (and `python -m edgeseq`): this process is the command, so `edgeseq
     serve` may replace it by a fresh one after compiling its kernels (cli/serve.py)."""
-    serve_cli.OWN_PROCESS = True
+    serve_command.OWN_PROCESS = True
     _say_what_the_runtime_does()
     sys.exit(main())

@@ -91,11 +91,11 @@ def test_a_daemon_whose_kernels_cannot_be_kept_says_so_and_serves_from_its_first
 def test_only_the_edgeseq_command_itself_restarts_its_process(tmp_path, monkeypatch):
     """cli.main([...]) called from other Python code (a test runner, a user's program) must
     never re-run that program's command line; nor may a --config read from a pipe be lost."""
-    from edgeseq.cli import serve as serve_cli
+    from edgeseq.cli import serve as serve_command
 
     config = tmp_path / "serve.toml"
     config.write_text('model = "m.onnx"\n')
-    assert not serve_cli._may_start_afresh(None)  # OWN_PROCESS is set by cli.run() only
-    monkeypatch.setattr(serve_cli, "OWN_PROCESS", True)
-    assert serve_cli._may_start_afresh(None) and serve_cli._may_start_afresh(config)
-    assert not serve_cli._may_start_afresh(Path("/dev/stdin"))
+    assert not serve_command._may_start_afresh(None)  # OWN_PROCESS is set by cli.run() only
+    monkeypatch.setattr(serve_command, "OWN_PROCESS", True)
+    assert serve_command._may_start_afresh(None) and serve_command._may_start_afresh(config)
+    assert not serve_command._may_start_afresh(Path("/dev/stdin"))
