@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "edgeseq"
-ROOT_CONTRACT = {"edgeseq", "errors", "spec", "artifact", "config", "toml_input", "version"}
 # stage -> the stages it may import (besides itself and the root contract)
 MAY_IMPORT = {
     "data": set(),

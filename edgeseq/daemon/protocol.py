@@ -26,6 +26,9 @@ import reprlib
 from dataclasses import dataclass
 from typing import Any
 
+from edgeseq.errors import ShapeError
+from edgeseq.features import by_name
+
 try:  # several times faster than the standard library on every message, both ways
     import orjson
 except ImportError:  # pragma: no cover - the daemon extra installs it; json still works
@@ -116,19 +119,13 @@ def _named(value: dict[Any, Any], n_features: int, sid: str, seq: int | None) ->
     """ "x" given by feature name: its values in the model's order, or a refusal naming what
     is missing or unknown, and what the model takes."""
     names = getattr(n_features, "names", ())
-    takes = ", ".join(map(repr, names))
     if not names:
         raise BadMessage("bad_x", '"x" names its values, but this model has no feature names; '
                          f"expected a list of {n_features} numbers", sid, seq)  # fmt: skip
-    missing = [name for name in names if name not in value]
-    if missing:
-        raise BadMessage("wrong_features", f'"x" has no {", ".join(map(repr, missing))}; the '
-                         f"model takes {takes}", sid, seq)  # fmt: skip
-    if len(value) != len(names):
-        unknown = [_brief(key) for key in value if key not in names]
-        raise BadMessage("wrong_features", f'"x" names {", ".join(unknown)}, which the model '
-                         f"does not take; it takes {takes}", sid, seq)  # fmt: skip
-    return [value[name] for name in names]
+    try:
+        return by_name(value, names, '"x"', show=_brief)
+    except ShapeError as exc:
+        raise BadMessage("wrong_features", str(exc), sid, seq) from None
 
 
 def _check_x(value: object, n_features: int, sid: str, seq: int | None) -> list[float]:

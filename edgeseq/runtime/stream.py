@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from edgeseq.errors import ShapeError, UsageError
+from edgeseq.features import by_name
 from edgeseq.runtime.engines import Engine, StateDict, as_real
 from edgeseq.runtime.kernels.codes import BAD_OUTPUT, SHAPE_MISMATCH, Kernel
 
@@ -114,23 +115,12 @@ class _Staging:
         return None
 
 
-def by_name(sample: Mapping[str, Any], names: tuple[str, ...], what: str = "sample") -> list[Any]:
-    """A sample given by feature name, as its values in the model's order; refused, naming
-    the expected names, when one is missing or unknown (or the model names none)."""
+def _named(sample: Mapping[str, Any], names: tuple[str, ...]) -> list[Any]:
+    """A sample given by feature name, as its values in the model's order (features.by_name)."""
     if not names:
-        raise ShapeError(f"{what} is given by name, but this model has no feature names (no "
+        raise ShapeError("sample is given by name, but this model has no feature names (no "
                          "edgeseq metadata); give its values in order")  # fmt: skip
-    try:
-        values = [sample[name] for name in names]
-    except KeyError:
-        missing = [name for name in names if name not in sample]
-        raise ShapeError(f"{what} has no {', '.join(map(repr, missing))}; the model takes "
-                         f"{', '.join(map(repr, names))}") from None  # fmt: skip
-    if len(sample) != len(names):
-        unknown = [key for key in sample if key not in names]
-        raise ShapeError(f"{what} names {', '.join(map(repr, unknown))}, which the model does "
-                         f"not take; it takes {', '.join(map(repr, names))}")  # fmt: skip
-    return values
+    return by_name(sample, names)
 
 
 def _block(xs: Any, n_features: int, what: str = "samples") -> np.ndarray:
@@ -167,7 +157,7 @@ class Stream:
 
     def __init__(self, engine: Engine, n_features: int, names: tuple[str, ...] = ()) -> None:
         self._engine, self.n_features = engine, n_features
-        self.feature_names = names  # a sample may map them to values (by_name)
+        self.feature_names = names  # a sample may map them to values (features.by_name)
         self._n_out = engine.n_outputs
         own = engine.own_kernel()
         if own is not None:
@@ -195,7 +185,7 @@ class Stream:
         if x.__class__ is not _NDARRAY or x.dtype is not _F32:
             cls, staging = x.__class__, self._staging
             if cls is dict:  # by name: the values in the model's order, then as a list
-                x, cls = by_name(x, self.feature_names), list
+                x, cls = _named(x, self.feature_names), list
             if cls is list or cls is tuple:
                 try:
                     if x[0].__class__ in _INTS:  # ints of at most 31 bits: int32's pack checks
