@@ -56,6 +56,12 @@ def serve(
     mqtt_status: Annotated[str | None, Opt(help="Retained status topic (with last will).")] = None,
     mqtt_qos: Annotated[int | None, Opt(help="QoS 0 or 1.")] = None,
     mqtt_client_id: Annotated[str | None, Opt(help="Client id (the persistent session).")] = None,
+    nats: Annotated[
+        str | None, Opt(help="nats://HOST:PORT[,...] of a JetStream cluster to serve through.")
+    ] = None,
+    nats_partitions: Annotated[int | None, Opt(help="Partitions of the streams (64).")] = None,
+    nats_replicas: Annotated[int | None, Opt(help="JetStream replicas: 1, 3 or 5.")] = None,
+    nats_name: Annotated[str | None, Opt(help="This daemon's name in the cluster.")] = None,
     format: Annotated[str | None, Opt(help="stdin format: json or csv (id,seq,x1..xn).")] = None,
     backend: Annotated[str | None, Opt(help="numba, numpy or onnxruntime.")] = None,
     max_streams: Annotated[int | None, Opt(help="Capacity of the stream table.")] = None,
@@ -76,7 +82,7 @@ def serve(
     log_level: Annotated[str | None, Opt(help="debug, info, warning or error.")] = None,
     log_format: Annotated[str | None, Opt(help="json or text.")] = None,
 ) -> None:
-    """Serve a model to many streams: JSON lines on stdin (default), TCP or MQTT."""
+    """Serve a model to many streams: JSON lines on stdin (default), TCP, MQTT or NATS."""
     given = dict(locals())  # every option, None where not given
     from edgeseq.daemon.logs import configure
     from edgeseq.daemon.options import build_config

@@ -20,7 +20,17 @@ from edgeseq.toml_input import read_toml
 DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
 UNIT_SECONDS = {"ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 LOG_LEVELS = ("debug", "info", "warning", "error")
-DURATIONS = {"idle_timeout", "max_wait", "checkpoint_interval", "watch_interval"}
+DURATIONS = {
+    "idle_timeout",
+    "max_wait",
+    "checkpoint_interval",
+    "watch_interval",
+    "nats_lease_ttl",
+    "nats_checkpoint_interval",
+    "nats_retention",
+}
+NATS_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # a JetStream stream or KV bucket name
+SUBJECT_TOKEN = re.compile(r"^[^.*>\s]+$")
 # One daemon's stream table: past this, its bookkeeping alone (ids, seq, answers: some 200 bytes
 # a stream) outgrows a board and its checkpoint header the 64 MiB a snapshot may hold.
 MAX_STREAMS = 1_000_000
@@ -40,6 +50,18 @@ class DaemonConfig:
     mqtt_status: str = "edgeseq/status"
     mqtt_qos: int = 1
     mqtt_client_id: str = "edgeseq-serve"
+    # NATS JetStream: streams partitioned over daemons (daemon/partitioned/, docs/cluster.md).
+    # In a TOML file these are the keys of a [nats] table: servers, partitions, ...
+    nats: str | None = None  # nats://HOST:PORT[,nats://HOST:PORT...]
+    nats_in: str = "edgeseq.in.*"  # "*" is the stream id
+    nats_out: str = "edgeseq.out.{id}"
+    nats_stream: str = "EDGESEQ"  # the samples' stream; buckets EDGESEQ-leases, -checkpoints
+    nats_partitions: int = 64
+    nats_replicas: int = 3
+    nats_retention: float = 86_400.0  # samples kept this long: replay reaches this far back
+    nats_lease_ttl: float = 3.0  # a silent daemon's partitions move after this long
+    nats_checkpoint_interval: float = 5.0  # bounds the replay after a takeover
+    nats_name: str = ""  # this daemon in the cluster; default HOST-PID
     max_streams: int = 10_000
     idle_timeout: float = 600.0
     max_batch: int = 256
@@ -81,6 +103,8 @@ class DaemonConfig:
             parse_address(self.mqtt, "mqtt", "mqtt")
         if self.metrics is not None:
             parse_address(self.metrics, "metrics", None)
+        if self.nats is not None:
+            self._check_nats()
         if self.mqtt_in.count("+") != 1 or "#" in self.mqtt_in:
             raise UsageError(
                 f"mqtt_in is {self.mqtt_in!r}; expected a topic with one '+' for the stream id"
@@ -91,8 +115,50 @@ class DaemonConfig:
             raise UsageError("no model: give MODEL.onnx or `model` in the config file")
         return self
 
+    def _check_nats(self) -> None:
+        assert self.nats is not None
+        nats_servers(self.nats)
+        others = [name for name in ("listen", "mqtt", "state_dir") if getattr(self, name)]
+        if others:
+            raise UsageError(
+                f"nats cannot be combined with {', '.join(others)}: with NATS, every sample comes "
+                "through the cluster's partitions and states are checkpointed in JetStream"
+            )
+        for name, pattern in (("nats_stream", NATS_NAME), ("nats_name", NATS_NAME)):
+            value = getattr(self, name)
+            if value and not pattern.match(value):
+                raise UsageError(f"{name} is {value!r}; expected 1-64 letters, digits, '_' or '-'")
+        tokens = self.nats_in.split(".")
+        if tokens.count("*") != 1 or not all(t == "*" or SUBJECT_TOKEN.match(t) for t in tokens):
+            raise UsageError(
+                f"nats_in is {self.nats_in!r}; expected a subject with one '*' token for the "
+                "stream id, like edgeseq.in.*"
+            )
+        out = self.nats_out.replace("{id}", "x").split(".")
+        if "{id}" not in self.nats_out or not all(SUBJECT_TOKEN.match(t) for t in out):
+            raise UsageError(
+                f"nats_out is {self.nats_out!r}; expected a subject with an {{id}} token, like "
+                "edgeseq.out.{id}"
+            )
+        if not 1 <= self.nats_partitions <= 4096:
+            raise UsageError(f"nats_partitions is {self.nats_partitions}; expected 1 to 4096")
+        _one_of("nats_replicas", self.nats_replicas, (1, 3, 5))
+        for name in ("nats_retention", "nats_lease_ttl", "nats_checkpoint_interval"):
+            if getattr(self, name) <= 0:
+                raise UsageError(f"{name} is {getattr(self, name)}; expected a duration > 0")
 
-DEFAULT_PORTS = {"mqtt": 1883}
+
+def nats_servers(text: str) -> list[str]:
+    """ "nats://H:P,nats://H:P" -> the URLs, each checked (a port is required)."""
+    urls = [part.strip() for part in text.split(",") if part.strip()]
+    if not urls:
+        raise UsageError(f"nats is {text!r}; expected nats://HOST:PORT[,nats://HOST:PORT...]")
+    for url in urls:
+        parse_address(url, "nats", "nats")
+    return urls
+
+
+DEFAULT_PORTS = {"mqtt": 1883, "nats": 4222}
 LOOPBACK = "127.0.0.1"  # what a daemon binds unless told otherwise
 
 
@@ -144,13 +210,25 @@ def _coerce(name: str, value: Any, kind: str, where: str) -> Any:
     return float(value) if kind == "float" else value
 
 
+def _flattened(table: dict[str, Any], path: Path) -> dict[str, Any]:
+    """A [nats] table's keys as nats_<key> settings (`servers` is `nats`); the rest as is."""
+    flat = {k: v for k, v in table.items() if k != "nats" or not isinstance(v, dict)}
+    section = table.get("nats")
+    if isinstance(section, dict):
+        for key, value in section.items():
+            if isinstance(value, dict):
+                raise UsageError(f"[nats.{key}] in {path}: expected a setting, not a table")
+            flat["nats" if key == "servers" else f"nats_{key.replace('-', '_')}"] = value
+    return flat
+
+
 def build_config(path: Path | None, overrides: dict[str, Any]) -> DaemonConfig:
     """Defaults, then the TOML file, then `overrides` (None means "not given")."""
     fields = {f.name: str(f.type) for f in dataclasses.fields(DaemonConfig)}
     values: dict[str, Any] = {}
     if path is not None:
         table = read_toml(path, "config")
-        for key, value in table.items():
+        for key, value in _flattened(table, path).items():
             name = key.replace("-", "_")
             if name not in fields:
                 raise UsageError(

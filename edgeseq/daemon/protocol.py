@@ -216,6 +216,34 @@ def parse_json(line: bytes, n_features: int, max_bytes: int) -> Sample:
         raise BadMessage("internal", f"the message could not be read: {_defect(exc)}") from None
 
 
+def parse_addressed(
+    address_id: str, payload: bytes | bytearray, n_features: int, max_bytes: int
+) -> Sample:
+    """A message whose address names its stream (an MQTT topic's "+", a NATS subject's last
+    token) -> Sample, or BadMessage. A payload without "id" takes the address's; a payload whose
+    "id" differs is refused (id_mismatch): its stream's samples would otherwise be split."""
+    if len(payload) > max_bytes:
+        raise BadMessage(
+            "too_long", f"the payload has {len(payload)} bytes; the limit is {max_bytes}"
+        )
+    try:
+        message, checked_text = decode_fast(payload, "payload")
+    except BadMessage as bad:
+        raise BadMessage(bad.code, bad.message, address_id) from None
+    if isinstance(message, dict):
+        message.setdefault("id", address_id)
+        if message["id"] != address_id:
+            seq = message.get("seq")
+            raise BadMessage(
+                "id_mismatch",
+                f"the payload's id {_brief(message['id'])} differs from the address's "
+                f"{_brief(address_id)}",
+                address_id,
+                seq if type(seq) is int and seq >= 0 else None,  # never a client's raw value
+            )
+    return read_message(message, n_features, checked_text)
+
+
 def read_message(message: Any, n_features: int, checked_text: bool) -> Sample:
     """A decoded message (a line's, an MQTT payload's) -> Sample, or BadMessage.
     `checked_text`: orjson decoded it, so its strings are valid UTF-8 (decode_fast)."""

@@ -10,6 +10,7 @@ it always sees the table between two batches.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import os
@@ -85,6 +86,7 @@ class Daemon:
         self._reloading = False
         self._background: set[asyncio.Future[Any]] = set()
         self.batcher: Batcher | None = None
+        self.exit_code = 0
 
     def _load(self) -> Model:
         """The model file loaded and every kernel it serves with compiled (or loaded from the
@@ -140,7 +142,7 @@ class Daemon:
         await self._shutdown(tasks, batcher)
         if metrics_server is not None:
             metrics_server.shutdown()
-        return 0
+        return self.exit_code
 
     async def _connected(self) -> bool:
         """Wait until every transport can take samples (an MQTT broker may not be up yet),
@@ -154,6 +156,8 @@ class Daemon:
         await asyncio.wait({ready, stop}, return_when=asyncio.FIRST_COMPLETED)
         for task in (ready, stop):
             task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         return not self.stopping.is_set()
 
     def _track(self) -> None:
@@ -186,6 +190,10 @@ class Daemon:
 
             host, port = parse_address(self.config.mqtt, "mqtt", "mqtt")
             self.transports.append(MqttTransport(batcher, host, port, status))
+        if self.config.nats is not None:
+            from edgeseq.daemon.transports.nats import NatsTransport
+
+            self.transports.append(NatsTransport(batcher, status, self._fail))
         if not self.transports:
             from edgeseq.daemon.transports.stdin import StdinTransport
 
@@ -197,6 +205,13 @@ class Daemon:
                 await transport.start()
             except OSError as exc:
                 raise EdgeseqError(f"cannot open {type(transport).__name__}: {exc}") from None
+
+    def _fail(self, exc: BaseException) -> None:
+        """A transport cannot go on (a checkpoint of another model, a cluster of another
+        layout): say why, and stop with exit code 1."""
+        log.error("cannot serve", extra={"detail": str(exc)})
+        self.exit_code = 1
+        self.stopping.set()
 
     async def _stop_after(self, event: Awaitable[Any]) -> None:
         await event

@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -262,19 +262,35 @@ class StreamTable:
 
     # -- persistence and reload ---------------------------------------------------------------
 
-    def snapshot(self) -> tuple[dict[str, Any], dict[str, Any]]:
-        """(states, extra) for save_snapshot: states of every stream and their seq bookkeeping.
-        An answer of another output width (given before a reload) is not written: `restore`
-        would refuse it. Once the snapshot is on disk, `made_durable(extra)` tells each stream
-        (this incarnation of it: not one ended and begun again since) what it holds."""
-        states = pool_snapshot(self.pool)
+    def snapshot(self, ids: Iterable[str] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(states, extra) for save_snapshot: states of every stream (or of those of `ids` the
+        table holds: one partition's) and their seq bookkeeping. An answer of another output
+        width (given before a reload) is not written: `restore` would refuse it. Once the
+        snapshot is on disk, `made_durable(extra)` tells each stream (this incarnation of it:
+        not one ended and begun again since) what it holds."""
+        if ids is None:
+            states, infos = pool_snapshot(self.pool), self.info
+        else:
+            infos = {sid: self.info[sid] for sid in ids if sid in self.info}
+            states = {sid: self.pool.state(sid) for sid in infos if sid in self.pool}
         width = self.model.n_outputs
-        ys = {sid: info.y for sid, info in self.info.items()}
+        ys = {sid: info.y for sid, info in infos.items()}
         extra = {
-            "seq": {sid: info.seq for sid, info in self.info.items()},
+            "seq": {sid: info.seq for sid, info in infos.items()},
             "y": {sid: y if y and len(y) == width else None for sid, y in ys.items()},
         }
         return states, extra
+
+    def forget(self, ids: Iterable[str]) -> int:
+        """Drop these streams without counting an eviction: they moved to another daemon (a
+        partition handed over). How many were held."""
+        dropped = 0
+        for sid in ids:
+            if self.info.pop(sid, None) is not None:
+                dropped += 1
+            if sid in self.pool:
+                self.pool.evict(sid)
+        return dropped
 
     def made_durable(self, extra: dict[str, Any], infos: dict[str, StreamInfo]) -> None:
         """A snapshot taken when the table's streams were `infos` (a copy of `self.info` at

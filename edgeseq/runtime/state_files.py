@@ -9,6 +9,7 @@ node names such as "/model/rnn/LSTM.h", which make poor zip member names.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import tempfile
@@ -116,10 +117,12 @@ def _write_atomically(path: Path, arrays: dict[str, np.ndarray]) -> None:
         raise
 
 
-def save_snapshot(path: str | Path, fingerprint: str, states: States, extra: Extra = None) -> None:
-    """Write `states` (stream id -> state dict) of the model `fingerprint` to `path` atomically;
-    `extra` is the caller's JSON (a daemon's per-stream seq numbers, say)."""
-    path, ids = Path(path), list(states)
+def snapshot_arrays(fingerprint: str, states: States, extra: Extra = None) -> dict[str, Any]:
+    """The npz members of a snapshot of `states` (stream id -> state dict) of the model
+    `fingerprint`; `extra` is the caller's JSON (a daemon's per-stream seq numbers, say).
+    Refuses (CheckpointError) what load_snapshot would refuse, so every snapshot written can be
+    read back."""
+    ids = list(states)
     if not isinstance(fingerprint, str) or not fingerprint:
         raise CheckpointError(f"fingerprint is {fingerprint!r}; expected the model's sha256 hex")
     stacked = _stack(states, ids)
@@ -137,17 +140,35 @@ def save_snapshot(path: str | Path, fingerprint: str, states: States, extra: Ext
     except (TypeError, ValueError) as exc:
         raise CheckpointError(f"snapshot extra {_brief(extra)} is not plain JSON: {exc}") from None
     encoded = text.encode("utf-8")
-    if len(encoded) > MAX_HEADER_BYTES:  # load_snapshot would refuse it: keep the last good file
+    if len(encoded) > MAX_HEADER_BYTES:  # load_snapshot would refuse it: keep the last good one
         raise CheckpointError(
             f"snapshot header of {len(ids):,} streams is {len(encoded):,} bytes (ids and extra); "
-            f"a snapshot holds at most {MAX_HEADER_BYTES:,}: {path} not written"
+            f"a snapshot holds at most {MAX_HEADER_BYTES:,}"
         )
     arrays = {"header": np.frombuffer(encoded, np.uint8)}
     arrays.update({f"state{i}": arr for i, arr in enumerate(stacked.values())})
+    return arrays
+
+
+def save_snapshot(path: str | Path, fingerprint: str, states: States, extra: Extra = None) -> None:
+    """Write `states` (stream id -> state dict) of the model `fingerprint` to `path` atomically;
+    `extra` is the caller's JSON (a daemon's per-stream seq numbers, say)."""
+    path = Path(path)
+    try:
+        arrays = snapshot_arrays(fingerprint, states, extra)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{exc}: {path} not written") from None
     try:
         _write_atomically(path, arrays)
     except OSError as exc:
         raise CheckpointError(f"cannot write {path}: {exc.strerror or exc}") from None
+
+
+def snapshot_bytes(fingerprint: str, states: States, extra: Extra = None) -> bytes:
+    """The same snapshot as save_snapshot writes, as bytes (a value in a key-value store)."""
+    buffer = io.BytesIO()
+    _write_npz(buffer, snapshot_arrays(fingerprint, states, extra))
+    return buffer.getvalue()
 
 
 def _read(npz: Any, name: str, dtype: type, shape: tuple[int, ...] | None, limit: int) -> Any:
@@ -273,6 +294,20 @@ def load_snapshot(path: str | Path, fingerprint: str | None) -> Snapshot:
         raise CheckpointError(f"{path}: cannot read: {exc.strerror or exc}") from None
     except CheckpointError as exc:
         raise CheckpointError(f"{path}: {exc}") from None
+    return _snapshot(header, stacked)
+
+
+def read_snapshot_bytes(data: bytes, fingerprint: str | None, what: str) -> Snapshot:
+    """A snapshot held as bytes (snapshot_bytes), with every check load_snapshot makes; `what`
+    names it in errors (a key of a bucket, say)."""
+    try:
+        header, stacked = _parse(io.BytesIO(data), fingerprint)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{what}: {exc}") from None
+    return _snapshot(header, stacked)
+
+
+def _snapshot(header: dict[str, Any], stacked: dict[str, np.ndarray]) -> Snapshot:
     ids = header["ids"]
     states = {sid: {key: arr[i] for key, arr in stacked.items()} for i, sid in enumerate(ids)}
     return Snapshot(header["fingerprint"], ids, states, header["extra"], header["created"])

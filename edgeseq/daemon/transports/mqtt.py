@@ -25,7 +25,7 @@ from typing import Any
 import paho.mqtt.client as mqtt
 
 from edgeseq.daemon.batcher import Batcher, Entry, Parcel, refusal
-from edgeseq.daemon.protocol import BadMessage, _brief, decode_fast, encode, read_message
+from edgeseq.daemon.protocol import BadMessage, encode, parse_addressed
 from edgeseq.daemon.transports.paho_asyncio import BufferedClient, PahoOnLoop
 
 log = logging.getLogger("edgeseq.daemon")
@@ -211,27 +211,7 @@ class MqttTransport:
         )
 
     def _parse(self, topic_id: str, payload: bytes | bytearray) -> Any:
-        limit = self.config.max_line_bytes
-        if len(payload) > limit:
-            raise BadMessage(
-                "too_long", f"the payload has {len(payload)} bytes; the limit is {limit}"
-            )
-        try:
-            message, checked_text = decode_fast(payload, "payload")
-        except BadMessage as bad:
-            raise BadMessage(bad.code, bad.message, topic_id) from None
-        if isinstance(message, dict):
-            message.setdefault("id", topic_id)
-            if message["id"] != topic_id:
-                seq = message.get("seq")
-                raise BadMessage(
-                    "id_mismatch",
-                    f"the payload's id {_brief(message['id'])} differs from the topic's "
-                    f"{_brief(topic_id)}",
-                    topic_id,
-                    seq if type(seq) is int and seq >= 0 else None,  # never a client's raw value
-                )
-        return read_message(message, self.batcher.width, checked_text)
+        return parse_addressed(topic_id, payload, self.batcher.width, self.config.max_line_bytes)
 
     def deliver(self, parcel: Parcel, lines: bytes) -> None:
         """Publish each answer on its stream's topic; a QoS 1 sample is acknowledged once the
