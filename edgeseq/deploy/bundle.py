@@ -33,6 +33,7 @@ RUNTIME_ROOTS = (
     "typer",
     "rich",
     "paho-mqtt",
+    "nats-py",
     "prometheus_client",
     "orjson",
 )
