@@ -19,7 +19,7 @@ from rich.markdown import Markdown
 
 from edgeseq.cli import serve as serve_command
 from edgeseq.cli.deploy import bundle, devices_app
-from edgeseq.cli.loadtest import loadtest
+from edgeseq.cli.loadtest import cluster_bench, loadtest
 from edgeseq.cli.serve import serve
 from edgeseq.errors import EdgeseqError, UsageError
 from edgeseq.spec import TRANSFORMS
@@ -367,6 +367,7 @@ def demo(
 
 app.command()(serve)
 app.command()(loadtest)
+app.command("cluster-bench")(cluster_bench)
 app.command()(bundle)
 app.add_typer(devices_app, name="devices")
 

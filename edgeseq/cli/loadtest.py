@@ -40,3 +40,27 @@ def loadtest(
     if write is not None:
         write_section(write, report)
         console.print(f"wrote {write}")
+
+
+def cluster_bench(
+    model: Annotated[Path, typer.Argument(help="The .onnx model the daemons serve.")],
+    streams: Annotated[int, Opt(help="Streams (each its own stream id).")] = 10_000,
+    samples: Annotated[int, Opt(help="Samples per stream.")] = 100,
+    write: Annotated[Path | None, Opt(help="Add the section to this file (BENCHMARKS.md).")] = None,
+) -> None:
+    """`edgeseq serve --nats` on a real 3-node JetStream cluster on 127.0.0.1: kill -9 of a
+    daemon (and of a NATS server) halfway through, every answer checked against Stream.feed;
+    the rate of one and of two daemons against the TCP daemon's, in the same run."""
+    from rich.console import Console
+    from rich.markdown import Markdown
+
+    from edgeseq.bench.loadgen.cluster_bench import markdown, run, write_section
+
+    console = Console()
+    with console.status(f"edgeseq cluster-bench {model}...") as status:
+        failovers, rates = run(model, streams, samples, say=status.update)
+    report = markdown(model, failovers, rates)
+    console.print(Markdown(report))
+    if write is not None:
+        write_section(write, report)
+        console.print(f"wrote {write}")

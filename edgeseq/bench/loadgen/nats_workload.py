@@ -165,10 +165,18 @@ class Collector:
         )
         await self.nc.flush()
 
-    async def wait(self, expected: int, timeout: float, quiet: float = 2.0) -> None:
-        """Until `expected` answers are in and `quiet` seconds pass without more, or timeout."""
+    async def wait(
+        self, expected: int, timeout: float, quiet: float = 2.0, progress: bool = False
+    ) -> None:
+        """Until `expected` answers are in and `quiet` seconds pass without more, or timeout.
+        `progress`: print {"answers": n} on stdout every half second."""
         deadline = time.monotonic() + timeout
+        said = time.monotonic()
         while time.monotonic() < deadline:
+            if progress and time.monotonic() - said >= 0.5:
+                said = time.monotonic()
+                sys.stdout.write(json.dumps({"answers": len(self.raw)}) + "\n")
+                sys.stdout.flush()
             if (
                 len(self.raw) >= expected
                 and self.last is not None
@@ -206,12 +214,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--first-seq", type=int, default=0)
     parser.add_argument("--prefix", default="s")
     parser.add_argument("--subject", default="edgeseq.in.{id}")
+    parser.add_argument("--preload", action="store_true", help="plain publishes, then a count")
+    parser.add_argument("--stream", default=None, help="the samples' stream (for --preload)")
     args = parser.parse_args(argv)
+    if args.stream is None:
+        args.stream = args.subject.split(".")[0].upper()
     ids = stream_ids(args.prefix, args.streams)
     table = sample_table(args.streams, args.features, args.seed)
-    seconds = asyncio.run(
-        publish(args.servers.split(","), ids, args.samples, table, args.subject, args.first_seq)
-    )
+    servers = args.servers.split(",")
+    seconds = asyncio.run(publish(servers, ids, args.samples, table, args.subject,
+                                  args.first_seq, acked=not args.preload))  # fmt: skip
+    if args.preload:  # every sample must be in before the clock of a drain starts
+        wanted = args.streams * args.samples
+        deadline = time.monotonic() + 120
+        while (found := asyncio.run(stored(servers, args.stream))) < wanted:
+            if time.monotonic() > deadline:
+                raise SystemExit(f"the stream holds {found:,} of {wanted:,} samples")
+            time.sleep(0.25)
+
     sys.stdout.write(
         json.dumps({"seconds": seconds, "samples": args.streams * args.samples}) + "\n"
     )
@@ -226,6 +246,7 @@ def collect_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--expected", type=int, required=True)
     parser.add_argument("--timeout", type=float, default=600.0)
     parser.add_argument("--subject", default="edgeseq.out.>")
+    parser.add_argument("--progress", action="store_true")
     args = parser.parse_args(argv)
 
     async def run() -> Collector:
@@ -233,7 +254,7 @@ def collect_main(argv: list[str] | None = None) -> int:
         await collector.start()
         sys.stdout.write("ready\n")
         sys.stdout.flush()
-        await collector.wait(args.expected, args.timeout)
+        await collector.wait(args.expected, args.timeout, progress=args.progress)
         await collector.stop()
         return collector
 
@@ -242,7 +263,8 @@ def collect_main(argv: list[str] | None = None) -> int:
         for body in collector.raw:
             fh.write(body.rstrip(b"\n") + b"\n")
     span = (collector.last or 0) - (collector.first or 0)
-    sys.stdout.write(json.dumps({"answers": len(collector.raw), "span": span}) + "\n")
+    done = {"answers": len(collector.raw), "span": span, "cpu": time.process_time(), "done": True}
+    sys.stdout.write(json.dumps(done) + "\n")
     return 0
 
 
