@@ -70,10 +70,12 @@ class Rate:
 class Collecting:
     """The collector process; its progress read by a thread."""
 
-    def __init__(self, cluster: NatsCluster, out: Path, expected: int, subject: str) -> None:
+    def __init__(
+        self, cluster: NatsCluster, out: Path, expected: int, subject: str, quiet: float = 2.0
+    ) -> None:
         cmd = [sys.executable, "-m", "edgeseq.bench.loadgen.nats_workload", "collect",
                cluster.urls, str(out), "--expected", str(expected), "--timeout", "1200",
-               "--subject", subject, "--progress"]  # fmt: skip
+               "--subject", subject, "--progress", "--quiet", str(quiet)]  # fmt: skip
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
         assert self.proc.stdout is not None
         if self.proc.stdout.readline().strip() != "ready":
@@ -165,7 +167,8 @@ def failover(model: Path, folder: Path, streams: int, samples: int, kill_server:
         say(f"{label}: storing {streams * samples:,} samples")
         _preload(cluster, name, streams, samples, features)
         out = folder / f"{name}.jsonl"
-        collecting = Collecting(cluster, out, streams * samples, f"{name}.out.>")
+        # answers published again after the takeover come a lease TTL and more after the kill
+        collecting = Collecting(cluster, out, streams * samples, f"{name}.out.>", quiet=15.0)
         ds = _daemons(model, config, 3)
         try:
             while collecting.answers < streams * samples // 2:
@@ -287,10 +290,17 @@ def markdown(model: Path, failovers: list[Failover], rates: list[Rate]) -> str:
             f"{f.worst:.2g} | {f.partitions_moved} | {f.takeover_s:.1f} s |"
         )
     tcp = next((r.rate for r in rates if r.label.startswith("TCP")), 0.0)
-    lines += ["", "| transport | samples | seconds | samples/s | vs TCP |", "|---|---|---|---|---|"]
+    lines += [
+        "",
+        "| transport | samples | seconds | samples/s | vs TCP | load generator's CPU (cores) |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in rates:
         share = f"{r.rate / tcp:.2f}x" if tcp else "-"
-        lines.append(f"| {r.label} | {r.samples:,} | {r.seconds:.1f} | {r.rate:,.0f} | {share} |")
+        cpu = f"{r.collector_cpu:.2f}" if r.collector_cpu is not None else "-"
+        lines.append(
+            f"| {r.label} | {r.samples:,} | {r.seconds:.1f} | {r.rate:,.0f} | {share} | {cpu} |"
+        )
     return "\n".join(lines) + "\n"
 
 

@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -24,10 +25,24 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from edgeseq.bench.loadgen.broker import HOST, free_port
+from edgeseq.bench.loadgen.broker import HOST
 from edgeseq.errors import EdgeseqError
 
 MAX_PAYLOAD = 8 << 20  # a partition's checkpoint is one KV value (docs/cluster.md: sizing)
+
+
+def free_ports(count: int) -> list[int]:
+    """`count` distinct free ports of 127.0.0.1, each held until all are chosen."""
+    socks = []
+    try:
+        for _ in range(count):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            socks.append(sock)
+            sock.bind((HOST, 0))
+        return [int(sock.getsockname()[1]) for sock in socks]
+    finally:
+        for sock in socks:
+            sock.close()
 
 
 def find_nats_server() -> str:
@@ -76,20 +91,21 @@ class NatsCluster:
 
     def start(self, timeout: float = 30.0) -> NatsCluster:
         self.folder.mkdir(parents=True, exist_ok=True)
+        ports = iter(free_ports(4 * self.size))  # all at once: no port handed out twice
         for i in range(self.size):
-            name = f"n{i}"
-            self.nodes.append(
-                Node(
-                    name,
-                    free_port(),
-                    free_port(),
-                    free_port(),
-                    free_port() if self.mqtt else None,
-                    self.folder / name / "store",
-                    self.folder / name / "nats.conf",
-                    self.folder / name / "nats.log",
-                )
+            name, folder = f"n{i}", self.folder / f"n{i}"
+            mqtt_port = next(ports) if self.mqtt else None
+            node = Node(
+                name,
+                next(ports),
+                next(ports),
+                next(ports),
+                mqtt_port,
+                folder / "store",
+                folder / "nats.conf",
+                folder / "nats.log",
             )
+            self.nodes.append(node)
         for node in self.nodes:
             node.store.mkdir(parents=True, exist_ok=True)
             node.conf.write_text(self._config(node), encoding="utf-8")

@@ -247,6 +247,7 @@ def collect_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=600.0)
     parser.add_argument("--subject", default="edgeseq.out.>")
     parser.add_argument("--progress", action="store_true")
+    parser.add_argument("--quiet", type=float, default=2.0, help="seconds without answers to end")
     args = parser.parse_args(argv)
 
     async def run() -> Collector:
@@ -254,7 +255,7 @@ def collect_main(argv: list[str] | None = None) -> int:
         await collector.start()
         sys.stdout.write("ready\n")
         sys.stdout.flush()
-        await collector.wait(args.expected, args.timeout, progress=args.progress)
+        await collector.wait(args.expected, args.timeout, args.quiet, progress=args.progress)
         await collector.stop()
         return collector
 
