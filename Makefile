@@ -41,6 +41,7 @@ bench: install
 	$(BIN)/python -m pytest -q -s -m slow
 	$(BIN)/edgeseq bench export/bench-lstm.onnx export/bench-gru.onnx export/bench-rnn.onnx --models-in export --write BENCHMARKS.md
 	$(BIN)/edgeseq loadtest export/pump-lstm.onnx --streams 1000 --connections 4 --seconds 20 --soak 600 --stdin-lines 200000 --mqtt --write BENCHMARKS.md
+	$(BIN)/edgeseq cluster-bench export/pump-lstm.onnx --streams 10000 --samples 100 --write BENCHMARKS.md
 
 # Regenerate every reference model in export/ (model + golden I/O) from its recipe.
 reference-models: install
