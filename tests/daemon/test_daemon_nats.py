@@ -255,21 +255,26 @@ async def _send(cluster: NatsCluster, tenant: Tenant, messages: list[tuple[str, 
     await nc.close()
 
 
+@pytest.mark.parametrize(
+    "n_lines",
+    [3_000, pytest.param(100_000, marks=[pytest.mark.slow, pytest.mark.timeout(1800)])],
+    ids=["3k", "100k"],
+)
 def test_the_wire_fuzzer_pointed_at_nats_drops_nothing(
-    nats_cluster: NatsCluster, tmp_path: Path
+    nats_cluster: NatsCluster, tmp_path: Path, n_lines: int
 ) -> None:
     """The TCP daemon's fuzzer's lines, each one message on the subject of the id it names
     (garbage on a junk id's): one answer per message, each JSON, the valid streams equal to
     Stream.feed offline, and nothing dropped."""
     fuzzer = Fuzzer(seed=20_261_207, conn=0, limit=4096)
-    lines = [line for chunk in [b"".join(fuzzer.chunks(3000))] for line in chunk.split(b"\n")]
+    lines = b"".join(fuzzer.chunks(n_lines)).split(b"\n")
     messages = [(_subject_id(line), line) for line in lines if line.strip()]
     tenant = Tenant.make(nats_cluster, tmp_path, "fuzz", extra="")
     answers = tmp_path / "fuzz.jsonl"
     with daemons(tenant, 1, "--max-line-bytes", "4096") as (d,):
-        collecting = collector(nats_cluster, tenant, answers, len(messages), timeout=120)
+        collecting = collector(nats_cluster, tenant, answers, len(messages), timeout=1200)
         asyncio.run(_send(nats_cluster, tenant, messages))
-        assert finish(collecting, 180) == 0
+        assert finish(collecting, 1300) == 0
         assert d.stop() == 0
         d.close()
         assert_no_traceback(d)

@@ -59,9 +59,10 @@ def test_the_daemon_serves_from_stdin_without_torch():
 def test_the_daemon_modules_and_serve_help_import_without_torch():
     code = (
         "import edgeseq.daemon.service, edgeseq.daemon.transports.tcp, "
-        "edgeseq.daemon.transports.stdin, edgeseq.daemon.transports.mqtt\n"
+        "edgeseq.daemon.transports.stdin, edgeseq.daemon.transports.mqtt, "
+        "edgeseq.daemon.transports.nats\n"
         "sys.argv = ['edgeseq', 'serve', '--help']\nfrom edgeseq.cli.app import run; run()"
     )
     proc = _python(code)
     assert proc.returncode == 0, proc.stderr
-    assert "--listen" in proc.stdout
+    assert "--listen" in proc.stdout and "--nats" in proc.stdout
