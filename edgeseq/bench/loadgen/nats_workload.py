@@ -26,6 +26,12 @@ from edgeseq.bench.loadgen.wire_lines import PATTERNS, samples, stream_ids
 
 WINDOW = 4_096  # publishes awaiting their acknowledgement
 RETRIES = 20
+
+
+async def _quiet(exc: Exception) -> None:
+    """A node killed on purpose: the client reconnects to another; no traceback on stderr."""
+
+
 CHUNK = 1_000  # plain publishes between two acknowledged ones (preload)
 
 
@@ -64,7 +70,11 @@ async def publish(
     import nats
 
     nc = await nats.connect(
-        servers=servers, max_reconnect_attempts=-1, reconnect_time_wait=0.25, pending_size=64 << 20
+        servers=servers,
+        max_reconnect_attempts=-1,
+        reconnect_time_wait=0.25,
+        pending_size=64 << 20,
+        error_cb=_quiet,
     )
     js = nc.jetstream(timeout=10.0, publish_async_max_pending=WINDOW)
     started = time.perf_counter()
@@ -97,7 +107,7 @@ async def stored(servers: list[str], stream: str = "EDGESEQ") -> int:
     """How many messages the samples' stream holds."""
     import nats
 
-    nc = await nats.connect(servers=servers)
+    nc = await nats.connect(servers=servers, error_cb=_quiet)
     try:
         info = await nc.jetstream(timeout=10.0).stream_info(stream)
         return int(info.state.messages)
@@ -150,7 +160,10 @@ class Collector:
         import nats
 
         self.nc = await nats.connect(
-            servers=self.servers, max_reconnect_attempts=-1, reconnect_time_wait=0.25
+            servers=self.servers,
+            max_reconnect_attempts=-1,
+            reconnect_time_wait=0.25,
+            error_cb=_quiet,
         )
 
         async def keep(msg: Any) -> None:
