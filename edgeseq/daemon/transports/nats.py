@@ -96,9 +96,12 @@ class NatsTransport:
         self._reading = True
         self._retake_pending = False
         self._unreachable_said = False
+        self._locks: dict[int, asyncio.Lock] = {}
+        self._slice = config.max_batch  # messages per parcel at most
         self._tasks: list[asyncio.Task[Any]] = []
         self._out_prefix, self._out_suffix = config.nats_out.split("{id}", 1)
-        self.nc: Any = None
+        self.nc: Any = None  # samples in, answers out
+        self.control: Any = None  # leases and checkpoints
         self.leases: Leases | None = None
         self.checkpoints: PartitionCheckpoints | None = None
         self.moved = {"gained": 0, "let_go": 0, "lost": 0}
@@ -128,7 +131,7 @@ class NatsTransport:
         flushed, the connection drained."""
         for task in self._tasks[:1]:
             task.cancel()
-        if self.nc is not None and self.nc.is_connected and self.leases is not None:
+        if self.control is not None and self.control.is_connected and self.leases is not None:
             try:
                 await asyncio.wait_for(self.leases.release_all(), 10 + 0.02 * len(self.partitions))
             except (*NATS_FAILURES, EdgeseqError) as exc:
@@ -139,11 +142,10 @@ class NatsTransport:
         await self._answers_out()
         for task in self._tasks:
             task.cancel()
-        if self.nc is not None:
-            try:
-                await asyncio.wait_for(self.nc.drain(), 5)
-            except (*NATS_FAILURES, asyncio.CancelledError):
-                pass
+        for nc in (self.nc, self.control):
+            if nc is not None:
+                with contextlib.suppress(*NATS_FAILURES, asyncio.CancelledError):
+                    await asyncio.wait_for(nc.drain(), 5)
 
     # -- connecting, the lease rounds, checkpoints --------------------------------------------
 
@@ -159,11 +161,12 @@ class NatsTransport:
     async def _run(self) -> None:
         await self._connect()
         assert self.nc is not None
-        js = self.nc.jetstream(timeout=5.0)
-        self.js = js
-        max_value = int(self.nc.max_payload)
+        self.js = self.nc.jetstream(timeout=5.0)
+        max_value = int(self.control.max_payload)
         try:
-            leases_kv, checkpoints_kv = await ensure(js, self.layout, max_value)
+            leases_kv, checkpoints_kv = await ensure(
+                self.control.jetstream(timeout=5.0), self.layout, max_value
+            )
         except EdgeseqError as exc:
             self.fatal(exc)
             return
@@ -215,22 +218,30 @@ class NatsTransport:
             await asyncio.sleep(max(0.0, self.leases.every - (time.monotonic() - started)))
 
     async def _connect(self) -> None:
+        """Two connections: samples and answers on one, leases and checkpoints on the other.
+        A lease renewal must not wait behind the samples the server is pushing to this daemon
+        (on one connection it did, for seconds, and the leases expired under load)."""
+        self.nc = await self._connect_one("data", self._disconnected, self._reconnected)
+        self.control = await self._connect_one("control", None, None)
+
+    async def _connect_one(self, role: str, disconnected: Any, reconnected: Any) -> Any:
+        callbacks = {"disconnected_cb": disconnected, "reconnected_cb": reconnected}
         while True:
             try:
-                self.nc = await nats.connect(
+                nc = await nats.connect(
                     servers=self.servers,
-                    name=f"edgeseq-serve {self.name}",
+                    name=f"edgeseq-serve {self.name} {role}",
                     connect_timeout=2,
                     max_reconnect_attempts=-1,
                     reconnect_time_wait=RETRY,
                     allow_reconnect=True,
-                    disconnected_cb=self._disconnected,
-                    reconnected_cb=self._reconnected,
                     error_cb=self._error,
+                    **{k: v for k, v in callbacks.items() if v is not None},
                 )
                 self._unreachable_said = False
-                log.info("nats connected", extra={"server": str(self.nc.connected_url.netloc)})
-                return
+                server = nc.connected_url.netloc if nc.connected_url is not None else "?"
+                log.info("nats connected", extra={"server": server, "role": role})
+                return nc
             except NATS_FAILURES as exc:
                 if not self._unreachable_said:
                     self._unreachable_said = True
@@ -270,12 +281,12 @@ class NatsTransport:
     async def _retake_all(self) -> None:
         self._retake_pending = False
         for number in sorted(self.partitions):
-            part = self.partitions.get(number)
-            if part is None:
-                continue
             try:
-                await self._drop(part)
-                await self._gain(number)
+                async with self._lock(number):
+                    part = self.partitions.get(number)
+                    if part is None:
+                        continue
+                    await self._take_up(number)
             except (*NATS_FAILURES, EdgeseqError) as exc:
                 log.error(
                     "partition not taken again after reconnecting; letting it go",
@@ -288,29 +299,33 @@ class NatsTransport:
         while True:
             await asyncio.sleep(self.config.nats_checkpoint_interval)
             for number in sorted(self.partitions):
-                part = self.partitions.get(number)
-                if part is None:
-                    continue
-                try:
-                    await self._checkpoint(part)
-                except Superseded:
-                    log.warning(
-                        "partition checkpointed by another daemon; letting it go",
-                        extra={"partition": number},
-                    )
-                    await self._lost(number)
-                    if self.leases is not None:
-                        self.leases.held.pop(number, None)
-                except CheckpointError as exc:
-                    log.error(
-                        "partition checkpoint failed",
-                        extra={"partition": number, "detail": str(exc)},
-                    )
-                except NATS_FAILURES as exc:
-                    log.warning(
-                        "partition checkpoint not written; retrying",
-                        extra={"partition": number, "detail": f"{type(exc).__name__}: {exc}"},
-                    )
+                async with self._lock(number):
+                    await self._checkpoint_one(number)
+
+    async def _checkpoint_one(self, number: int) -> None:
+        part = self.partitions.get(number)
+        if part is None:
+            return
+        try:
+            await self._checkpoint(part)
+        except Superseded:
+            log.warning(
+                "partition checkpointed by another daemon; letting it go",
+                extra={"partition": number},
+            )
+            await self._drop(part)
+            self.moved["lost"] += 1
+            if self.leases is not None:
+                self.leases.held.pop(number, None)
+        except CheckpointError as exc:
+            log.error(
+                "partition checkpoint failed", extra={"partition": number, "detail": str(exc)}
+            )
+        except NATS_FAILURES as exc:
+            log.warning(
+                "partition checkpoint not written; retrying",
+                extra={"partition": number, "detail": f"{type(exc).__name__}: {exc}"},
+            )
 
     async def _checkpoint(self, part: Partition) -> None:
         """The partition's states as they are now, once every answer they cover has reached
@@ -333,8 +348,23 @@ class NatsTransport:
 
     # -- partitions coming and going ----------------------------------------------------------
 
+    def _lock(self, number: int) -> asyncio.Lock:
+        """One partition's comings and goings (a claim, a hand-over, a loss, a retake after
+        reconnecting, a checkpoint) happen one at a time: two subscriptions of one partition
+        would apply its samples twice."""
+        return self._locks.setdefault(number, asyncio.Lock())
+
     async def _gain(self, number: int) -> None:
+        async with self._lock(number):
+            await self._take_up(number)
+
+    async def _take_up(self, number: int) -> None:
+        """Restore the partition from its checkpoint and read on from the sequence after it
+        (a partition still held here is dropped first: this is also the retake)."""
         assert self.checkpoints is not None
+        held = self.partitions.get(number)
+        if held is not None:
+            await self._drop(held)
         started = time.perf_counter()
         restored = await self.checkpoints.read(number)
         ids: set[str] = set()
@@ -362,6 +392,9 @@ class NatsTransport:
                 if not self._inbox:
                     asyncio.get_running_loop().call_soon(self._arrive)
                 self._inbox.append((part, msg))
+                if len(self._inbox) >= self._slice:  # a burst: hand it over, let others run
+                    self._arrive()
+                    await asyncio.sleep(0)
                 if self.batcher.full:
                     await self.batcher.room()  # this partition waits; JetStream flow control
 
@@ -381,21 +414,23 @@ class NatsTransport:
 
     async def _let_go(self, number: int) -> None:
         """Hand a partition over: its last checkpoint, then its streams leave the table."""
-        part = self.partitions.get(number)
-        if part is None:
-            return
-        await self._quiesce(part)
-        with contextlib.suppress(Superseded):
-            await self._checkpoint(part)
-        self._forget(part)
+        async with self._lock(number):
+            part = self.partitions.get(number)
+            if part is None:
+                return
+            await self._quiesce(part)
+            with contextlib.suppress(Superseded):
+                await self._checkpoint(part)
+            self._forget(part)
         self.moved["let_go"] += 1
         log.info("partition handed over", extra={"partition": number, "streams": len(part.ids)})
 
     async def _lost(self, number: int) -> None:
-        part = self.partitions.get(number)
-        if part is not None:
-            await self._drop(part)
-            self.moved["lost"] += 1
+        async with self._lock(number):
+            part = self.partitions.get(number)
+            if part is not None:
+                await self._drop(part)
+                self.moved["lost"] += 1
 
     async def _drop(self, part: Partition) -> None:
         """Stop reading the partition, wait for what it queued, drop its streams."""
