@@ -70,11 +70,13 @@ class Rate:
 class Collecting:
     """The collector process; its progress read by a thread."""
 
-    def __init__(
-        self, cluster: NatsCluster, out: Path, expected: int, subject: str, quiet: float = 2.0
-    ) -> None:
+    def __init__(self, cluster: NatsCluster, out: Path, expected: int, subject: str,
+                 quiet: float = 2.0, nodes: int | None = None) -> None:  # fmt: skip
+        # `nodes`: the first few only, so that a node killed on purpose is not the collector's
+        # (answers are plain NATS messages: a consumer cut off from its server misses them)
+        urls = ",".join(node.url for node in cluster.nodes[:nodes])
         cmd = [sys.executable, "-m", "edgeseq.bench.loadgen.nats_workload", "collect",
-               cluster.urls, str(out), "--expected", str(expected), "--timeout", "1200",
+               urls, str(out), "--expected", str(expected), "--timeout", "1200",
                "--subject", subject, "--progress", "--quiet", str(quiet)]  # fmt: skip
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
         assert self.proc.stdout is not None
@@ -168,7 +170,9 @@ def failover(model: Path, folder: Path, streams: int, samples: int, kill_server:
         _preload(cluster, name, streams, samples, features)
         out = folder / f"{name}.jsonl"
         # answers published again after the takeover come a lease TTL and more after the kill
-        collecting = Collecting(cluster, out, streams * samples, f"{name}.out.>", quiet=15.0)
+        collecting = Collecting(
+            cluster, out, streams * samples, f"{name}.out.>", quiet=15.0, nodes=2
+        )  # node 2 is the one killed
         ds = _daemons(model, config, 3)
         try:
             while collecting.answers < streams * samples // 2:
