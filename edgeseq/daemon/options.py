@@ -62,6 +62,7 @@ class DaemonConfig:
     nats_lease_ttl: float = 3.0  # a silent daemon's partitions move after this long
     nats_checkpoint_interval: float = 5.0  # bounds the replay after a takeover
     nats_name: str = ""  # this daemon in the cluster; default HOST-PID
+    nats_answers: str = "plain"  # "stream": also stored, acknowledged, in <stream>-ANSWERS
     max_streams: int = 10_000
     idle_timeout: float = 600.0
     max_batch: int = 256
@@ -143,6 +144,7 @@ class DaemonConfig:
         if not 1 <= self.nats_partitions <= 4096:
             raise UsageError(f"nats_partitions is {self.nats_partitions}; expected 1 to 4096")
         _one_of("nats_replicas", self.nats_replicas, (1, 3, 5))
+        _one_of("nats_answers", self.nats_answers, ("plain", "stream"))
         for name in ("nats_retention", "nats_lease_ttl", "nats_checkpoint_interval"):
             if getattr(self, name) <= 0:
                 raise UsageError(f"{name} is {getattr(self, name)}; expected a duration > 0")

@@ -71,13 +71,15 @@ class Collecting:
     """The collector process; its progress read by a thread."""
 
     def __init__(self, cluster: NatsCluster, out: Path, expected: int, subject: str,
-                 quiet: float = 2.0, nodes: int | None = None) -> None:  # fmt: skip
+                 quiet: float = 2.0, nodes: int | None = None,
+                 stream: str | None = None) -> None:  # fmt: skip
         # `nodes`: the first few only, so that a node killed on purpose is not the collector's
         # (answers are plain NATS messages: a consumer cut off from its server misses them)
         urls = ",".join(node.url for node in cluster.nodes[:nodes])
         cmd = [sys.executable, "-m", "edgeseq.bench.loadgen.nats_workload", "collect",
                urls, str(out), "--expected", str(expected), "--timeout", "1200",
-               "--subject", subject, "--progress", "--quiet", str(quiet)]  # fmt: skip
+               "--subject", subject, "--progress", "--quiet", str(quiet),
+               *(["--stream", stream] if stream else [])]  # fmt: skip
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
         assert self.proc.stdout is not None
         if self.proc.stdout.readline().strip() != "ready":
@@ -103,11 +105,11 @@ class Collecting:
         return self.result
 
 
-def _config(folder: Path, cluster: NatsCluster, name: str) -> Path:
+def _config(folder: Path, cluster: NatsCluster, name: str, answers: str = "plain") -> Path:
     path = folder / f"{name}.toml"
     path.write_text(
         f'[nats]\nservers = "{cluster.urls}"\nstream = "{name.upper()}"\n'
-        f'in = "{name}.in.*"\nout = "{name}.out.{{id}}"\n',
+        f'in = "{name}.in.*"\nout = "{name}.out.{{id}}"\nanswers = "{answers}"\n',
         encoding="utf-8",
     )
     return path
@@ -164,15 +166,14 @@ def failover(model: Path, folder: Path, streams: int, samples: int, kill_server:
     label = "daemon and NATS server killed" if kill_server else "daemon killed"
     name = "failover" + ("s" if kill_server else "")
     with NatsCluster(folder / name, size=3) as cluster:
-        config = _config(folder, cluster, name)
+        config = _config(folder, cluster, name, answers="stream")
         _create_stream(model, config)
         say(f"{label}: storing {streams * samples:,} samples")
         _preload(cluster, name, streams, samples, features)
         out = folder / f"{name}.jsonl"
         # answers published again after the takeover come a lease TTL and more after the kill
-        collecting = Collecting(
-            cluster, out, streams * samples, f"{name}.out.>", quiet=15.0, nodes=2
-        )  # node 2 is the one killed
+        collecting = Collecting(cluster, out, streams * samples, f"{name}.out.>", quiet=15.0,
+                                nodes=2, stream=f"{name.upper()}-ANSWERS")  # fmt: skip
         ds = _daemons(model, config, 3)
         try:
             while collecting.answers < streams * samples // 2:
@@ -229,11 +230,11 @@ def _worst(model_path: Path, streams: int, samples: int, by_key: dict[Any, list[
 
 
 def drain_rate(model: Path, folder: Path, streams: int, samples: int, daemons: int,
-               say: Say) -> Rate:  # fmt: skip
+               say: Say, answers: str = "plain") -> Rate:  # fmt: skip
     features = load(model).n_features
-    name = f"rate{daemons}"
+    name = f"rate{daemons}{answers}"
     with NatsCluster(folder / name, size=3) as cluster:
-        config = _config(folder, cluster, name)
+        config = _config(folder, cluster, name, answers)
         _create_stream(model, config)
         say(f"{daemons} daemon(s): storing {streams * samples:,} samples")
         _preload(cluster, name, streams, samples, features)
@@ -251,7 +252,9 @@ def drain_rate(model: Path, folder: Path, streams: int, samples: int, daemons: i
                 d.stop()
     span = float(result.get("span", 0.0))
     cpu = float(result["cpu"]) / span if span > 0 and "cpu" in result else None
-    return Rate(f"NATS, {daemons} daemon{'s' if daemons > 1 else ''}", int(result["answers"]),
+    stored = ", answers stored (acked)" if answers == "stream" else ""
+    label = f"NATS, {daemons} daemon{'s' if daemons > 1 else ''}{stored}"
+    return Rate(label, int(result["answers"]),
                 span, cpu)  # fmt: skip
 
 
@@ -272,6 +275,7 @@ def run(model: Path, streams: int, samples: int, say: Say) -> tuple[list[Failove
         folder = Path(tmp)
         failovers = [failover(model, folder, streams, samples, kill, say) for kill in (False, True)]
         rates = [drain_rate(model, folder, streams, samples, n, say) for n in (1, 2)]
+        rates.append(drain_rate(model, folder, streams, samples, 2, say, answers="stream"))
         rates.append(tcp_rate(model, min(streams, 10_000), 20.0, say))
     return failovers, rates
 

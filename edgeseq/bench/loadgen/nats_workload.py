@@ -149,8 +149,11 @@ async def _publish_round(
 class Collector:
     """Every answer on `edgeseq.out.>` (raw), until `expected` distinct (id, seq) are in."""
 
-    def __init__(self, servers: list[str], subject: str = "edgeseq.out.>") -> None:
-        self.servers, self.subject = servers, subject
+    def __init__(self, servers: list[str], subject: str = "edgeseq.out.>",
+                 stream: str | None = None) -> None:  # fmt: skip
+        """`stream`: read the answers' stream (an ordered consumer) instead of subscribing:
+        nothing is missed while this collector's own server is down."""
+        self.servers, self.subject, self.stream = servers, subject, stream
         self.raw: list[bytes] = []
         self.first: float | None = None
         self.last: float | None = None
@@ -173,9 +176,16 @@ class Collector:
             self.last = now
             self.raw.append(msg.data)
 
-        await self.nc.subscribe(
-            self.subject, cb=keep, pending_msgs_limit=-1, pending_bytes_limit=-1
-        )
+        if self.stream is not None:
+            await self.nc.jetstream(timeout=10.0).subscribe(
+                self.subject, stream=self.stream, cb=keep, ordered_consumer=True,
+                pending_msgs_limit=-1, pending_bytes_limit=-1,
+            )  # fmt: skip
+        else:
+            await self.nc.subscribe(
+                self.subject, cb=keep, pending_msgs_limit=-1, pending_bytes_limit=-1
+            )
+
         await self.nc.flush()
 
     async def wait(
@@ -260,11 +270,12 @@ def collect_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=600.0)
     parser.add_argument("--subject", default="edgeseq.out.>")
     parser.add_argument("--progress", action="store_true")
+    parser.add_argument("--stream", default=None, help="read the answers' stream")
     parser.add_argument("--quiet", type=float, default=2.0, help="seconds without answers to end")
     args = parser.parse_args(argv)
 
     async def run() -> Collector:
-        collector = Collector(args.servers.split(","), args.subject)
+        collector = Collector(args.servers.split(","), args.subject, args.stream)
         await collector.start()
         sys.stdout.write("ready\n")
         sys.stdout.flush()

@@ -47,6 +47,7 @@ class Layout:
     replicas: int
     retention: float  # seconds
     lease_ttl: float
+    answers: str = "plain"  # "stream": answers stored in the answers' stream too
 
     @classmethod
     def of(cls, config: DaemonConfig) -> Layout:
@@ -58,6 +59,7 @@ class Layout:
             config.nats_replicas,
             config.nats_retention,
             config.nats_lease_ttl,
+            config.nats_answers,
         )
 
     @property
@@ -79,6 +81,22 @@ class Layout:
     @property
     def leases_bucket(self) -> str:
         return f"{self.stream}-leases"
+
+    @property
+    def answers_stream(self) -> str:
+        return f"{self.stream}-ANSWERS"
+
+    def answers_config(self) -> StreamConfig:
+        """Every answer, deduplicated by its sample's sequence (a replay's answer is the
+        same answer): for consumers that must not miss one while they are away."""
+        return StreamConfig(
+            name=self.answers_stream,
+            subjects=[self.subject_out.replace("{id}", "*")],
+            num_replicas=self.replicas,
+            storage=StorageType.FILE,
+            max_age=self.retention,
+            duplicate_window=min(120.0, self.retention),
+        )
 
     @property
     def checkpoints_bucket(self) -> str:
@@ -115,6 +133,8 @@ async def ensure(js: JetStreamContext, layout: Layout, max_value: int) -> tuple[
     """The samples' stream and both buckets, created if missing; (leases kv, checkpoints kv).
     A stream of another partitioning, or a leases bucket of another TTL, is refused."""
     await _patiently(f"stream {layout.stream}", lambda: _ensure_stream(js, layout))
+    if layout.answers == "stream":
+        await _patiently(f"stream {layout.answers_stream}", lambda: _ensure_answers(js, layout))
     leases = await _patiently(
         f"bucket {layout.leases_bucket}",
         lambda: _ensure_bucket(
@@ -172,6 +192,18 @@ async def _ensure_stream(js: JetStreamContext, layout: Layout) -> None:
             f"({wanted.subject_transform.dest}). Serve with the cluster's nats settings, or give "  # type: ignore[union-attr]
             "another nats_stream"
         )
+
+
+async def _ensure_answers(js: JetStreamContext, layout: Layout) -> None:
+    try:
+        await js.stream_info(layout.answers_stream)
+    except NotFoundError:
+        try:
+            await js.add_stream(layout.answers_config())
+        except BadRequestError as exc:
+            raise EdgeseqError(
+                f"cannot create stream {layout.answers_stream}: {exc.description}"
+            ) from None
 
 
 async def _ensure_bucket(js: JetStreamContext, config: KeyValueConfig) -> Any:

@@ -48,6 +48,13 @@ NATS_FAILURES = (NatsError, asyncio.TimeoutError, TimeoutError, OSError)
 PENDING_MESSAGES = 65_536  # per partition's subscription: past this, JetStream flow control
 
 
+ACK_WAIT = 10.0  # seconds an answer stored in the answers' stream may wait for its ack
+
+
+class AnswersLost(NatsError):
+    """Answers that may not have reached the cluster: no checkpoint may cover them."""
+
+
 def daemon_name() -> str:
     """HOST-PID, as a KV key token allows."""
     host = re.sub(r"[^A-Za-z0-9_-]", "-", socket.gethostname())[:40] or "host"
@@ -72,6 +79,7 @@ class Partition:
     inflight: int = 0  # samples handed to the batcher, not yet answered
     ids: set[str] = field(default_factory=set)
     sub: Any = None
+    epoch: int = 0  # answer failures counted when it was taken: a checkpoint needs none since
     closed: bool = False  # being let go: messages still coming are left to the next owner
     drained: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -88,7 +96,8 @@ class NatsTransport:
         self.table = batcher.table
         self.partitions: dict[int, Partition] = {}
         self._inbox: list[tuple[Partition, Any]] = []
-        self._out: deque[tuple[str, bytes]] = deque()
+        # subject, answer, its sample's sequence, its partition
+        self._out: deque[tuple[str, bytes, int, Partition]] = deque()
         self._wake_writer = asyncio.Event()
         self._idle_writer = asyncio.Event()
         self._idle_writer.set()
@@ -97,6 +106,9 @@ class NatsTransport:
         self._retake_pending = False
         self._unreachable_said = False
         self._locks: dict[int, asyncio.Lock] = {}
+        self._unacked: set[asyncio.Future[Any]] = set()
+        self._failures = 0  # answers that may not have reached the cluster, so far
+        self._cancelling = False
         self._slice = config.max_batch  # messages per parcel at most
         self._tasks: list[asyncio.Task[Any]] = []
         self._out_prefix, self._out_suffix = config.nats_out.split("{id}", 1)
@@ -263,9 +275,18 @@ class NatsTransport:
             "nats reconnected",
             extra={"server": str(self.nc.connected_url.netloc), "partitions": len(self.partitions)},
         )
+        self._schedule_retake()
+
+    def _schedule_retake(self) -> None:
         if not self._retake_pending:
             self._retake_pending = True
             asyncio.get_running_loop().create_task(self._retake_all())
+
+    def _answer_failed(self) -> None:
+        """An answer may not have reached the cluster: every partition is taken again from its
+        checkpoint (which cannot cover it: see _checkpoint), so that it is published again."""
+        self._failures += 1
+        self._schedule_retake()
 
     async def _error(self, exc: Exception) -> None:
         """The client's errors: while no server answers it retries every RETRY seconds, said
@@ -280,6 +301,11 @@ class NatsTransport:
 
     async def _retake_all(self) -> None:
         self._retake_pending = False
+        self._cancelling = True  # answers awaiting an ack that will not come: slots back
+        for future in list(self._unacked):
+            future.cancel()
+        self._unacked.clear()
+        self._cancelling = False
         for number in sorted(self.partitions):
             try:
                 async with self._lock(number):
@@ -336,15 +362,22 @@ class NatsTransport:
         states, extra = self.table.snapshot(part.ids)  # no await since `applied` was read
         part.ids = set(extra["seq"])  # streams ended or evicted are gone
         await self._answers_out()
+        if part.epoch != self._failures:  # an answer it covers may be lost: retaken instead
+            raise AnswersLost("answers not acknowledged; the partition is taken again")
         await self.nc.flush(timeout=5)
         await self.checkpoints.write(part.number, states, extra, covers)
         part.written = max(part.written, covers)
 
     async def _answers_out(self) -> None:
-        """Until every answer queued so far is handed to the connection."""
+        """Until every answer queued so far is handed to the connection (and, stored in the
+        answers' stream, acknowledged or given up: _answer_failed counts those)."""
         while self._out or not self._idle_writer.is_set():
             self._wake_writer.set()
             await asyncio.sleep(0.001)
+        if self._unacked:
+            _, late = await asyncio.wait(set(self._unacked), timeout=ACK_WAIT)
+            for future in late:  # the server that had them died: give their slots back
+                future.cancel()
 
     # -- partitions coming and going ----------------------------------------------------------
 
@@ -371,7 +404,7 @@ class NatsTransport:
         if restored.snapshot is not None:
             self.table.restore(restored.snapshot)
             ids = set(restored.snapshot.ids)
-        part = Partition(number, restored.covers, restored.covers, ids=ids)
+        part = Partition(number, restored.covers, restored.covers, ids=ids, epoch=self._failures)
         self.partitions[number] = part
         part.sub = await self._subscribe(part)
         self.moved["gained"] += 1
@@ -489,24 +522,45 @@ class NatsTransport:
             part.ids.add(sid)
             if body.startswith(b'{"id":null'):  # refused before its id was read: the subject's
                 body = b'{"id":' + encode(sid)[:-1] + body[10:]
-            out.append((f"{prefix}{sid}{suffix}", body))
+            out.append((f"{prefix}{sid}{suffix}", body, sequence, part))
         self._wake_writer.set()
 
     async def _write_answers(self) -> None:
         """Answers to the connection, in order. While it is down they wait in the client's
         buffer; past that buffer they are dropped, and come again when the partitions are taken
         again from their checkpoints after reconnecting."""
-        out = self._out
+        out, stored = self._out, self.config.nats_answers == "stream"
         while True:
             await self._wake_writer.wait()
             self._wake_writer.clear()
             self._idle_writer.clear()
             try:
                 while out:
-                    subject, body = out.popleft()
+                    subject, body, sequence, part = out.popleft()
+                    if part.epoch != self._failures:
+                        continue  # its partition is taken again: this answer comes again
                     try:
-                        await self.nc.publish(subject, body)
+                        if stored:
+                            await self._store_answer(subject, body, sequence)
+                        else:
+                            await self.nc.publish(subject, body)
                     except NATS_FAILURES as exc:
+                        self._answer_failed()
                         log.debug("answer not published", extra={"detail": str(exc)})
             finally:
                 self._idle_writer.set()
+
+    async def _store_answer(self, subject: str, body: bytes, sequence: int) -> None:
+        """Into the answers' stream, acknowledged: a replay's identical answer (same sample,
+        same Nats-Msg-Id) is stored once."""
+        headers = {"Nats-Msg-Id": f"{sequence}"}
+        future = await self.js.publish_async(subject, body, headers=headers, wait_stall=ACK_WAIT)
+        self._unacked.add(future)
+        future.add_done_callback(self._acked)
+
+    def _acked(self, future: asyncio.Future[Any]) -> None:
+        self._unacked.discard(future)
+        if self._cancelling:
+            return
+        if future.cancelled() or future.exception() is not None:
+            self._answer_failed()
