@@ -66,7 +66,6 @@ class Tenant:
             f'in = "{subject_in.replace("{id}", "*")}"\n'
             f'out = "{subject_out}"\n'
             f"partitions = {partitions}\n"
-            'lease_ttl = "2s"\n'
             'checkpoint_interval = "1s"\n' + extra,
             encoding="utf-8",
         )

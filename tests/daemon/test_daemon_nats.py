@@ -31,6 +31,9 @@ from tests.wire_fuzz import Fuzzer
 
 pytestmark = pytest.mark.timeout(420)
 TOL = 1e-6
+# Answers read from the answers' stream: one per sample even if a daemon starved of CPU (two
+# cores, the whole suite beside it) lost a lease and answered some samples again.
+STORED = 'answers = "stream"\n'
 
 
 @contextlib.contextmanager
@@ -180,7 +183,7 @@ def test_a_killed_daemons_partitions_move_and_every_sample_is_applied_once(
     nats_cluster: NatsCluster, tmp_path: Path, kill_a_server: bool
 ) -> None:
     streams, samples, half = 300, 40, 20
-    tenant = Tenant.make(nats_cluster, tmp_path, "failover", extra='answers = "stream"\n')
+    tenant = Tenant.make(nats_cluster, tmp_path, "failover", extra=STORED)
     expected = offline_answers(streams, samples)
     with daemons(tenant, 3) as ds:
         answers = tmp_path / "answers.jsonl"
@@ -223,7 +226,7 @@ def test_bad_input_on_nats_gets_the_answers_tcp_gives(
         ("b8", b'{"id": "b8", "seq": 0}'),
         ("b9", b'{"id": "b9", "seq": 0, "x": [1, 2, 3], "colour": "red"}'),
     ]
-    tenant = Tenant.make(nats_cluster, tmp_path, "bad")
+    tenant = Tenant.make(nats_cluster, tmp_path, "bad", extra=STORED)
     nats_answers = _nats_conversation(nats_cluster, tenant, tmp_path, bad)
     tcp = DaemonProcess(str(DEFAULT_MODEL), "--listen", "tcp://127.0.0.1:0")
     try:
@@ -248,7 +251,8 @@ def _nats_conversation(
 ) -> list[dict[str, Any]]:
     answers = tmp_path / f"{tenant.stream}.jsonl"
     with daemons(tenant, 1):
-        collecting = collector(cluster, tenant, answers, len(messages), timeout=120)
+        collecting = collector(cluster, tenant, answers, len(messages), timeout=120,
+                               stream=f"{tenant.stream}-ANSWERS")  # fmt: skip
         asyncio.run(_send(cluster, tenant, messages))
         assert finish(collecting, 180) == 0
     return [json.loads(line) for line in answers.read_bytes().splitlines()]
@@ -278,10 +282,11 @@ def test_the_wire_fuzzer_pointed_at_nats_drops_nothing(
     fuzzer = Fuzzer(seed=20_261_207, conn=0, limit=4096)
     lines = b"".join(fuzzer.chunks(n_lines)).split(b"\n")
     messages = [(_subject_id(line), line) for line in lines if line.strip()]
-    tenant = Tenant.make(nats_cluster, tmp_path, "fuzz", extra="")
+    tenant = Tenant.make(nats_cluster, tmp_path, "fuzz", extra=STORED)
     answers = tmp_path / "fuzz.jsonl"
     with daemons(tenant, 1, "--max-line-bytes", "4096") as (d,):
-        collecting = collector(nats_cluster, tenant, answers, len(messages), timeout=1200)
+        collecting = collector(nats_cluster, tenant, answers, len(messages), timeout=1200,
+                               stream=f"{tenant.stream}-ANSWERS")  # fmt: skip
         asyncio.run(_send(nats_cluster, tenant, messages))
         assert finish(collecting, 1300) == 0
         assert d.stop() == 0

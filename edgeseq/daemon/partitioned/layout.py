@@ -29,7 +29,7 @@ from nats.js.api import (
     SubjectTransform,
 )
 from nats.js.client import JetStreamContext
-from nats.js.errors import BadRequestError, NotFoundError, ServiceUnavailableError
+from nats.js.errors import APIError, BadRequestError, NotFoundError, ServiceUnavailableError
 
 from edgeseq.daemon.options import DaemonConfig
 from edgeseq.errors import EdgeseqError
@@ -114,6 +114,12 @@ class Layout:
         )
 
 
+def _transient(exc: Exception) -> bool:
+    """A cluster still forming: its leader does not yet know enough peers to place replicas."""
+    text = f"{getattr(exc, 'description', '')} {exc}".lower()
+    return "no suitable peers" in text or "temporarily unavailable" in text
+
+
 async def _patiently(what: str, make: Any) -> Any:
     """Run `make()` until the cluster can answer: a cluster just started, or one that lost a
     node, has no JetStream leader for a few seconds."""
@@ -121,7 +127,9 @@ async def _patiently(what: str, make: Any) -> Any:
     while True:
         try:
             return await make()
-        except (TimeoutError, ServiceUnavailableError) as exc:
+        except (TimeoutError, ServiceUnavailableError, APIError) as exc:
+            if isinstance(exc, APIError) and not _transient(exc):
+                raise
             if time.monotonic() > deadline:
                 raise EdgeseqError(
                     f"JetStream did not answer while creating {what}: {exc}"
@@ -181,6 +189,8 @@ async def _ensure_stream(js: JetStreamContext, layout: Layout) -> None:
             )
             return
         except BadRequestError as exc:
+            if _transient(exc):
+                raise
             raise EdgeseqError(f"cannot create stream {layout.stream}: {exc.description}") from None
     have = info.config
     transform = have.subject_transform
@@ -201,6 +211,8 @@ async def _ensure_answers(js: JetStreamContext, layout: Layout) -> None:
         try:
             await js.add_stream(layout.answers_config())
         except BadRequestError as exc:
+            if _transient(exc):
+                raise
             raise EdgeseqError(
                 f"cannot create stream {layout.answers_stream}: {exc.description}"
             ) from None
