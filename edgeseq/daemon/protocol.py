@@ -216,12 +216,13 @@ def parse_json(line: bytes, n_features: int, max_bytes: int) -> Sample:
         raise BadMessage("internal", f"the message could not be read: {_defect(exc)}") from None
 
 
-def parse_addressed(
-    address_id: str, payload: bytes | bytearray, n_features: int, max_bytes: int
-) -> Sample:
+def addressed_message(
+    address_id: str, payload: bytes | bytearray, max_bytes: int
+) -> tuple[Any, bool]:
     """A message whose address names its stream (an MQTT topic's "+", a NATS subject's last
-    token) -> Sample, or BadMessage. A payload without "id" takes the address's; a payload whose
-    "id" differs is refused (id_mismatch): its stream's samples would otherwise be split."""
+    token), decoded: (message, whether orjson read it), for read_message; or BadMessage. A
+    payload without "id" takes the address's; a payload whose "id" differs is refused
+    (id_mismatch): its stream's samples would otherwise be split."""
     if len(payload) > max_bytes:
         raise BadMessage(
             "too_long", f"the payload has {len(payload)} bytes; the limit is {max_bytes}"
@@ -241,7 +242,7 @@ def parse_addressed(
                 address_id,
                 seq if type(seq) is int and seq >= 0 else None,  # never a client's raw value
             )
-    return read_message(message, n_features, checked_text)
+    return message, checked_text
 
 
 def read_message(message: Any, n_features: int, checked_text: bool) -> Sample:

@@ -196,7 +196,7 @@ def test_a_slow_generator_is_called_out_in_the_section():
 def test_the_load_generator_modules_leave_numba_unimported():
     """A process that maps Numba's LLVM shares its pages with the daemon it measures."""
     modules = sorted(p.stem for p in (ROOT / "edgeseq" / "bench" / "loadgen").glob("[a-z]*.py"))
-    assert len(modules) == 12, modules
+    assert len(modules) == 15, modules
     code = (
         f"import sys, edgeseq.cli.app, edgeseq.bench.loadgen.run\n"
         f"for m in {modules!r}: __import__('edgeseq.bench.loadgen.' + m)\n"

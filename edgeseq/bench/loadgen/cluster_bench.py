@@ -34,9 +34,8 @@ from edgeseq.bench.loadgen.children import Child, start_daemon, tcp_port
 from edgeseq.bench.loadgen.nats_cluster import NatsCluster
 from edgeseq.bench.loadgen.nats_workload import answers_by_key, expected_x, sample_table
 from edgeseq.bench.loadgen.tcp_workload import many_streams
-from edgeseq.bench.loadgen.wire_lines import stream_ids
+from edgeseq.bench.loadgen.wire_lines import n_features, stream_ids
 from edgeseq.errors import EdgeseqError
-from edgeseq.runtime import load
 
 CLUSTER_HEADING = "## edgeseq serve --nats: partitions over daemons"
 Say = Callable[[str], None]
@@ -162,7 +161,7 @@ def _held(d: Child) -> set[int]:
 
 def failover(model: Path, folder: Path, streams: int, samples: int, kill_server: bool,
              say: Say) -> Failover:  # fmt: skip
-    features = load(model).n_features
+    features = n_features(model)
     label = "daemon and NATS server killed" if kill_server else "daemon killed"
     name = "failover" + ("s" if kill_server else "")
     with NatsCluster(folder / name, size=3) as cluster:
@@ -213,7 +212,10 @@ def _takeover(survivors: list[Child], held: set[int], killed_at: float) -> float
 
 
 def _worst(model_path: Path, streams: int, samples: int, by_key: dict[Any, list[Any]]) -> float:
-    """Max |answer - Stream.feed| over every answer; inf if any (id, seq) was never answered."""
+    """Max |answer - Stream.feed| over every answer; inf if any (id, seq) was never answered.
+    (The runtime is imported here, once the measuring is over: see test_loadgen.)"""
+    from edgeseq.runtime import load
+
     model = load(model_path)
     table = sample_table(streams, model.n_features, 0)
     worst = 0.0
@@ -231,7 +233,7 @@ def _worst(model_path: Path, streams: int, samples: int, by_key: dict[Any, list[
 
 def drain_rate(model: Path, folder: Path, streams: int, samples: int, daemons: int,
                say: Say, answers: str = "plain") -> Rate:  # fmt: skip
-    features = load(model).n_features
+    features = n_features(model)
     name = f"rate{daemons}{answers}"
     with NatsCluster(folder / name, size=3) as cluster:
         config = _config(folder, cluster, name, answers)
@@ -259,7 +261,7 @@ def drain_rate(model: Path, folder: Path, streams: int, samples: int, daemons: i
 
 
 def tcp_rate(model: Path, streams: int, seconds: float, say: Say) -> Rate:
-    features = load(model).n_features
+    features = n_features(model)
     d = start_daemon(model, "--listen", "tcp://127.0.0.1:0", "--max-streams", "20000")
     try:
         d.wait_for("ready")

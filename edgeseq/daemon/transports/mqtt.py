@@ -25,7 +25,7 @@ from typing import Any
 import paho.mqtt.client as mqtt
 
 from edgeseq.daemon.batcher import Batcher, Entry, Parcel, refusal
-from edgeseq.daemon.protocol import BadMessage, encode, parse_addressed
+from edgeseq.daemon.protocol import BadMessage, addressed_message, encode, read_message
 from edgeseq.daemon.transports.paho_asyncio import BufferedClient, PahoOnLoop
 
 log = logging.getLogger("edgeseq.daemon")
@@ -211,7 +211,8 @@ class MqttTransport:
         )
 
     def _parse(self, topic_id: str, payload: bytes | bytearray) -> Any:
-        return parse_addressed(topic_id, payload, self.batcher.width, self.config.max_line_bytes)
+        message, checked_text = addressed_message(topic_id, payload, self.config.max_line_bytes)
+        return read_message(message, self.batcher.width, checked_text)
 
     def deliver(self, parcel: Parcel, lines: bytes) -> None:
         """Publish each answer on its stream's topic; a QoS 1 sample is acknowledged once the

@@ -39,7 +39,7 @@ from edgeseq.daemon.options import nats_servers
 from edgeseq.daemon.partitioned.checkpoints import PartitionCheckpoints, Superseded
 from edgeseq.daemon.partitioned.layout import Layout, ensure
 from edgeseq.daemon.partitioned.leases import Leases
-from edgeseq.daemon.protocol import BadMessage, encode, parse_addressed
+from edgeseq.daemon.protocol import BadMessage, addressed_message, encode, read_message
 from edgeseq.errors import CheckpointError, EdgeseqError
 
 log = logging.getLogger("edgeseq.daemon")
@@ -501,7 +501,8 @@ class NatsTransport:
         for part, msg in inbox:
             sid = msg.subject[prefix:].partition(".")[2]
             try:
-                entries.append(parse_addressed(sid, msg.data, width, limit))
+                message, checked_text = addressed_message(sid, msg.data, limit)
+                entries.append(read_message(message, width, checked_text))
             except BadMessage as bad:
                 entries.append(refusal(bad))
             except Exception as exc:  # a defect: this message is refused, the rest carry on
