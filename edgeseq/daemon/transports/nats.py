@@ -452,7 +452,11 @@ class NatsTransport:
             if part is None:
                 return
             await self._quiesce(part)
-            with contextlib.suppress(Superseded):
+            # A last checkpoint when it can be written; without it (superseded, answers not
+            # acknowledged, the cluster unreachable) the next owner replays from the previous
+            # one. Either way the partition leaves: one kept here closed would be read by
+            # nobody while its lease stays renewed.
+            with contextlib.suppress(Superseded, *NATS_FAILURES):
                 await self._checkpoint(part)
             self._forget(part)
         self.moved["let_go"] += 1
